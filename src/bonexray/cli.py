@@ -1,0 +1,183 @@
+"""The ``bonexray`` command: a thin argparse layer over the stage packages.
+
+Heavy imports (torch, Lightning) happen inside each command so ``bonexray --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import BonexrayError
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    print(title)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            print(f"  {key}: {value}")
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data.download import MURA_HELP, download_fracatlas
+
+    if args.dataset == "mura":
+        print(MURA_HELP)
+        return 0
+    root = download_fracatlas(args.dest, url=args.url, sha256=args.sha256, progress=not args.quiet)
+    print(f"FracAtlas ready at {root}")
+    print(f"next: bonexray preprocess {root} --out ./cache/fracatlas")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from .data.datasets import load_dataset
+    from .data.preprocess import build_cache
+
+    records = load_dataset(args.data, source=args.source)
+    if args.limit:
+        records.records = records.records[: args.limit]
+    cache, reused = build_cache(records, args.out, size=args.size, workers=args.workers,
+                                progress=not args.quiet, force=args.force)
+    _print_summary(f"{'reused' if reused else 'built'} cache {cache.root} ({records.source}, {args.size}px)",
+                   cache.summary())
+    if records.problems:
+        print(f"  {len(records.problems)} problem(s) reading the dataset (all in {cache.root / 'problems.txt'}):")
+        for p in records.problems[:10]:
+            print(f"    - {p}")
+        if len(records.problems) > 10:
+            print(f"    ... and {len(records.problems) - 10} more")
+    bad = cache.index[cache.index["status"] != "ok"]
+    for _, row in bad.head(10).iterrows():
+        print(f"  {row['status']}: {row['path']}: {row['reason']}")
+    if len(bad) > 10:
+        print(f"  ... {len(bad) - 10} more non-ok images listed in {cache.root / 'index.csv'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.train import TrainConfig, run_training
+
+    cfg = TrainConfig.from_args(args)
+    result = run_training(cfg)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import run_evaluation
+
+    summary = run_evaluation(args.checkpoint, args.data, split=args.split, out=args.out,
+                             batch_size=args.batch_size, device=args.device, n_bootstrap=args.bootstrap,
+                             body_part_map=args.map_body_part, cache=args.cache)
+    print(summary)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference.predict import run_predict
+
+    return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
+                       device=args.device, batch_size=args.batch_size)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference.export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .web.app import serve
+
+    serve(args.model, host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bonexray", description="Bone X-ray toolkit: abnormality + body part, MURA-style.")
+    p.add_argument("--version", action="version", version=f"bonexray {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = sub.add_parser("download", help="fetch an open dataset (FracAtlas) or explain how to get MURA")
+    d.add_argument("dataset", choices=["fracatlas", "mura"])
+    d.add_argument("--dest", help="target folder (default: ~/.cache/bonexray/datasets)")
+    d.add_argument("--url", default=None, help="mirror URL of the FracAtlas zip")
+    d.add_argument("--sha256", default=None, help="expected SHA-256 of the zip")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_download)
+
+    pp = sub.add_parser("preprocess", help="decode, letterbox and cache a dataset's images")
+    pp.add_argument("data", help="MURA-v1.1 folder, FracAtlas folder, or manifest CSV")
+    pp.add_argument("--out", required=True, help="cache folder")
+    pp.add_argument("--size", type=int, default=320, help="square side in pixels (default 320)")
+    pp.add_argument("--workers", type=int, default=None, help="decoder processes (default: all cores)")
+    pp.add_argument("--source", choices=["mura", "fracatlas", "manifest"], default=None, help="skip auto-detection")
+    pp.add_argument("--limit", type=int, default=None, help="only the first N images (quick trials)")
+    pp.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    pp.add_argument("--quiet", action="store_true")
+    pp.set_defaults(func=cmd_preprocess)
+
+    t = sub.add_parser("train", help="train one network for abnormality + body part")
+    from .training.options import add_train_arguments  # light module: argparse only
+
+    add_train_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="image- and study-level metrics, plots and report")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", choices=["valid", "test", "all"], default="test")
+    e.add_argument("--out", required=True, help="results folder")
+    e.add_argument("--cache", default=None, help="preprocessed cache folder (default: per-user cache)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
+    e.add_argument("--map-body-part", action="append", default=[], metavar="DATA=MODEL",
+                   help="map a dataset body part onto a model class (repeatable)")
+    e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="predict on images, folders, studies or DICOM files")
+    pr.add_argument("model", help="checkpoint (.ckpt) or exported model (.onnx)")
+    pr.add_argument("paths", nargs="+")
+    pr.add_argument("--study", action="store_true", help="also one aggregated line per study (folder)")
+    pr.add_argument("--cam", default=None, metavar="OUT_DIR", help="write heatmap PNGs here")
+    pr.add_argument("--format", choices=["json", "csv"], default="json")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX with its model card")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", required=True)
+    x.add_argument("--opset", type=int, default=17)
+    x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="web page + HTTP API for trying a model on an image")
+    s.add_argument("model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BonexrayError as e:
+        print(f"bonexray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bonexray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Fetch open datasets. FracAtlas is open (CC BY 4.0, figshare); MURA needs registration."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import DatasetError
+from .fracatlas import find_fracatlas_root
+
+FRACATLAS_URL = "https://figshare.com/ndownloader/files/43283628"  # figshare article 22363012
+
+MURA_HELP = """\
+MURA cannot be downloaded automatically: Stanford requires you to register and accept its
+research-use agreement.
+  1. Request access at https://stanfordmlgroup.github.io/competitions/mura/
+  2. Download MURA-v1.1.zip from the link you receive and unzip it so you have
+       ./data/MURA-v1.1/train_image_paths.csv  (and train/, valid/, the other CSVs)
+     (any folder works: pass it with --data PATH/TO/MURA-v1.1)
+  3. Check it: bonexray preprocess ./data/MURA-v1.1 --out ./cache/mura
+"""
+
+
+def default_data_home() -> Path:
+    base = os.environ.get("BONEXRAY_DATA") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bonexray", "datasets"
+    )
+    return Path(base)
+
+
+def _fetch(url: str, dest: Path, progress: bool = True, timeout: float = 60.0) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    req = urllib.request.Request(url, headers={"User-Agent": "bonexray"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as f:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", disable=not progress) as bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if total is not None and tmp.stat().st_size != total:
+            raise DatasetError(f"download of {url} is incomplete ({tmp.stat().st_size} of {total} bytes); run again")
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise DatasetError(
+            f"could not download {url}: {reason}. Are you offline? Download it by hand and unzip it, "
+            f"then pass the folder with --data"
+        ) from e
+    os.replace(tmp, dest)
+
+
+def _safe_extract(zip_path: Path, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise DatasetError(f"{zip_path}: corrupt member {bad}; delete the file and download again")
+            root = dest.resolve()
+            for m in zf.infolist():
+                target = (dest / m.filename).resolve()
+                if root not in target.parents and target != root:
+                    raise DatasetError(f"{zip_path}: unsafe path in archive: {m.filename}")
+            zf.extractall(dest)
+    except zipfile.BadZipFile as e:
+        raise DatasetError(f"{zip_path}: not a valid zip archive ({e}); delete it and download again") from e
+
+
+def download_fracatlas(dest: str | Path | None = None, url: str = FRACATLAS_URL, sha256: str | None = None,
+                       progress: bool = True) -> Path:
+    """Download, verify and unpack FracAtlas into ``dest``; returns the folder holding dataset.csv."""
+    dest = Path(dest) if dest else default_data_home()
+    dest.mkdir(parents=True, exist_ok=True)
+    existing = find_fracatlas_root(dest)
+    if existing:
+        return existing
+    zip_path = dest / "FracAtlas.zip"
+    if not zip_path.is_file():
+        _fetch(url, zip_path, progress=progress)
+    if sha256:
+        h = hashlib.sha256()
+        with open(zip_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != sha256.lower():
+            zip_path.unlink()
+            raise DatasetError(f"{zip_path}: checksum mismatch (expected {sha256}, got {h.hexdigest()}); deleted it")
+    staging = dest / ".unpack"
+    shutil.rmtree(staging, ignore_errors=True)
+    _safe_extract(zip_path, staging)
+    found = next((p.parent for p in sorted(staging.rglob("dataset.csv")) if (p.parent / "images").is_dir()), None)
+    if found is None:
+        raise DatasetError(f"{zip_path}: archive has no FracAtlas dataset.csv with images/; is it the right file?")
+    final = dest / "FracAtlas"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(found, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    zip_path.unlink(missing_ok=True)
+    return final

@@ -1,0 +1,108 @@
+"""Reader for the FracAtlas release layout (Abedeen et al., Sci Data 2023).
+
+``dataset.csv`` + ``images/{Fractured,Non_fractured}/IMGnnnnnnn.jpg``. FracAtlas has no patient or
+study ids; consecutive image ids with identical flags are runs of one examination, so those runs
+become the study (and patient) groups that splits must keep together.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ..errors import DatasetError
+from .records import Record, RecordSet
+
+FRACATLAS_PARTS = ("hand", "leg", "hip", "shoulder")
+_FLAG_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware", "multiscan", "fractured")
+_REQUIRED = ("image_id",) + _FLAG_COLUMNS
+_FOLDERS = {"Fractured": 1, "Non_fractured": 0}
+
+
+def find_fracatlas_root(path: Path) -> Path | None:
+    for cand in (path, path / "FracAtlas"):
+        if (cand / "dataset.csv").is_file() and (cand / "images").is_dir():
+            return cand
+    return None
+
+
+def fracatlas_body_part(flags: dict[str, int]) -> str:
+    parts = [p for p in FRACATLAS_PARTS if flags[p]]
+    if flags.get("mixed") or len(parts) > 1:
+        return "mixed"
+    if not parts:
+        return "unknown"
+    return parts[0]
+
+
+def read_fracatlas(path: str | Path) -> RecordSet:
+    root = find_fracatlas_root(Path(path))
+    if root is None:
+        raise DatasetError(f"{path}: not a FracAtlas folder (needs dataset.csv and images/)")
+    csv_path = root / "dataset.csv"
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"{csv_path}: missing columns {', '.join(missing)}")
+        rows = list(reader)
+
+    # Where each image actually is on disk (the folder is the release's own fracture label).
+    on_disk: dict[str, tuple[Path, int]] = {}
+    for folder, label in _FOLDERS.items():
+        d = root / "images" / folder
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.is_file():
+                    on_disk[p.name] = (p, label)
+
+    records: list[Record] = []
+    problems: list[str] = []
+    listed: set[str] = set()
+    group = 0
+    prev_key: tuple | None = None
+    for line_no, row in enumerate(rows, start=2):
+        image_id = row["image_id"].strip()
+        try:
+            flags = {c: int(row[c]) for c in _FLAG_COLUMNS}
+        except (TypeError, ValueError):
+            problems.append(f"{csv_path.name} line {line_no}: non-integer flag in {image_id}")
+            continue
+        listed.add(image_id)
+        # Runs break only where the flags change: an id gap may be an image left out of this
+        # subset, and merging two examinations into one group is safe while splitting one leaks.
+        key = tuple(flags[c] for c in _FLAG_COLUMNS)
+        if key != prev_key:
+            group += 1
+            prev_key = key
+        if image_id not in on_disk:
+            problems.append(f"listed but missing: {root / 'images' / '*' / image_id}")
+            continue
+        file, folder_label = on_disk[image_id]
+        fractured = flags["fractured"]
+        if folder_label != fractured:
+            problems.append(
+                f"{image_id}: fractured={fractured} in dataset.csv but stored in images/"
+                f"{'Fractured' if folder_label else 'Non_fractured'}; the folder wins"
+            )
+            fractured = folder_label
+        body_part = fracatlas_body_part(flags)
+        if body_part == "unknown":
+            problems.append(f"{image_id}: no body-part flag set")
+        records.append(
+            Record(
+                path=str(file),
+                body_part=body_part,
+                abnormal=int(bool(fractured or flags["hardware"])),
+                study_id=f"fracatlas-run{group:05d}",
+                patient_id=f"fracatlas-run{group:05d}",
+                split="none",
+                source="fracatlas",
+                extras={"image_id": image_id, "fractured": fractured, "hardware": flags["hardware"]},
+            )
+        )
+    for name, (p, _) in sorted(on_disk.items()):
+        if name not in listed:
+            problems.append(f"present but not listed in dataset.csv: {p}")
+    if not records:
+        raise DatasetError(f"{root}: FracAtlas folder has no images")
+    return RecordSet(records, "fracatlas", str(root), problems)

@@ -1,0 +1,78 @@
+"""Synthetic datasets built by the tests themselves (MURA may not be redistributed)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# (split, part, patient, study, label, n_images)
+MURA_STUDIES = [
+    ("train", "WRIST", "patient00001", "study1", 1, 3),
+    ("train", "WRIST", "patient00002", "study1", 0, 2),
+    ("train", "ELBOW", "patient00003", "study1", 0, 2),
+    ("train", "ELBOW", "patient00003", "study2", 1, 1),
+    ("train", "HAND", "patient00004", "study1", 1, 2),
+    ("train", "HAND", "patient00005", "study1", 0, 2),
+    ("train", "SHOULDER", "patient00006", "study1", 1, 2),
+    ("train", "FINGER", "patient00007", "study1", 0, 2),
+    ("valid", "WRIST", "patient11001", "study1", 1, 2),
+    ("valid", "HUMERUS", "patient11002", "study1", 0, 2),
+    ("valid", "FOREARM", "patient11003", "study1", 1, 1),
+]
+
+
+def radiograph_like(seed: int, h: int = 96, w: int = 80, abnormal: int = 0) -> np.ndarray:
+    """A dark background with a bright 'bone' bar; abnormal ones get a dark 'fracture' gap."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 30, size=(h, w)).astype(np.uint8)
+    img[:, w // 3 : 2 * w // 3] = 200
+    if abnormal:
+        img[h // 2 - 3 : h // 2 + 3, w // 3 : 2 * w // 3] = 40
+    return img
+
+
+def make_mura_tree(base: Path, studies=MURA_STUDIES, image_size=(96, 80)) -> Path:
+    """Write a tiny MURA-v1.1 tree in the exact release layout; returns the MURA-v1.1 folder."""
+    root = base / "MURA-v1.1"
+    seed = 0
+    for split in ("train", "valid"):
+        img_rows, study_rows = [], []
+        for s_split, part, patient, study, label, n in studies:
+            if s_split != split:
+                continue
+            study_dir = f"{split}/XR_{part}/{patient}/{study}_{'positive' if label else 'negative'}"
+            (root / study_dir).mkdir(parents=True, exist_ok=True)
+            study_rows.append([f"MURA-v1.1/{study_dir}/", label])
+            for i in range(1, n + 1):
+                seed += 1
+                rel = f"{study_dir}/image{i}.png"
+                mode_img = Image.fromarray(radiograph_like(seed, *image_size, abnormal=label))
+                # MURA mixes grayscale and RGB PNGs; keep both kinds in the fixture.
+                (mode_img.convert("RGB") if seed % 3 == 0 else mode_img).save(root / rel)
+                img_rows.append([f"MURA-v1.1/{rel}"])
+        with open(root / f"{split}_image_paths.csv", "w", newline="") as f:
+            csv.writer(f).writerows(img_rows)
+        with open(root / f"{split}_labeled_studies.csv", "w", newline="") as f:
+            csv.writer(f).writerows(study_rows)
+    return root
+
+
+def make_manifest(base: Path, n: int = 24, parts=("hand", "wrist"), with_split: bool = False) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        name = f"img{i:03d}.png"
+        Image.fromarray(radiograph_like(i, abnormal=label)).save(base / name)
+        row = {"path": name, "body_part": parts[i % len(parts)], "abnormal": label, "study_id": f"s{i // 2}"}
+        if with_split:
+            row["split"] = "train" if i < n * 3 // 4 else "valid"
+        rows.append(row)
+    path = base / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
