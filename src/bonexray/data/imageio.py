@@ -1,0 +1,565 @@
+"""Decode any X-ray file (PNG, JPEG, TIFF, BMP, DICOM, ...) into one 2-D gray array, bone bright.
+
+Output conventions (the contract every consumer relies on):
+
+* ``pixels`` is 2-D and C-contiguous. It is ``uint8`` for 8-bit sources and for **all DICOM**
+  (after the Modality LUT and the VOI window/LUT, the displayed range is mapped to 0..255, so
+  what the model sees is what a radiologist's viewer would show). It is ``uint16`` only for 16-bit
+  (or 32-bit/float) PIL sources such as 16-bit PNG, with values preserved; ``to_uint8`` maps it
+  down by min-max scaling.
+* Bone is bright: DICOM MONOCHROME1 is inverted. PIL images are taken as stored.
+* Colour is converted with ITU-R 601 luma (PIL's "L"). Alpha is **composited on black**: a
+  transparent pixel becomes background (radiograph backgrounds are dark), instead of keeping
+  whatever colour the transparent pixel happened to store.
+* The EXIF orientation is applied.
+* Truncated JPEG/PNG files are decoded as far as the data goes and flagged ``truncated=True``.
+  Pillow only offers a process-global switch for that (``ImageFile.LOAD_TRUNCATED_IMAGES``); it
+  is flipped only for the retry of a file that failed as truncated, under a lock that keeps every
+  other ``read_image`` decode out meanwhile, and restored afterwards. (If the application sets the
+  flag itself, truncation can no longer be detected and ``truncated`` stays False.)
+* Every failure raises ``ImageReadError(path, reason)``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from bonexray.errors import ImageReadError
+
+__all__ = ["IMAGE_SUFFIXES", "DecodedImage", "is_image_file", "read_image", "to_uint8"]
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+)
+_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_MAGIC = b"DICM"
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO (multi-picture, from phones) is a JPEG subclass
+_EXIF_ORIENTATION = 0x0112
+_MAX_REASON = 200  # keep library messages short: the CLI prints the reason on one line
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image: 2-D grayscale ``pixels`` (uint8, or uint16 for 16-bit PIL sources)."""
+
+    pixels: np.ndarray
+    truncated: bool
+    kind: str
+
+
+# --------------------------------------------------------------------------- public helpers
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a known image suffix, or for a file carrying the DICOM magic (UID-named files).
+
+    macOS AppleDouble files (``._name.png``) are never images despite their suffix.
+    """
+    p = Path(path)
+    if p.name.startswith("._"):
+        return False
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    # DICOM files are often named by UID ("1.2.840....123") or have no suffix at all.
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(_DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC))
+    except OSError:
+        return False
+    return head[_DICOM_MAGIC_OFFSET:] == _DICOM_MAGIC
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map an image to uint8: uint8 passes through, anything else is min-max scaled to 0..255.
+
+    Min-max rather than full range because 16-bit files often use only 10-12 bits, which full
+    range scaling would turn almost black. A constant image falls back to full-range scaling.
+    """
+    a = np.asarray(pixels)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * np.uint8(255)
+    f = a.astype(np.float32, copy=False)
+    if a.dtype.kind == "f":
+        f = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+    if f.size == 0:
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(f.min()), float(f.max())
+    if hi > lo:
+        out = (f - lo) * (255.0 / (hi - lo))
+    elif a.dtype.kind in "ui":
+        out = f * (255.0 / float(np.iinfo(a.dtype).max))  # constant: keep its absolute level
+    else:
+        out = np.zeros_like(f)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def read_image(
+    path: str | os.PathLike,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = 120_000_000,
+) -> DecodedImage:
+    """Decode ``path`` into a 2-D grayscale array, bone bright.
+
+    ``draft_size``: the caller will shrink the image to about this size, so a JPEG may be decoded
+    by libjpeg at 1/2, 1/4 or 1/8 scale, never below ``draft_size`` on either side. Other formats
+    ignore it. ``max_pixels``: refuse images declaring more pixels (checked before decoding).
+    """
+    if draft_size is not None and draft_size < 1:
+        raise ValueError(f"draft_size must be a positive integer, got {draft_size!r}")
+    p = Path(path)
+    data = _read_bytes(p)
+    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC:
+        return _read_dicom(p, data, max_pixels, force=False)
+    if p.suffix.lower() in _DICOM_SUFFIXES and not _looks_like_pil_format(data):
+        return _read_dicom(p, data, max_pixels, force=True)  # old files without preamble
+    return _read_pil(p, data, draft_size, max_pixels)
+
+
+# --------------------------------------------------------------------------- shared internals
+
+
+def _read_bytes(p: Path) -> bytes:
+    # One read into memory: sniffing, a truncated-file retry and DICOM parsing reuse it.
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(p, "file not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(p, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageReadError(p, "permission denied") from None
+    except OSError as exc:
+        raise ImageReadError(p, f"cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageReadError(p, "empty file (0 bytes)")
+    return data
+
+
+def _short(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg if len(msg) <= _MAX_REASON else msg[: _MAX_REASON - 3] + "..."
+
+
+def _bomb_reason(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"image size {width}x{height} = {width * height:,} pixels exceeds the limit of "
+        f"{max_pixels:,} pixels (possible decompression bomb)"
+    )
+
+
+def _looks_like_pil_format(data: bytes) -> bool:
+    """Cheap sniff so a PNG/JPEG misnamed ``.dcm`` is not forced through the DICOM parser."""
+    return data.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM"))
+
+
+# --------------------------------------------------------------------------- PIL path
+
+
+class _TruncationGate:
+    """Readers-writer lock around Pillow's global LOAD_TRUNCATED_IMAGES flag.
+
+    Strict decodes share the gate; a lenient retry takes it exclusively and flips the flag, so a
+    strict decode in another thread never runs while the flag is on (it would silently accept a
+    truncated file and report truncated=False). Waiting writers block new readers: no starvation.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def strict(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def lenient(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+_GATE = _TruncationGate()
+
+
+class _Truncated(Exception):
+    """Internal: the strict decode hit the end of the data."""
+
+
+def _read_pil(p: Path, data: bytes, draft_size: int | None, max_pixels: int) -> DecodedImage:
+    try:
+        return _decode_pil(p, data, draft_size, max_pixels, lenient=False)
+    except _Truncated:
+        pass
+    # Rare path (53 of 3,481 FracAtlas files): reopen, the failed Image object is half-loaded.
+    decoded = _decode_pil(p, data, draft_size, max_pixels, lenient=True)
+    if decoded.pixels.size and decoded.pixels.min() == decoded.pixels.max():
+        raise ImageReadError(p, "file is truncated before any pixel data could be decoded")
+    return decoded
+
+
+def _open_pil(p: Path, data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning is only raised when the application turns warnings into errors.
+        raise ImageReadError(p, f"possible decompression bomb: {_short(exc)}") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            p, "not an image file (not PNG, JPEG, DICOM or another format Pillow can read)"
+        ) from None
+    except Exception as exc:  # broken headers surface as SyntaxError, struct.error, ...
+        raise ImageReadError(p, f"corrupt image header ({_short(exc)})") from None
+
+
+def _decode_pil(
+    p: Path, data: bytes, draft_size: int | None, max_pixels: int, *, lenient: bool
+) -> DecodedImage:
+    im = opened = _open_pil(p, data)
+    fmt = (im.format or "unknown").upper()
+    kind = "jpeg" if fmt == "JPEG" else fmt.lower()
+    width, height = im.size
+    try:
+        # Declared size, checked before a single pixel is decoded.
+        if width <= 0 or height <= 0:
+            raise ImageReadError(p, f"zero-size image ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageReadError(p, _bomb_reason(width, height, max_pixels))
+        if fmt in _JPEG_FORMATS:
+            # Let libjpeg emit gray directly (skips the colour conversion) and, when the caller
+            # will shrink the image anyway, decode at 1/2..1/8 scale.
+            target = (draft_size, draft_size) if draft_size else None
+            im.draft("L", target)
+        with _GATE.lenient() if lenient else _GATE.strict():
+            try:
+                im.load()
+            except OSError as exc:
+                if not lenient and "truncated" in str(exc).lower():
+                    raise _Truncated from None
+                raise
+        im = _apply_exif_orientation(im)
+        pixels = _pil_to_gray(im)
+    except (_Truncated, ImageReadError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(p, f"possible decompression bomb: {_short(exc)}") from None
+    except MemoryError:
+        raise ImageReadError(p, f"out of memory decoding a {width}x{height} image") from None
+    except Exception as exc:
+        raise ImageReadError(p, f"corrupt or unsupported {kind} data ({_short(exc)})") from None
+    finally:
+        opened.close()
+    return DecodedImage(pixels=pixels, truncated=lenient, kind=kind)
+
+
+def _apply_exif_orientation(im: Image.Image) -> Image.Image:
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION)
+    except Exception:
+        return im  # a broken EXIF block must not cost us the picture
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        # Only call exif_transpose when it changes something: otherwise it copies the image.
+        return ImageOps.exif_transpose(im)
+    return im
+
+
+def _as_writable(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
+def _pil_to_gray(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "L":
+        return _as_writable(np.asarray(im))
+    if mode.startswith("I;16"):  # 16-bit PNG/TIFF, any byte order
+        return _as_writable(np.asarray(im).astype(np.uint16, copy=False))
+    if mode in ("I", "F"):
+        return _wide_to_uint16(np.asarray(im))
+    has_alpha = "A" in im.getbands() or "a" in im.getbands()
+    if mode == "P" and "transparency" in im.info:
+        has_alpha = True
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        gray = np.asarray(rgba.convert("L")).astype(np.uint16)
+        alpha = np.asarray(rgba.getchannel("A")).astype(np.uint16)
+        # Composite on black: gray * alpha / 255, rounded.
+        return ((gray * alpha + 127) // 255).astype(np.uint8)
+    return _as_writable(np.asarray(im.convert("L")))  # RGB, CMYK, YCbCr, P, 1, LAB, HSV
+
+
+def _wide_to_uint16(a: np.ndarray) -> np.ndarray:
+    """32-bit int / float PIL images: keep values that fit uint16, else min-max into it."""
+    if a.dtype.kind in "iu" and a.size and a.min() >= 0 and a.max() <= 65535:
+        return a.astype(np.uint16)
+    f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(f.min()), float(f.max())) if f.size else (0.0, 0.0)
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint16)
+    return np.rint((f - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
+
+
+# --------------------------------------------------------------------------- DICOM path
+
+# Which package decodes which compressed transfer syntax, for the "install X" hint.
+_DICOM_DECODER_HINTS: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG extended
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE (pydicom also has its own)
+}
+
+
+def _dicom_funcs() -> dict[str, Any]:
+    """pydicom >= 3 keeps the pixel helpers in pydicom.pixels, 2.x in pixel_data_handlers.util."""
+    try:
+        from pydicom.pixels import (  # type: ignore[attr-defined]
+            apply_color_lut,
+            apply_modality_lut,
+            apply_voi,
+            convert_color_space,
+            pixel_array,
+        )
+
+        return {
+            "modality": apply_modality_lut,
+            "voi": apply_voi,
+            "color_lut": apply_color_lut,
+            "color_space": convert_color_space,
+            "first_frame": lambda ds: pixel_array(ds, index=0),
+            "v3": True,
+        }
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import (
+            apply_color_lut,
+            apply_modality_lut,
+            apply_voi_lut,
+            convert_color_space,
+        )
+
+        def first_frame(ds: Any) -> np.ndarray:
+            arr = ds.pixel_array
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+                arr = arr[0]
+            return arr
+
+        return {
+            "modality": apply_modality_lut,
+            # With a VOI LUT Sequence present, apply_voi_lut(prefer_lut=True) applies the LUT.
+            "voi": lambda arr, ds, index=0: apply_voi_lut(arr, ds, index, prefer_lut=True),
+            "color_lut": apply_color_lut,
+            "color_space": convert_color_space,
+            "first_frame": first_frame,
+            "v3": False,
+        }
+
+
+def _read_dicom(p: Path, data: bytes, max_pixels: int, *, force: bool) -> DecodedImage:
+    try:
+        import pydicom
+    except ImportError:  # a declared dependency, but say so clearly if it is gone
+        raise ImageReadError(p, "DICOM file, but pydicom is not installed (pip install pydicom)")
+    funcs = _dicom_funcs()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    except Exception as exc:
+        raise ImageReadError(p, f"not a readable DICOM file ({_short(exc)})") from None
+    if "PixelData" not in ds:
+        raise ImageReadError(p, "DICOM file has no pixel data (not an image object)")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:
+        raise ImageReadError(p, "DICOM file lacks a valid Rows/Columns size") from None
+    if rows <= 0 or cols <= 0:
+        raise ImageReadError(p, f"zero-size DICOM image ({cols}x{rows})")
+    if rows * cols > max_pixels:
+        raise ImageReadError(p, _bomb_reason(cols, rows, max_pixels))
+    if not funcs["v3"] and rows * cols * frames > max_pixels:  # 2.x decodes every frame
+        raise ImageReadError(
+            p, f"{frames} frames of {cols}x{rows} exceed the limit of {max_pixels:,} pixels"
+        )
+    _ensure_transfer_syntax(ds)
+
+    try:
+        arr = funcs["first_frame"](ds)
+    except MemoryError:
+        raise ImageReadError(p, f"out of memory decoding a {cols}x{rows} DICOM image") from None
+    except Exception as exc:
+        raise ImageReadError(p, _dicom_decode_reason(ds, exc)) from None
+    try:
+        pixels = _dicom_to_gray(ds, np.asarray(arr), funcs)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(p, f"cannot map DICOM pixel values to gray ({_short(exc)})") from None
+    return DecodedImage(pixels=pixels, truncated=False, kind="dicom")
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Files without a meta header (read with force=True) are native: tell the decoder which."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    implicit = getattr(ds, "original_encoding", (None, None))[0]
+    if implicit is None:
+        implicit = getattr(ds, "is_implicit_VR", True)
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _dicom_decode_reason(ds: Any, exc: Exception) -> str:
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    ts_name = getattr(ts, "name", None) or str(ts or "unknown transfer syntax")
+    msg = str(exc).lower()
+    # pydicom 3: "... all plugins are missing dependencies"; 2.x: "... missing required
+    # dependencies", "'pylibjpeg-libjpeg' plugin is not installed", NotImplementedError("... no
+    # pixel data handlers available"). A decoder that is present but fails means corrupt data.
+    markers = ("missing dependencies", "missing required dependencies", "not installed")
+    missing = any(k in msg for k in markers)
+    if missing or isinstance(exc, NotImplementedError):
+        hint = _DICOM_DECODER_HINTS.get(str(ts), "python-gdcm")
+        return f"no decoder installed for {ts_name} pixel data (pip install {hint})"
+    return f"corrupt or unsupported DICOM pixel data, {ts_name} ({_short(exc)})"
+
+
+def _dicom_to_gray(ds: Any, arr: np.ndarray, funcs: dict[str, Any]) -> np.ndarray:
+    """Modality LUT -> VOI LUT / window (or min-max) -> MONOCHROME1 inversion -> uint8."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        rgb = funcs["color_lut"](arr, ds)
+        return _rgb_to_uint8(rgb, 255 if rgb.dtype == np.uint8 else 65535)
+    if arr.ndim == 3:  # RGB / YBR_*: samples in the last axis
+        # pydicom 3 already returns RGB for YBR_FULL(_422); 2.x returns the stored YBR.
+        if photometric.startswith("YBR_FULL") and not funcs["v3"]:
+            arr = funcs["color_space"](arr, photometric, "RGB")
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return _rgb_to_uint8(arr, 2**bits - 1)
+    if arr.ndim != 2:
+        raise ValueError(f"unexpected pixel array shape {arr.shape}")
+
+    values = funcs["modality"](arr, ds)
+    unit = _voi_to_unit(ds, values, funcs)
+    if photometric == "MONOCHROME1":  # low values are white: invert so bone is bright
+        unit = 1.0 - unit
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def _rgb_to_uint8(rgb: np.ndarray, full_scale: int) -> np.ndarray:
+    f = rgb[..., :3].astype(np.float32)
+    luma = f[..., 0] * 0.299 + f[..., 1] * 0.587 + f[..., 2] * 0.114  # same weights as PIL "L"
+    return np.clip(np.rint(luma * (255.0 / max(full_scale, 1))), 0, 255).astype(np.uint8)
+
+
+def _voi_to_unit(ds: Any, values: np.ndarray, funcs: dict[str, Any]) -> np.ndarray:
+    """The display transform as float32 in [0, 1]: VOI LUT, else window, else min-max."""
+    if ds.get("VOILUTSequence"):
+        out = np.asarray(funcs["voi"](values, ds, 0), dtype=np.float32)
+        lo, hi = _voi_lut_range(ds, funcs, out)
+        return np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else _minmax(out)
+    window = _window(ds)
+    if window is not None:
+        return _apply_window(values.astype(np.float32, copy=False), *window)
+    return _minmax(values.astype(np.float32, copy=False))
+
+
+def _voi_lut_range(ds: Any, funcs: dict[str, Any], out: np.ndarray) -> tuple[float, float]:
+    """Output range of the VOI LUT itself (its smallest and largest entry), not of this image.
+
+    LUT descriptors often claim 16 bits while entries use 12, so the declared depth is no good.
+    """
+    try:
+        item = ds.VOILUTSequence[0]
+        n_entries, first, _bits = (int(v) for v in item.LUTDescriptor)
+        n_entries = n_entries or 65536  # 0 means 2**16 entries
+        probe = np.arange(first, first + n_entries, dtype=np.int64)
+        table = np.asarray(funcs["voi"](probe, ds, 0), dtype=np.float64)
+        return float(table.min()), float(table.max())
+    except Exception:
+        return float(out.min()), float(out.max())
+
+
+def _window(ds: Any) -> tuple[float, float, str] | None:
+    try:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        center, width = float(_first(center)), float(_first(width))
+        func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    except Exception:
+        return None  # malformed window values: fall back to min-max
+    if func not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        func = "LINEAR"
+    if width <= (1.0 if func == "LINEAR" else 0.0):
+        return None
+    return center, width, func
+
+
+def _first(value: Any) -> Any:
+    """Window centre/width may hold several presets (VM > 1): the first is the default."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return value[0]
+    return value
+
+
+def _apply_window(x: np.ndarray, center: float, width: float, func: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 window to [0, 1] (pydicom's apply_windowing, in float32)."""
+    if func == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
+    if func == "LINEAR":
+        center, width = center - 0.5, width - 1.0
+    return np.clip((x - center) / width + 0.5, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
