@@ -1,0 +1,42 @@
+"""The MURA paper's class-weighted BCE (per body part) plus cross-entropy for the body part."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def abnormal_class_weights(body_parts: Sequence[str], record_parts: Sequence[str], labels: Sequence[int]) -> list[list[float]]:
+    """Per body part T: [w_normal, w_abnormal] = [|A_T|, |N_T|] / (|A_T| + |N_T|) (Rajpurkar et al., 2017).
+
+    Rare labels weigh more. Parts without training images (or with one class only) fall back to the
+    weights of the whole training set, so they never get a zero weight.
+    """
+    n_abn = sum(1 for y in labels if y == 1)
+    n_all = sum(1 for y in labels if y in (0, 1))
+    overall = [n_abn / n_all, 1 - n_abn / n_all] if n_all and 0 < n_abn < n_all else [0.5, 0.5]
+    weights = []
+    for part in body_parts:
+        ys = [y for p, y in zip(record_parts, labels) if p == part and y in (0, 1)]
+        a = sum(ys)
+        weights.append([a / len(ys), 1 - a / len(ys)] if ys and 0 < a < len(ys) else list(overall))
+    return weights
+
+
+def multitask_loss(
+    abnormal_logit: torch.Tensor,
+    part_logits: torch.Tensor,
+    abnormal: torch.Tensor,
+    part: torch.Tensor,
+    class_weights: torch.Tensor,
+    body_part_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (total, abnormality loss, body-part loss). ``class_weights``: (K, 2) as above."""
+    y = abnormal.float()
+    w = class_weights[part]  # (B,2) chosen by the true body part
+    weight = torch.where(y > 0.5, w[:, 1], w[:, 0])
+    # The paper's weights sum to 1 per part; x2 keeps the loss on the usual BCE scale.
+    loss_abn = (2 * weight * F.binary_cross_entropy_with_logits(abnormal_logit.float(), y, reduction="none")).mean()
+    loss_part = F.cross_entropy(part_logits.float(), part)
+    return loss_abn + body_part_weight * loss_part, loss_abn, loss_part

@@ -1,0 +1,156 @@
+"""LightningModule: the multi-task network, its loss, metrics, schedule and model card."""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from torchmetrics import CatMetric
+from torchmetrics.classification import BinaryAUROC
+
+from .. import __version__
+from ..model.network import BoneXrayNet
+from .augment import AugmentConfig, augment_batch
+from .losses import multitask_loss
+
+
+class WarmupCosine:
+    """LR factor per optimiser step: linear warm-up, then cosine decay to 1% of the peak.
+
+    A class (not a lambda) so the scheduler state stays plain data in the checkpoint.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.warmup_steps, self.total_steps = max(0, warmup_steps), max(1, total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class BoneXrayModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: str,
+        body_parts: list[str],
+        class_weights: list[list[float]],
+        image_size: int,
+        pretrained: str | None = "imagenet",
+        weights: str | None = None,
+        dropout: float = 0.0,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 1.0,
+        body_part_weight: float = 1.0,
+        threshold_method: str = "youden",
+        target_sensitivity: float = 0.9,
+        augment: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=pretrained, weights=weights, dropout=dropout)
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
+        self.threshold = 0.5
+        self.aug_cfg = AugmentConfig()
+        self.val_probs, self.val_labels = CatMetric(), CatMetric()
+        self.val_auroc = BinaryAUROC()
+        self._t_last: float | None = None
+
+    # -- data on device -------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        img, abnormal, part = batch
+        x = img.float().div_(255.0)  # uint8 travels; conversion happens on the device
+        if self.trainer.training and self.hparams.augment:
+            x = augment_batch(x, self.aug_cfg)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, abnormal, part
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x)
+
+    def _step(self, batch, stage: str):
+        x, abnormal, part = batch
+        abn_logit, part_logits = self(x)
+        loss, loss_abn, loss_part = multitask_loss(abn_logit, part_logits, abnormal, part, self.class_weights,
+                                                   self.hparams.body_part_weight)
+        prob = torch.sigmoid(abn_logit.float())
+        acc_abn = ((prob >= (self.threshold if stage == "valid" else 0.5)).long() == abnormal).float().mean()
+        acc_part = (part_logits.argmax(1) == part).float().mean()
+        bs = x.shape[0]
+        self.log_dict({f"{stage}_loss": loss, f"{stage}_acc_abnormal": acc_abn, f"{stage}_acc_body_part": acc_part,
+                       f"{stage}_loss_abnormal": loss_abn, f"{stage}_loss_body_part": loss_part},
+                      on_step=False, on_epoch=True, batch_size=bs, sync_dist=True, prog_bar=False)
+        return loss, prob, abnormal
+
+    def training_step(self, batch, batch_idx: int):
+        loss, _, _ = self._step(batch, "train")
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.log("img/s", batch[0].shape[0] * self.trainer.world_size / max(1e-6, now - self._t_last),
+                     on_step=True, prog_bar=True, logger=False)
+        self._t_last = now
+        self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None
+
+    def validation_step(self, batch, batch_idx: int):
+        loss, prob, abnormal = self._step(batch, "valid")
+        self.val_probs.update(prob)
+        self.val_labels.update(abnormal.float())
+        self.val_auroc.update(prob, abnormal)
+
+    def on_validation_epoch_end(self) -> None:
+        from ..evaluation.metrics import choose_threshold
+
+        probs = self.val_probs.compute().detach().cpu().numpy().reshape(-1)
+        labels = self.val_labels.compute().detach().cpu().numpy().reshape(-1).astype(int)
+        self.val_probs.reset()
+        self.val_labels.reset()
+        if len(np.unique(labels)) == 2:
+            self.log("valid_auroc", self.val_auroc.compute(), sync_dist=False, prog_bar=True)
+            if not self.trainer.sanity_checking:
+                # Chosen on the validation split only; stored in the checkpoint, never tuned on test data.
+                self.threshold = float(choose_threshold(labels, probs, method=self.hparams.threshold_method,
+                                                        target=self.hparams.target_sensitivity))
+        self.val_auroc.reset()
+        self.log("threshold", float(self.threshold), prog_bar=False)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.net.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on norms and biases
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(int(self.hparams.warmup_epochs * steps_per_epoch), total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def model_card(self) -> dict:
+        return {
+            "backbone": self.hparams.backbone,
+            "image_size": int(self.hparams.image_size),
+            "in_chans": 1,
+            "mean": [float(v) for v in self.net.mean],
+            "std": [float(v) for v in self.net.std],
+            "body_parts": list(self.hparams.body_parts),
+            "threshold": float(self.threshold),
+            "version": __version__,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["bonexray"] = self.model_card()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        card = checkpoint.get("bonexray") or {}
+        self.threshold = float(card.get("threshold", 0.5))

@@ -1,0 +1,171 @@
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bonexray.errors import BonexrayError
+from bonexray.model.checkpoint import load_model
+from bonexray.training.losses import abnormal_class_weights, multitask_loss
+from bonexray.training.train import TrainConfig, run_training
+
+from builders import make_manifest
+from conftest import SHARED_DATA, requires_shared_data, tiny_train_args
+
+
+def test_class_weights_follow_the_mura_paper():
+    parts = ["hand", "leg"]
+    rec_parts = ["hand"] * 4 + ["leg"] * 3
+    labels = [1, 0, 0, 0, 1, 1, 0]
+    w = abnormal_class_weights(parts, rec_parts, labels)
+    # hand: 1 abnormal of 4 -> w_normal = 1/4, w_abnormal = 3/4; leg: 2 of 3 -> 2/3, 1/3
+    assert w[0] == pytest.approx([0.25, 0.75]) and w[1] == pytest.approx([2 / 3, 1 / 3])
+    # A part with one class only falls back to the overall frequency (3 of 7 abnormal).
+    w2 = abnormal_class_weights(["hand", "hip"], ["hand", "hip", "hip"], [1, 0, 0])
+    assert w2[1] == pytest.approx([1 / 3, 2 / 3])
+
+
+def test_multitask_loss_weights_by_true_body_part():
+    cw = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    logit = torch.zeros(2)
+    part_logits = torch.zeros(2, 2)
+    total, abn, part = multitask_loss(logit, part_logits, torch.tensor([1, 0]), torch.tensor([0, 0]), cw, 1.0)
+    bce = torch.log(torch.tensor(2.0))
+    assert abn.item() == pytest.approx((2 * 0.75 * bce + 2 * 0.25 * bce).item() / 2)
+    assert part.item() == pytest.approx(bce.item())
+    assert total.item() == pytest.approx(abn.item() + part.item())
+
+
+def test_recipes_and_validation():
+    cfg = TrainConfig.from_args({"recipe": "fracatlas", "epochs": 3})
+    assert cfg.backbone == "efficientnet_lite0" and cfg.epochs == 3
+    assert TrainConfig.from_args({"recipe": "mura"}).backbone == "resnet50"
+    with pytest.raises(BonexrayError, match="unknown recipe"):
+        TrainConfig.from_args({"recipe": "nope"})
+    with pytest.raises(BonexrayError, match="image-size"):
+        TrainConfig.from_args({"image_size": 8})
+
+
+def test_run_directory_contents(trained_run):
+    run = Path(trained_run["run_dir"])
+    for name in ("config.yaml", "metrics.csv", "splits.csv", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    keys = set(rows[0])
+    for k in ("epoch", "train_loss", "valid_loss", "train_acc_abnormal", "valid_acc_abnormal",
+              "train_acc_body_part", "valid_acc_body_part", "valid_auroc"):
+        assert k in keys
+    assert {r["epoch"] for r in rows} == {"0", "1"}
+    ckpt = torch.load(run / "checkpoints/best.ckpt", weights_only=True, map_location="cpu")
+    card = ckpt["bonexray"]
+    assert card["backbone"] == "efficientnet_lite0" and card["image_size"] == 64
+    assert card["body_parts"] == ["hand", "leg", "shoulder"] and 0 < card["threshold"] < 1
+    assert card["mean"] == [0.5, 0.5, 0.5] and card["version"]
+
+
+def test_checkpoint_round_trip_identical_predictions(trained_run, tmp_path):
+    from bonexray.data.preprocess import ImageCache
+    from bonexray.training.module import BoneXrayModule
+
+    ckpt = Path(trained_run["best_checkpoint"])
+    net, card = load_model(ckpt)
+    cache = ImageCache.open(Path(trained_run["run_dir"]).parent / "run-cache")
+    x = torch.from_numpy(cache.images[:6].copy()).float().div(255)[:, None]
+    raw = torch.load(ckpt, weights_only=True, map_location="cpu")
+    module = BoneXrayModule(**{k: v for k, v in raw["hyper_parameters"].items()})
+    module.load_state_dict(raw["state_dict"])
+    module.eval()
+    with torch.inference_mode():
+        a1, p1 = net(x)
+        a2, p2 = module(x)
+    assert torch.equal(a1, a2) and torch.equal(p1, p2)
+
+
+def test_same_seed_same_metrics(tmp_path):
+    manifest = make_manifest(tmp_path / "d", n=32, parts=("hand", "leg"))
+
+    def run(name):
+        run_training(TrainConfig.from_args(tiny_train_args(manifest, tmp_path / name, epochs=1, cache=str(tmp_path / "c"))))
+        rows = list(csv.DictReader(open(tmp_path / name / "metrics.csv")))
+        return [(r["valid_loss"], r["train_loss"]) for r in rows]
+
+    assert run("a") == run("b")
+
+
+def test_existing_run_needs_resume(trained_run):
+    with pytest.raises(BonexrayError, match="--resume"):
+        run_training(TrainConfig.from_args(tiny_train_args(trained_run["manifest"], trained_run["run_dir"])))
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "bonexray.cli", "train", *args], env=env, **kw)
+
+
+def _argv(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        if v is True:
+            out.append(f"--{k.replace('_', '-')}")
+        elif v not in (None, False):
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def test_kill_mid_run_then_resume(tmp_path):
+    manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
+    args = tiny_train_args(manifest, tmp_path / "run", epochs=5)
+    proc = _cli(_argv(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    t0 = time.time()
+    metrics = tmp_path / "run" / "metrics.csv"
+
+    def epoch0_done():
+        return last.exists() and metrics.exists() and "\n0," in metrics.read_text()
+
+    # Kill in the middle of epoch 1, once epoch 0's checkpoint and metrics are on disk.
+    while not epoch0_done() and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert last.exists(), "training never wrote last.ckpt"
+    first_epoch = torch.load(last, weights_only=True)["epoch"]
+    assert first_epoch < 4, "the run finished before it could be interrupted"
+    # No temp files left under the final names; the checkpoint loads.
+    load_model(last)
+    proc = _cli(_argv({**args, "resume": True}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert torch.load(last, weights_only=True)["epoch"] == 4, out
+    epochs = {r["epoch"] for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["valid_loss"]}
+    assert epochs == {"0", "1", "2", "3", "4"}
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    manifest = make_manifest(tmp_path / "d", n=32, parts=("hand", "leg"))
+    args = tiny_train_args(manifest, tmp_path / "run", epochs=1, accelerator="cpu", devices=2, strategy="ddp",
+                           max_steps=3)
+    proc = _cli(_argv(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "world_size=2" in out or "distributed_backend=gloo" in out
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@requires_shared_data
+def test_default_data_offline_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BONEXRAY_DATA", str(tmp_path / "home"))
+    from bonexray.data import download
+
+    def refuse(url, dest, progress=True, timeout=60.0):
+        raise download.DatasetError(f"could not download {url}: offline")
+
+    monkeypatch.setattr(download, "_fetch", refuse)
+    with pytest.raises(BonexrayError, match="FracAtlas") as e:
+        run_training(TrainConfig.from_args({"out": str(tmp_path / "r"), "quiet": True}))
+    assert "--data" in str(e.value) and str(tmp_path / "home") in str(e.value)
