@@ -63,7 +63,7 @@ def make_manifest(base: Path, n: int = 24, parts=("hand", "wrist"), with_split: 
     base.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
-        label = i % 2
+        label = (i // 2) % 2  # two images per study, one label per study
         name = f"img{i:03d}.png"
         Image.fromarray(radiograph_like(i, abnormal=label)).save(base / name)
         row = {"path": name, "body_part": parts[i % len(parts)], "abnormal": label, "study_id": f"s{i // 2}"}

@@ -57,7 +57,7 @@ def test_manifest_reader(tmp_path):
     rs = load_dataset(path)
     assert rs.source == "manifest" and len(rs) == 6
     assert rs.records[0].path == str((tmp_path / "m" / "img000.png").resolve())
-    assert rs.records[1].abnormal == 1 and rs.records[1].study_id == "s0"
+    assert rs.records[2].abnormal == 1 and rs.records[2].study_id == "s1" and rs.records[1].study_id == "s0"
 
 
 def test_manifest_bad_columns_and_labels(tmp_path):

@@ -65,7 +65,10 @@ def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
 
 
 def fingerprint(records: Iterable[Record], size: int) -> str:
-    """Identity of the inputs: paths, labels, file sizes and mtimes, the size, the decoder version."""
+    """Identity of the inputs: paths, labels, file sizes and mtimes, the size, the decoder version.
+
+    Splits are not part of it: they are assigned later (per run, per seed) and do not change pixels.
+    """
     h = hashlib.sha256(f"v{PREPROCESS_VERSION}|{size}".encode())
     for r in records:
         try:
@@ -73,7 +76,7 @@ def fingerprint(records: Iterable[Record], size: int) -> str:
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        h.update(f"{r.path}|{r.body_part}|{r.abnormal}|{r.study_id}|{r.patient_id}|{r.split}|{stamp}\n".encode())
+        h.update(f"{r.path}|{r.body_part}|{r.abnormal}|{r.study_id}|{r.patient_id}|{stamp}\n".encode())
     return h.hexdigest()[:32]
 
 

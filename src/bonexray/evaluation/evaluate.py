@@ -1,0 +1,148 @@
+"""``bonexray evaluate``: run a model over a dataset split and write a results folder.
+
+The split is the one the model was trained with when the checkpoint sits in its run directory
+(``RUN/splits.csv``); otherwise it is recomputed with the same deterministic, grouped splitter.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+from ..data.datasets import load_dataset
+from ..data.preprocess import build_cache, default_cache_dir
+from ..data.records import RecordSet
+from ..data.splits import make_splits
+from ..errors import BonexrayError, DatasetError
+from .metrics import compute_metrics
+from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
+
+
+def find_run_dir(checkpoint: Path) -> Path | None:
+    """RUN/checkpoints/x.ckpt -> RUN when RUN looks like a bonexray run directory."""
+    run = checkpoint.resolve().parent.parent
+    return run if (run / "config.yaml").is_file() else None
+
+
+def parse_body_part_map(pairs: Sequence[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise BonexrayError(f"--map-body-part expects DATA=MODEL, got {pair!r}")
+        src, dst = (s.strip().lower() for s in pair.split("=", 1))
+        mapping[src] = dst
+    return mapping
+
+
+def assign_eval_splits(records: RecordSet, run_dir: Path | None) -> tuple[RecordSet, str]:
+    """Same split as training when known; returns (records, how the split was obtained)."""
+    if run_dir is not None and (run_dir / "splits.csv").is_file():
+        recorded = pd.read_csv(run_dir / "splits.csv", usecols=["path", "split"], dtype=str)
+        by_path = dict(zip(recorded["path"], recorded["split"]))
+        if any(r.path in by_path for r in records):
+            # Images the run never saw (e.g. left out by --limit) are "none": never in valid/test.
+            for r in records.records:
+                r.split = by_path.get(r.path, "none")
+            return records, f"recorded by the training run ({run_dir / 'splits.csv'})"
+    cfg = {}
+    if run_dir is not None:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    seed, vf, tf = cfg.get("seed", 0), cfg.get("valid_frac", 0.15), cfg.get("test_frac", 0.15)
+    return make_splits(records, vf, tf, seed=seed), f"recomputed (grouped, stratified; seed={seed}, valid={vf}, test={tf})"
+
+
+def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "results", batch_size: int = 64,
+                   device: str = "auto", n_bootstrap: int = 1000, body_part_map: Sequence[str] = (),
+                   cache: str | None = None, progress: bool = True) -> str:
+    from ..inference.predict import Predictor
+
+    t0 = time.perf_counter()
+    ckpt = Path(checkpoint)
+    predictor = Predictor(ckpt, device=device)
+    body_parts = predictor.body_parts
+    run_dir = find_run_dir(ckpt) if ckpt.suffix != ".onnx" else None
+
+    records = load_dataset(data)
+    # The cache is keyed by the dataset as read (the same one training built), before any remapping.
+    cache_dir = Path(cache) if cache else default_cache_dir(records.root, predictor.image_size)
+    image_cache, _ = build_cache(records, cache_dir, size=predictor.image_size, progress=progress)
+    mapping = parse_body_part_map(body_part_map)
+    for r in records.records:
+        r.body_part = mapping.get(r.body_part, r.body_part)
+    unknown = sorted({r.body_part for r in records} - set(body_parts))
+    if unknown:
+        raise DatasetError(
+            f"{data}: body parts {', '.join(unknown)} are not classes of this model ({', '.join(body_parts)}). "
+            "Map them with --map-body-part DATA=MODEL (e.g. --map-body-part wrist=hand), or evaluate on matching data"
+        )
+    if split == "all":
+        how = "all images"
+    else:
+        records, how = assign_eval_splits(records, run_dir)
+
+    status = dict(zip(image_cache.index["path"], image_cache.index["status"]))
+    row_of = dict(zip(image_cache.index["path"], image_cache.index["row"]))
+    chosen = [r for r in records if (split == "all" or r.split == split) and r.abnormal in (0, 1)]
+    skipped = [r for r in chosen if status.get(r.path) not in ("ok", "truncated")]
+    chosen = [r for r in chosen if status.get(r.path) in ("ok", "truncated")]
+    if not chosen:
+        raise DatasetError(f"{data}: no labelled, readable images in split {split!r} ({how})")
+
+    rows = np.array([row_of[r.path] for r in chosen])
+    probs = np.zeros(len(chosen), np.float32)
+    part_probs = np.zeros((len(chosen), len(body_parts)), np.float32)
+    with tqdm(total=len(chosen), desc=f"evaluate {split}", unit="img", disable=not progress) as bar:
+        for i in range(0, len(chosen), batch_size):
+            batch_rows = rows[i : i + batch_size]
+            # Sorted reads from the memmap are sequential on disk; results go back in order.
+            p, bp = predictor.predict_arrays(np.asarray(image_cache.images[np.sort(batch_rows)]))
+            order = np.argsort(np.argsort(batch_rows))
+            probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = p[order], bp[order]
+            bar.update(len(batch_rows))
+
+    table = pd.DataFrame({
+        "path": [r.path for r in chosen],
+        "study_id": [r.study_id for r in chosen],
+        "body_part": [r.body_part for r in chosen],
+        "abnormal": [r.abnormal for r in chosen],
+        "prob_abnormal": probs,
+        "pred_abnormal": (probs >= predictor.threshold).astype(int),
+        "pred_body_part": [body_parts[j] for j in part_probs.argmax(1)],
+        **{f"prob_{p}": part_probs[:, j] for j, p in enumerate(body_parts)},
+    })
+    metrics = compute_metrics(table, predictor.threshold, body_parts, n_bootstrap=n_bootstrap)
+    info = {"checkpoint": str(ckpt), "data": str(data), "split": split, "split_protocol": how,
+            "threshold": predictor.threshold, "backbone": predictor.card.backbone,
+            "image_size": predictor.image_size, "skipped_unreadable": len(skipped)}
+    metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "skipped_unreadable")})
+
+    results = Path(out)
+    results.mkdir(parents=True, exist_ok=True)
+    table.to_csv(results / "predictions.csv", index=False, float_format="%.6f")
+    plot_confusion(metrics["confusion"]["abnormality"], ["normal", "abnormal"], results / "confusion_abnormality.png",
+                   "Abnormality (image level)")
+    plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")
+    studies = table.groupby("study_id").agg(abnormal=("abnormal", "max"), prob=("prob_abnormal", "mean"))
+    plot_roc(table["abnormal"], table["prob_abnormal"], studies["abnormal"], studies["prob"], results / "roc.png")
+    if run_dir is not None and (run_dir / "metrics.csv").is_file():
+        plot_curves(run_dir / "metrics.csv", results / "curves.png")
+    write_metrics_json(results / "metrics.json", metrics)
+    report = write_report(results, metrics, body_parts, info)
+    m_img, m_study = metrics["abnormality"]["image"], metrics["abnormality"]["study"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return (f"evaluated {metrics['n_images']} images / {metrics['n_studies']} studies ({split}; {how}) "
+            f"in {time.perf_counter() - t0:.1f}s\n"
+            f"  abnormality image: AUROC {f(m_img['auroc'])}  acc {f(m_img['accuracy'])}  "
+            f"sens {f(m_img['recall'])}  spec {f(m_img['specificity'])}  kappa {f(m_img['kappa'])}\n"
+            f"  abnormality study: AUROC {f(m_study['auroc'])}  kappa {f(m_study['kappa'])}\n"
+            f"  body part: acc {f(metrics['body_part']['accuracy'])}  macro-F1 {f(metrics['body_part']['macro_f1'])}\n"
+            + (f"  skipped {len(skipped)} unreadable image(s)\n" if skipped else "")
+            + f"  report: {report}")

@@ -1,0 +1,69 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bonexray.cli import main
+from bonexray.evaluation.metrics import compute_metrics
+
+from builders import make_manifest
+
+
+def _get(d, dotted):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
+def test_evaluate_writes_the_results_folder(trained_run, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["evaluate", trained_run["best_checkpoint"], "--data", trained_run["manifest"], "--out", str(out),
+                 "--bootstrap", "200", "--cache", str(Path(trained_run["run_dir"]).parent / "run-cache")]) == 0
+    assert "evaluated" in capsys.readouterr().out
+    for name in ("metrics.json", "predictions.csv", "confusion_abnormality.png", "confusion_body_part.png",
+                 "roc.png", "curves.png", "report.md"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.size[0] > 200 and im.size[1] > 200
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("abnormality.image.accuracy", "abnormality.image.precision", "abnormality.image.recall",
+                "abnormality.image.auroc", "abnormality.image.kappa", "abnormality.study.kappa",
+                "abnormality.study.auroc", "abnormality.study.accuracy", "body_part.accuracy", "body_part.macro_f1",
+                "n_images", "n_studies", "checkpoint", "data", "split"):
+        _get(metrics, key)
+    for part in ("hand", "leg", "shoulder"):
+        assert "kappa" in _get(metrics, f"abnormality.per_body_part.{part}.study")
+    assert metrics["split"] == "test"
+    # Exactly the run's test split, as recorded in its splits.csv.
+    pred = pd.read_csv(out / "predictions.csv")
+    splits = pd.read_csv(Path(trained_run["run_dir"]) / "splits.csv")
+    assert set(pred["path"]) == set(splits.loc[splits["split"] == "test", "path"])
+    for col in ("path", "study_id", "body_part", "abnormal", "prob_abnormal", "pred_abnormal", "pred_body_part"):
+        assert col in pred.columns
+    # metrics.json agrees with an independent recomputation from predictions.csv
+    again = compute_metrics(pred, metrics["threshold"], ["hand", "leg", "shoulder"], n_bootstrap=0)
+    assert again["abnormality"]["study"]["accuracy"] == pytest.approx(metrics["abnormality"]["study"]["accuracy"])
+    report = (out / "report.md").read_text()
+    assert "![" in report and "roc.png" in report and "Study level" in report
+
+
+def test_evaluate_all_split(trained_run, tmp_path):
+    out = tmp_path / "r"
+    assert main(["evaluate", trained_run["best_checkpoint"], "--data", trained_run["manifest"], "--out", str(out),
+                 "--split", "all", "--bootstrap", "0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == 48
+
+
+def test_evaluate_mismatched_body_parts(trained_run, tmp_path, capsys):
+    other = make_manifest(tmp_path / "o", n=8, parts=("hand", "wrist"))
+    assert main(["evaluate", trained_run["best_checkpoint"], "--data", str(other), "--out", str(tmp_path / "r"),
+                 "--split", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "wrist" in err and "--map-body-part" in err
+    assert main(["evaluate", trained_run["best_checkpoint"], "--data", str(other), "--out", str(tmp_path / "r"),
+                 "--split", "all", "--map-body-part", "wrist=hand", "--bootstrap", "0"]) == 0
+    pred = pd.read_csv(tmp_path / "r" / "predictions.csv")
+    assert set(pred["body_part"]) == {"hand"}
