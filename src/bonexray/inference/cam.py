@@ -1,0 +1,217 @@
+"""Class activation maps of the abnormality logit, and their overlay pictures.
+
+``cam_for_batch(net, x)`` runs a pytorch_grad_cam method (Grad-CAM++ by default) on the module
+``net.cam_target_layer()`` names (never hard-coded per backbone), with the abnormality logit as
+the target: the network is wrapped so that it returns ``abnormal_logit[:, None]`` and the target is
+``ClassifierOutputTarget(0)``. The result is one map per image at model resolution, each scaled to
+[0, 1] (min-max per image, as pytorch_grad_cam does).
+
+``render_overlay`` draws the map with a colormap over the letterboxed radiograph (upscaled to
+at least 512 px) and writes the probability and the body part into the picture.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from ..data.imageio import IMAGE_SUFFIXES
+from ..errors import BonexrayError
+
+#: name -> pytorch_grad_cam class name. All take gradients of the abnormality logit.
+CAM_METHODS = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+}
+DEFAULT_METHOD = "gradcam++"
+DISPLAY_SIZE = 512
+
+
+class AbnormalLogit(nn.Module):
+    """``net`` seen as a one-output classifier: (B, 1, S, S) -> abnormal logit (B, 1)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0][:, None]
+
+
+def _cam_class(method: str):
+    import pytorch_grad_cam
+
+    key = method.strip().lower()
+    if key not in CAM_METHODS:
+        raise BonexrayError(f"unknown CAM method {method!r}: one of {', '.join(CAM_METHODS)}")
+    return getattr(pytorch_grad_cam, CAM_METHODS[key])
+
+
+def cam_for_batch(net: nn.Module, x: torch.Tensor | np.ndarray, method: str = DEFAULT_METHOD) -> np.ndarray:
+    """CAM of the abnormality logit for a batch -> float32 (N, S, S) in [0, 1].
+
+    ``x``: float tensor (N, 1, S, S) in [0, 1] (what the net takes), or uint8 array (N, S, S).
+    Works when called under ``torch.inference_mode`` / ``no_grad`` too (it re-enables autograd
+    for itself). Parameter gradients are not computed (only the path to the input), so the
+    network's ``.grad`` fields are left alone.
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam_cls = _cam_class(method)
+    param = next(net.parameters())
+    if isinstance(x, np.ndarray):
+        if x.ndim != 3:
+            raise ValueError(f"expected a uint8 array (N, S, S), got shape {x.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(x)).float().div(255.0)[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected a tensor (N, 1, S, S), got shape {tuple(x.shape)}")
+    n = int(x.shape[0])
+    if n == 0:
+        return np.zeros((0, *x.shape[-2:]), np.float32)
+
+    target_layer = net.cam_target_layer()
+    was_training = net.training
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    with torch.inference_mode(False), torch.enable_grad():
+        # clone() outside inference mode turns an inference tensor into a normal one.
+        inp = x.detach().to(param.device, torch.float32).clone().requires_grad_(True)
+        for p, _ in flags:
+            p.requires_grad_(False)
+        cam = cam_cls(model=AbnormalLogit(net), target_layers=[target_layer])
+        try:
+            maps = cam(input_tensor=inp, targets=[ClassifierOutputTarget(0)] * n)
+        finally:
+            cam.activations_and_grads.release()  # not the context manager: it swallows IndexError
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            net.train(was_training)
+    maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0)
+    return np.clip(maps, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable (FreeType) font, Pillow >= 10.1
+    except Exception:  # no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _colormap(values: np.ndarray, name: str = "jet") -> np.ndarray:
+    """float (H, W) in [0, 1] -> uint8 RGB (H, W, 3)."""
+    from matplotlib import colormaps
+
+    rgba = colormaps[name](np.clip(values, 0.0, 1.0))
+    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def render_overlay(
+    gray: np.ndarray,
+    cam: np.ndarray,
+    lines: Sequence[str] = (),
+    display_size: int = DISPLAY_SIZE,
+    colormap: str = "jet",
+) -> Image.Image:
+    """The radiograph (uint8 (S, S)) with the heat map (float (S, S) in [0, 1]) blended in.
+
+    The colour's opacity grows with the map's value (15% to 60%), so cold regions keep the
+    radiograph visible. ``lines`` are written on a black band added above the picture (the
+    result is then taller than wide); the picture itself is ``max(display_size, S)`` square.
+    """
+    if gray.ndim != 2 or cam.shape != gray.shape:
+        raise ValueError(f"gray {gray.shape} and cam {cam.shape} must be the same 2-D shape")
+    size = max(int(display_size), gray.shape[0])
+    base = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    heat = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32))  # float32 -> mode "F"
+    heat = heat.resize((size, size), Image.Resampling.BILINEAR)
+    h = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
+    g = np.asarray(base, dtype=np.float32)[..., None].repeat(3, axis=2)
+    alpha = (0.15 + 0.45 * h)[..., None]
+    rgb = g * (1.0 - alpha) + _colormap(h, colormap).astype(np.float32) * alpha
+    img = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+
+    if not lines:
+        return img
+    # The caption goes on a dark band above the picture, so it never hides any of the radiograph.
+    font = _font(max(12, size // 28))
+    pad = max(4, size // 100)
+    probe = ImageDraw.Draw(img)
+    boxes = [probe.textbbox((0, 0), t, font=font) for t in lines]
+    band = sum(b[3] - b[1] for b in boxes) + pad * (len(lines) + 1)
+    canvas = Image.new("RGB", (size, size + band), (0, 0, 0))
+    canvas.paste(img, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for t, b in zip(lines, boxes):
+        draw.text((pad - b[0], y - b[1]), t, font=font, fill=(255, 255, 255))
+        y += b[3] - b[1] + pad
+    return canvas
+
+
+def caption(prob: float, threshold: float, body_part: str, body_part_prob: float) -> list[str]:
+    verdict = "ABNORMAL" if prob >= threshold else "normal"
+    return [
+        f"{verdict}: p(abnormal) = {prob:.3f} (threshold {threshold:.2f})",
+        f"body part: {body_part} ({body_part_prob:.0%})",
+    ]
+
+
+def cam_stem(path: str | os.PathLike) -> str:
+    """File stem for the CAM picture; suffix-less DICOM names like ``1.2.840.99`` stay whole."""
+    p = Path(path)
+    return p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name
+
+
+class CamWriter:
+    """Writes ``<stem>_cam.png`` per image into ``out_dir``; repeated stems get ``<stem>-2_cam.png``..."""
+
+    def __init__(self, out_dir: str | os.PathLike, predictor, method: str = DEFAULT_METHOD) -> None:
+        if predictor.net is None:
+            raise BonexrayError("CAM needs the torch network: give a checkpoint, not an ONNX file")
+        _cam_class(method)  # fail early on a bad name
+        self.out_dir = Path(out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise BonexrayError(f"--cam {out_dir}: cannot create the folder ({err.strerror or err})") from err
+        self.predictor = predictor
+        self.method = method
+        self._used: set[str] = set()
+
+    def _name(self, path: str | os.PathLike) -> Path:
+        stem = cam_stem(path)
+        name, k = f"{stem}_cam.png", 1
+        while name.lower() in self._used:
+            k += 1
+            name = f"{stem}-{k}_cam.png"
+        self._used.add(name.lower())
+        return self.out_dir / name
+
+    def write_batch(
+        self,
+        paths: Sequence[str | os.PathLike],
+        batch: np.ndarray,
+        probs: np.ndarray,
+        body_part_probs: np.ndarray,
+    ) -> list[str]:
+        pr = self.predictor
+        maps = cam_for_batch(pr.net, pr.to_tensor(batch), method=self.method)
+        written = []
+        for path, gray, cam, p, bp in zip(paths, batch, maps, probs, body_part_probs):
+            k = int(np.argmax(bp))
+            img = render_overlay(gray, cam, caption(float(p), pr.threshold, pr.body_parts[k], float(bp[k])))
+            out = self._name(path)
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            img.save(tmp, format="PNG")
+            os.replace(tmp, out)
+            written.append(str(out))
+        return written

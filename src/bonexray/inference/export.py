@@ -1,0 +1,120 @@
+"""``bonexray export``: a checkpoint as one self-contained ONNX file.
+
+The graph: input ``image`` float32 (batch, 1, S, S) in [0, 1] (S = the card's image_size, batch
+dynamic); outputs ``abnormal_logit`` (batch,) and ``body_part_logits`` (batch, K), i.e. exactly
+``BoneXrayNet.forward`` (normalisation inside). Logits, not probabilities: the consumer applies
+sigmoid / softmax, as :class:`bonexray.inference.predict.Predictor` does for both backends.
+The model card (JSON) is stored in ``metadata_props`` under ``bonexray_model_card``, so the ONNX
+file is all ``bonexray predict`` needs.
+
+Exporter: the TorchScript-based one (``dynamo=False``). The dynamo exporter, the default since
+torch 2.9, needs ``onnxscript``, which bonexray does not depend on; the TorchScript path exports
+these CNNs exactly (checked below against onnxruntime). Its DeprecationWarnings are silenced here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BonexrayError
+from .predict import ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS
+
+#: Largest |torch - onnxruntime| logit difference accepted by the post-export check.
+PARITY_TOL = 1e-3
+
+
+def _target_path(checkpoint: Path, out: str | os.PathLike) -> Path:
+    o = Path(out)
+    if o.is_dir() or str(out).endswith(os.sep):
+        return o / f"{checkpoint.stem}.onnx"
+    return o
+
+
+def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 17) -> Path:
+    """Export ``checkpoint`` to ``out`` (a ``.onnx`` path or an existing folder); returns the path.
+
+    Writes atomically (temp file in the target folder + ``os.replace``), runs ``onnx.checker`` and
+    compares onnxruntime's outputs with torch's on a batch of 2 before the file appears.
+    """
+    import onnx
+    import torch
+
+    from ..model.checkpoint import load_model
+
+    if not 7 <= int(opset) <= 23:
+        raise BonexrayError(f"--opset {opset}: use an ONNX opset between 7 and 23 (default 17)")
+    ckpt = Path(checkpoint)
+    net, card = load_model(ckpt, map_location="cpu")
+    net = net.float().eval()
+    target = _target_path(ckpt, out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    s = int(card.image_size)
+    dummy = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(0))
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                net,
+                (dummy,),
+                str(tmp),
+                input_names=[ONNX_INPUT],
+                output_names=list(ONNX_OUTPUTS),
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUTS[0]: {0: "batch"}, ONNX_OUTPUTS[1]: {0: "batch"}},
+                opset_version=int(opset),
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(str(tmp))
+        meta = {p.key: p.value for p in model.metadata_props}
+        meta[ONNX_CARD_KEY] = json.dumps(card.to_dict())
+        meta["bonexray_outputs"] = "logits: sigmoid(abnormal_logit), softmax(body_part_logits)"
+        del model.metadata_props[:]
+        for k, v in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = k, v
+        model.producer_name = "bonexray"
+        model.doc_string = (
+            f"bonexray {card.backbone}: image (batch,1,{s},{s}) float in [0,1] -> "
+            f"abnormal_logit (batch,), body_part_logits (batch,{len(card.body_parts)}) "
+            f"[{', '.join(card.body_parts)}]"
+        )
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+        _check_parity(tmp, net, dummy)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_parity(path: Path, net, x) -> None:
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    got = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x.numpy()})
+    with torch.inference_mode():
+        want = [t.numpy() for t in net(x)]
+    diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+    if not np.isfinite(diff) or diff > PARITY_TOL:
+        raise BonexrayError(f"ONNX export differs from the torch model (max logit difference {diff:.2e})")
