@@ -13,7 +13,7 @@ Output (stdout), one record per image, in input order:
 * JSON lines (default): ``{"type": "image", "path", "prob_abnormal", "abnormal", "body_part",
   "prob_<part>" for every class, "truncated"}`` (+ ``"study"`` when the image belongs to an
   aggregated study, + ``"cam"`` with ``--cam``).
-* With ``--study``, or for a PATH that is a leaf folder of images (one study), one more line per
+* With ``--study``, or for a PATH that is a MURA-style study folder (``studyN[_positive|_negative]``), one more line per
   study after all image lines: ``{"type": "study", "study", "n_images", "prob_abnormal"
   (mean of its images), "abnormal", "body_part" (majority vote; ties: highest mean
   probability), "prob_<part>" (mean)}``. A study is an image's parent folder.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -202,6 +203,9 @@ class InputPlan:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
+_STUDY_DIR = re.compile(r"^study\d+(_(positive|negative))?$", re.IGNORECASE)
+
+
 def _walk_images(folder: Path) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, onerror=None):
@@ -218,8 +222,9 @@ def _walk_images(folder: Path) -> list[Path]:
 def collect_inputs(paths: Sequence[str | os.PathLike], study: bool = False) -> InputPlan:
     """Expand PATHs into images (files as given, folders recursively and sorted).
 
-    A folder that directly holds all of its images (a leaf folder: one study) is aggregated
-    even without ``study``; with ``study`` every image is aggregated by its parent folder.
+    A MURA-style study folder (``studyN`` or ``studyN_positive/negative``, holding its images
+    directly) is aggregated even without ``study``; with ``study`` every image is aggregated by
+    its parent folder. Other folders (e.g. FracAtlas' ``images/Fractured``) are not studies.
     The same file reached twice is predicted once.
     """
     plan = InputPlan()
@@ -239,7 +244,7 @@ def collect_inputs(paths: Sequence[str | os.PathLike], study: bool = False) -> I
             if not images:
                 plan.errors.append((str(raw), "no image files in this folder"))
                 continue
-            leaf = all(img.parent == p for img in images)
+            leaf = bool(_STUDY_DIR.match(p.name)) and all(img.parent == p for img in images)
             for img in images:
                 add(img, str(img.parent) if (study or leaf) else None)
         elif p.exists():
