@@ -94,10 +94,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .web.app import serve
-
-    serve(args.model, host=args.host, port=args.port)
-    return 0
+    # The web stage (FastAPI) is the next milestone; say so plainly instead of failing on an import.
+    raise BonexrayError("`bonexray serve` is not built yet; use `bonexray predict MODEL PATH...` meanwhile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=17)
     x.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("serve", help="web page + HTTP API for trying a model on an image")
+    s = sub.add_parser("serve", help="web page + HTTP API for trying a model on an image (not built yet)")
     s.add_argument("model")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
