@@ -13,7 +13,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, default=None, help="use only N images (quick trials; taken evenly across the data)")
     g.add_argument("--valid-frac", type=float, default=None, help="fraction held out for validation (default 0.15)")
     g.add_argument("--test-frac", type=float, default=None, help="fraction held out for test where the data has no test split (default 0.15)")
-    g.add_argument("--workers", type=int, default=None, help="data-loader processes (default: min(4, cores))")
+    g.add_argument("--workers", type=int, default=None, help="data-loader processes (default: min(4, cores) on GPU, 0 on CPU)")
 
     m = p.add_argument_group("model")
     m.add_argument("--recipe", default=None, help="named recipe (fracatlas, mura) or YAML file; flags override it")

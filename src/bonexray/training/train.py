@@ -191,7 +191,8 @@ def run_training(cfg: TrainConfig) -> dict:
 
     on_gpu = torch.cuda.is_available() and v["accelerator"] in ("auto", "gpu", "cuda")
     precision = v["precision"] or ("16-mixed" if on_gpu else "32-true")
-    workers = v["workers"] if v["workers"] is not None else min(4, os.cpu_count() or 1)
+    # Items are memmap slices (no decoding), so on CPU extra loader processes only steal cores.
+    workers = v["workers"] if v["workers"] is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
     module = BoneXrayModule(
         backbone=v["backbone"], body_parts=body_parts, class_weights=class_weights, image_size=v["image_size"],
         pretrained=None if v["pretrained"] == "none" else v["pretrained"], weights=v["weights"], dropout=v["dropout"],
