@@ -14,6 +14,23 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_user_dirs(tmp_path_factory):
+    """Keep the per-user cache and dataset folders of the test run out of the real home directory."""
+    import os
+
+    base = tmp_path_factory.mktemp("home")
+    old = {k: os.environ.get(k) for k in ("BONEXRAY_CACHE", "BONEXRAY_DATA")}
+    os.environ["BONEXRAY_CACHE"] = str(base / "cache")
+    os.environ["BONEXRAY_DATA"] = str(base / "datasets")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def tiny_train_args(data, out, **overrides) -> dict:
     """Arguments for a seconds-long CPU training run (tiny net input, few images)."""
     args = dict(data=str(data), out=str(out), cache=str(Path(out).parent / f"{Path(out).name}-cache"),
