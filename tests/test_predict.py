@@ -285,11 +285,8 @@ def test_subprocess_cli_json_lines(ckpt, tmp_path):
     assert proc.stderr.strip() == f"bonexray predict: {tmp_path / 'gone.png'}: no such file or directory"
 
 
-def test_trained_checkpoint_end_to_end(request, capsys, tmp_path):
-    try:
-        trained = Path(request.getfixturevalue("trained_checkpoint"))
-    except pytest.FixtureLookupError:
-        pytest.skip("conftest has no trained_checkpoint fixture")
+def test_trained_checkpoint_end_to_end(trained_checkpoint, capsys, tmp_path):
+    trained = Path(trained_checkpoint)
     from bonexray.model.checkpoint import load_model
 
     _, card = load_model(trained)
