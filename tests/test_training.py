@@ -42,7 +42,8 @@ def test_multitask_loss_weights_by_true_body_part():
 
 def test_recipes_and_validation():
     cfg = TrainConfig.from_args({"recipe": "fracatlas", "epochs": 3})
-    assert cfg.backbone == "efficientnet_lite0" and cfg.epochs == 3
+    assert cfg.backbone == "efficientnet_lite0" and cfg.epochs == 3 and cfg.monitor == "valid_auroc"
+    assert TrainConfig.from_args({"recipe": "fracatlas", "monitor": "valid_loss"}).monitor == "valid_loss"
     assert TrainConfig.from_args({"recipe": "mura"}).backbone == "resnet50"
     with pytest.raises(BonexrayError, match="unknown recipe"):
         TrainConfig.from_args({"recipe": "nope"})

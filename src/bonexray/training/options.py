@@ -30,7 +30,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
     o.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up before cosine decay (default 1)")
     o.add_argument("--body-part-weight", type=float, default=None, help="weight of the body-part loss (default 1.0)")
-    o.add_argument("--patience", type=int, default=None, help="early-stopping patience on valid loss in epochs (default 5)")
+    o.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 5)")
+    o.add_argument("--monitor", choices=["valid_loss", "valid_auroc"], default=None,
+                   help="validation metric that picks best.ckpt and drives early stopping (default valid_loss)")
     o.add_argument("--threshold-method", choices=["youden", "sensitivity"], default=None,
                    help="how the abnormality threshold is chosen on valid (default youden)")
     o.add_argument("--target-sensitivity", type=float, default=None, help="for --threshold-method sensitivity (default 0.9)")

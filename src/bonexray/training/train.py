@@ -20,7 +20,7 @@ from ..errors import BonexrayError, DatasetError
 DEFAULTS = dict(
     data=None, cache=None, limit=None, valid_frac=0.15, test_frac=0.15, workers=None,
     recipe=None, backbone="resnet50", pretrained="imagenet", weights=None, image_size=224, dropout=0.0,
-    epochs=10, batch_size=32, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, body_part_weight=1.0, patience=5,
+    epochs=10, batch_size=32, lr=3e-4, weight_decay=1e-4, warmup_epochs=1.0, body_part_weight=1.0, patience=5, monitor="valid_loss",
     threshold_method="youden", target_sensitivity=0.9, seed=0,
     out=None, resume=False, accelerator="auto", devices="auto", num_nodes=1, strategy="auto", precision=None,
     max_steps=None, quiet=False,
@@ -203,13 +203,14 @@ def run_training(cfg: TrainConfig) -> dict:
     if on_gpu:
         module = module.to(memory_format=torch.channels_last)
     dm = BoneDataModule(datasets, batch_size=v["batch_size"], workers=workers)
+    mode = "max" if v["monitor"] == "valid_auroc" else "min"
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="valid_loss", mode="min", save_top_k=1,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=v["monitor"], mode=mode, save_top_k=1,
                         enable_version_counter=False, auto_insert_metric_name=False),
         # A separate unmonitored checkpoint rewritten every epoch: the resume point.
         ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                         enable_version_counter=False, auto_insert_metric_name=False),
-        EarlyStopping(monitor="valid_loss", mode="min", patience=v["patience"]),
+        EarlyStopping(monitor=v["monitor"], mode=mode, patience=v["patience"]),
     ]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
@@ -232,7 +233,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "best_checkpoint": best,
         "last_checkpoint": str(last),
         "epochs_run": trainer.current_epoch,
-        "best_valid_loss": float(callbacks[0].best_model_score) if callbacks[0].best_model_score is not None else None,
+        f"best_{v['monitor']}": float(callbacks[0].best_model_score) if callbacks[0].best_model_score is not None else None,
         "threshold": module.threshold,
         "body_parts": body_parts,
     }
