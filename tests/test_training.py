@@ -14,7 +14,7 @@ from bonexray.training.losses import abnormal_class_weights, multitask_loss
 from bonexray.training.train import TrainConfig, run_training
 
 from builders import make_manifest
-from conftest import SHARED_DATA, requires_shared_data, tiny_train_args
+from conftest import requires_shared_data, tiny_train_args
 
 
 def test_class_weights_follow_the_mura_paper():

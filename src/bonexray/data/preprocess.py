@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..atomic import atomic_write_text
 from ..errors import BonexrayError, DatasetError
 from .imageio import read_image, to_uint8
 from .records import RECORD_COLUMNS, Record, RecordSet
@@ -78,12 +79,6 @@ def fingerprint(records: Iterable[Record], size: int) -> str:
             stamp = "missing"
         h.update(f"{r.path}|{r.body_part}|{r.abnormal}|{r.study_id}|{r.patient_id}|{stamp}\n".encode())
     return h.hexdigest()[:32]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -197,7 +192,7 @@ def build_cache(
         "preprocess_version": PREPROCESS_VERSION,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # written last: marks completion
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # written last: marks completion
     return ImageCache.open(out), False
 
 

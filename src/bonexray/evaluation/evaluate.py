@@ -19,7 +19,7 @@ from ..data.preprocess import build_cache, default_cache_dir
 from ..data.records import RecordSet
 from ..data.splits import make_splits
 from ..errors import BonexrayError, DatasetError
-from .metrics import compute_metrics
+from .metrics import compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
 
 
@@ -89,7 +89,8 @@ def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "
     row_of = dict(zip(image_cache.index["path"], image_cache.index["row"]))
     chosen = [r for r in records if (split == "all" or r.split == split) and r.abnormal in (0, 1)]
     skipped = [r for r in chosen if status.get(r.path) not in ("ok", "truncated")]
-    chosen = [r for r in chosen if status.get(r.path) in ("ok", "truncated")]
+    # In cache-row order, so each batch is one near-sequential read of the memmap.
+    chosen = sorted((r for r in chosen if status.get(r.path) in ("ok", "truncated")), key=lambda r: row_of[r.path])
     if not chosen:
         raise DatasetError(f"{data}: no labelled, readable images in split {split!r} ({how})")
 
@@ -99,10 +100,8 @@ def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "
     with tqdm(total=len(chosen), desc=f"evaluate {split}", unit="img", disable=not progress) as bar:
         for i in range(0, len(chosen), batch_size):
             batch_rows = rows[i : i + batch_size]
-            # Sorted reads from the memmap are sequential on disk; results go back in order.
-            p, bp = predictor.predict_arrays(np.asarray(image_cache.images[np.sort(batch_rows)]))
-            order = np.argsort(np.argsort(batch_rows))
-            probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = p[order], bp[order]
+            probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = predictor.predict_arrays(
+                np.asarray(image_cache.images[batch_rows]))
             bar.update(len(batch_rows))
 
     table = pd.DataFrame({
@@ -127,8 +126,8 @@ def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "
     plot_confusion(metrics["confusion"]["abnormality"], ["normal", "abnormal"], results / "confusion_abnormality.png",
                    "Abnormality (image level)")
     plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")
-    studies = table.groupby("study_id").agg(abnormal=("abnormal", "max"), prob=("prob_abnormal", "mean"))
-    plot_roc(table["abnormal"], table["prob_abnormal"], studies["abnormal"], studies["prob"], results / "roc.png")
+    studies = study_table(table)
+    plot_roc(table["abnormal"], table["prob_abnormal"], studies["abnormal"], studies["prob_abnormal"], results / "roc.png")
     if run_dir is not None and (run_dir / "metrics.csv").is_file():
         plot_curves(run_dir / "metrics.csv", results / "curves.png")
     write_metrics_json(results / "metrics.json", metrics)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ matplotlib.use("Agg")  # headless: evaluation runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from ..atomic import atomic_write_text  # noqa: E402
 
 __all__ = ["plot_confusion", "plot_roc", "plot_curves", "write_report", "write_metrics_json"]
 
@@ -289,32 +290,11 @@ def write_report(results_dir: str | os.PathLike, metrics: Mapping[str, Any],
             out += [f"### {title}", "", f"![{title}]({PLOT_FILES[key]})", ""]
 
     path = results_dir / "report.md"
-    _atomic_write_text(path, "\n".join(out).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(out).rstrip() + "\n")
     return path
 
 
 # --------------------------------------------------------------------------- json
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same directory + os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates 0600; give the result the usual umask-based permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(x: Any) -> Any:
@@ -335,5 +315,5 @@ def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, Any]) -> P
     """Write metrics as strict JSON with sorted keys (stable diffs), atomically."""
     path = Path(path)
     text = json.dumps(_jsonable(metrics), indent=2, sort_keys=True, allow_nan=False)
-    _atomic_write_text(path, text + "\n")
+    atomic_write_text(path, text + "\n")
     return path

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from ..atomic import atomic_write
 from ..data.imageio import IMAGE_SUFFIXES
 from ..errors import BonexrayError
 
@@ -210,8 +211,7 @@ class CamWriter:
             k = int(np.argmax(bp))
             img = render_overlay(gray, cam, caption(float(p), pr.threshold, pr.body_parts[k], float(bp[k])))
             out = self._name(path)
-            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-            img.save(tmp, format="PNG")
-            os.replace(tmp, out)
+            with atomic_write(out) as tmp:
+                img.save(tmp, format="PNG")
             written.append(str(out))
         return written

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import BonexrayError
 from .predict import ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS
 
@@ -38,7 +38,7 @@ def _target_path(checkpoint: Path, out: str | os.PathLike) -> Path:
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 17) -> Path:
     """Export ``checkpoint`` to ``out`` (a ``.onnx`` path or an existing folder); returns the path.
 
-    Writes atomically (temp file in the target folder + ``os.replace``), runs ``onnx.checker`` and
+    Writes atomically (:func:`bonexray.atomic.atomic_write`), runs ``onnx.checker`` and
     compares onnxruntime's outputs with torch's on a batch of 2 before the file appears.
     """
     import onnx
@@ -52,14 +52,10 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     net, card = load_model(ckpt, map_location="cpu")
     net = net.float().eval()
     target = _target_path(ckpt, out)
-    target.parent.mkdir(parents=True, exist_ok=True)
     s = int(card.image_size)
     dummy = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(0))
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_write(target) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -91,18 +87,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
         _check_parity(tmp, net, dummy)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_parity(path: Path, net, x) -> None:

@@ -8,7 +8,6 @@ other keys such as loss buffers are ignored). Loading always uses
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from bonexray import __version__
+from bonexray.atomic import atomic_write
 from bonexray.errors import BonexrayError, CheckpointError
 from bonexray.model.network import BoneXrayNet
 from bonexray.model.registry import get_backbone_spec
@@ -148,23 +148,10 @@ def save_model(path: str | os.PathLike, net: BoneXrayNet, card: ModelCard) -> Pa
     if card.mean != net.mean or card.std != net.std:
         raise ValueError(f"card mean/std {card.mean}/{card.std} != network's {net.mean}/{net.std}")
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         CARD_KEY: card.to_dict(),
         STATE_KEY: {NET_PREFIX + k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
-    # Temp file in the same directory so os.replace is an atomic rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(p) as tmp:
+        torch.save(ckpt, tmp)
     return p

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 from torchmetrics import CatMetric
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics.functional.classification import binary_auroc
 
 from .. import __version__
 from ..model.network import BoneXrayNet
@@ -56,8 +56,8 @@ class BoneXrayModule(L.LightningModule):
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
         self.threshold = 0.5
         self.aug_cfg = AugmentConfig()
+        # Gathered across DDP processes on compute(): AUROC and the threshold need every image.
         self.val_probs, self.val_labels = CatMetric(), CatMetric()
-        self.val_auroc = BinaryAUROC()
         self._t_last: float | None = None
 
     # -- data on device -------------------------------------------------------------------------
@@ -104,22 +104,21 @@ class BoneXrayModule(L.LightningModule):
         loss, prob, abnormal = self._step(batch, "valid")
         self.val_probs.update(prob)
         self.val_labels.update(abnormal.float())
-        self.val_auroc.update(prob, abnormal)
 
     def on_validation_epoch_end(self) -> None:
         from ..evaluation.metrics import choose_threshold
 
-        probs = self.val_probs.compute().detach().cpu().numpy().reshape(-1)
-        labels = self.val_labels.compute().detach().cpu().numpy().reshape(-1).astype(int)
+        probs_t = self.val_probs.compute().detach().float().reshape(-1)
+        labels_t = self.val_labels.compute().detach().long().reshape(-1)
         self.val_probs.reset()
         self.val_labels.reset()
+        probs, labels = probs_t.cpu().numpy(), labels_t.cpu().numpy()
         if len(np.unique(labels)) == 2:
-            self.log("valid_auroc", self.val_auroc.compute(), sync_dist=False, prog_bar=True)
+            self.log("valid_auroc", binary_auroc(probs_t, labels_t), sync_dist=False, prog_bar=True)
             if not self.trainer.sanity_checking:
                 # Chosen on the validation split only; stored in the checkpoint, never tuned on test data.
                 self.threshold = float(choose_threshold(labels, probs, method=self.hparams.threshold_method,
                                                         target=self.hparams.target_sensitivity))
-        self.val_auroc.reset()
         self.log("threshold", float(self.threshold), prog_bar=False)
 
     # -- optimisation ---------------------------------------------------------------------------

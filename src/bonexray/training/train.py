@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import os
 import random
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from .. import __version__
+from ..atomic import atomic_write_text
 from ..errors import BonexrayError, DatasetError
 
 DEFAULTS = dict(
@@ -123,12 +123,6 @@ def limit_records(recordset, n: int | None, seed: int):
     return recordset
 
 
-def _atomic_yaml(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
-
-
 def _quiet_known_warnings() -> None:
     """Lightning notices that are expected here and only confuse users."""
     import warnings
@@ -186,7 +180,7 @@ def run_training(cfg: TrainConfig) -> dict:
                     "body_parts": body_parts, "class_weights": class_weights, "source": records.source,
                     "n_images": {s: len(d) for s, d in datasets.items()}, "bonexray_version": __version__,
                     "command": " ".join(sys.argv)}
-        _atomic_yaml(out / "config.yaml", resolved)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         write_splits(records, out / "splits.csv")
 
     on_gpu = torch.cuda.is_available() and v["accelerator"] in ("auto", "gpu", "cuda")
