@@ -76,3 +76,44 @@ def make_manifest(base: Path, n: int = 24, parts=("hand", "wrist"), with_split: 
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def make_fracatlas_tree(base: Path, n_groups: int = 12, per_group: int = 3, h: int = 96, w: int = 80,
+                        unannotated: int = 1) -> Path:
+    """A small tree in FracAtlas's release layout, with COCO fracture boxes.
+
+    Groups alternate body part (hand/leg) and label; in every fractured image the 'fracture' gap of
+    ``radiograph_like`` is annotated, except in the first ``unannotated`` fractured images.
+    """
+    import json
+
+    root = base / "FracAtlas"
+    for folder in ("Fractured", "Non_fractured"):
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+    rows, coco_images, coco_anns = [], [], []
+    skipped = 0
+    for g in range(n_groups):
+        part, fractured = ("hand", "leg")[g % 2], (g // 2) % 2
+        for k in range(per_group):
+            i = g * per_group + k
+            name = f"IMG{i:07d}.jpg"
+            folder = "Fractured" if fractured else "Non_fractured"
+            Image.fromarray(radiograph_like(i, h, w, abnormal=fractured)).save(root / "images" / folder / name, quality=95)
+            rows.append({"image_id": name, "hand": int(part == "hand"), "leg": int(part == "leg"), "hip": 0, "shoulder": 0,
+                         "mixed": 0, "hardware": 0, "multiscan": 0, "fractured": fractured, "fracture_count": fractured,
+                         "frontal": 1, "lateral": 0, "oblique": 0})
+            if fractured:
+                if skipped < unannotated:
+                    skipped += 1
+                    continue
+                coco_images.append({"id": i, "width": w, "height": h, "file_name": name})
+                coco_anns.append({"id": len(coco_anns), "image_id": i, "category_id": 0, "iscrowd": 0,
+                                  "bbox": [w // 3, h // 2 - 3, w // 3, 6], "area": (w // 3) * 6, "segmentation": []})
+    with open(root / "dataset.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    (root / "Annotations" / "COCO JSON").mkdir(parents=True)
+    (root / "Annotations" / "COCO JSON" / "COCO_fracture_masks.json").write_text(json.dumps(
+        {"info": {}, "images": coco_images, "annotations": coco_anns, "categories": [{"id": 0, "name": "fractured"}]}))
+    return root

@@ -7,6 +7,7 @@ become the study (and patient) groups that splits must keep together.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from ..errors import DatasetError
@@ -34,6 +35,35 @@ def fracatlas_body_part(flags: dict[str, int]) -> str:
     return parts[0]
 
 
+def read_fracatlas_boxes(root: Path, problems: list[str]) -> dict[str, dict] | None:
+    """Fracture boxes from ``Annotations/COCO JSON/*.json``: file name -> {"size": (w, h), "boxes": [[x, y, w, h], ...]}.
+
+    Boxes are in the pixels of the image as the annotators saw it (EXIF orientation applied), which is
+    also how bonexray decodes it. Returns None when the release's annotations are not there.
+    """
+    files = sorted((root / "Annotations" / "COCO JSON").glob("*.json"))
+    if not files:
+        return None
+    out: dict[str, dict] = {}
+    for file in files:
+        try:
+            coco = json.loads(file.read_text())
+            images = {im["id"]: im for im in coco["images"]}
+            for im in images.values():
+                out.setdefault(im["file_name"], {"size": (int(im["width"]), int(im["height"])), "boxes": []})
+            for ann in coco["annotations"]:
+                im = images.get(ann["image_id"])
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                if im is None or w <= 0 or h <= 0:
+                    problems.append(f"{file.name}: annotation {ann.get('id')} has no image or an empty box; ignored")
+                    continue
+                out[im["file_name"]]["boxes"].append([x, y, w, h])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{file}: unreadable COCO annotations ({type(e).__name__}: {e}); boxes not used")
+            return None
+    return out
+
+
 def read_fracatlas(path: str | Path) -> RecordSet:
     root = find_fracatlas_root(Path(path))
     if root is None:
@@ -57,6 +87,7 @@ def read_fracatlas(path: str | Path) -> RecordSet:
 
     records: list[Record] = []
     problems: list[str] = []
+    boxes = read_fracatlas_boxes(root, problems)
     listed: set[str] = set()
     group = 0
     prev_key: tuple | None = None
@@ -88,6 +119,15 @@ def read_fracatlas(path: str | Path) -> RecordSet:
         body_part = fracatlas_body_part(flags)
         if body_part == "unknown":
             problems.append(f"{image_id}: no body-part flag set")
+        extras = {"image_id": image_id, "fractured": fractured, "hardware": flags["hardware"]}
+        if boxes is not None:
+            # Where a fracture is, when known: boxes for annotated fractures, nowhere for images
+            # without a fracture; fractured images the annotators skipped stay unknown.
+            ann = boxes.get(image_id)
+            if ann and ann["boxes"] and fractured:
+                extras.update(boxes=ann["boxes"], annotated_size=ann["size"], localized=True)
+            else:
+                extras.update(localized=not fractured)
         records.append(
             Record(
                 path=str(file),
@@ -97,7 +137,7 @@ def read_fracatlas(path: str | Path) -> RecordSet:
                 patient_id=f"fracatlas-run{group:05d}",
                 split="none",
                 source="fracatlas",
-                extras={"image_id": image_id, "fractured": fractured, "hardware": flags["hardware"]},
+                extras=extras,
             )
         )
     for name, (p, _) in sorted(on_disk.items()):

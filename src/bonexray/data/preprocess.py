@@ -48,6 +48,18 @@ def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def letterbox_boxes(boxes_xywh, image_wh: tuple[int, int], size: int) -> np.ndarray:
+    """Map boxes [x, y, w, h] in the pixels of a (w, h) image to [x0, y0, x1, y1] in its ``letterbox`` tile."""
+    w, h = image_wh
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = (size - nh) // 2, (size - nw) // 2
+    b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
+    sx, sy = nw / w, nh / h
+    out = np.stack([left + b[:, 0] * sx, top + b[:, 1] * sy, left + (b[:, 0] + b[:, 2]) * sx, top + (b[:, 1] + b[:, 3]) * sy], 1)
+    return np.clip(out, 0, size).astype(np.float32)
+
+
 def load_for_model(path: str | os.PathLike, size: int) -> tuple[np.ndarray, bool]:
     """The single decode path used by the cache, predict and serve: (uint8 size x size, truncated)."""
     decoded = read_image(path, draft_size=size)

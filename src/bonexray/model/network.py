@@ -74,10 +74,19 @@ class BoneXrayNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, H, W) in [0, 1] -> (abnormal_logit (B,), body_part_logits (B, K))."""
-        x = (x - self.pixel_mean) / self.pixel_std
-        features = self.dropout(self.backbone(x))
+        return self.forward_heads(self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] -> the backbone's last feature map (B, C, h, w), before pooling.
+
+        Training uses it for auxiliary heads on the map (fracture localisation).
+        """
+        return self.backbone.forward_features((x - self.pixel_mean) / self.pixel_std)
+
+    def forward_heads(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.dropout(self.backbone.forward_head(feature_map, pre_logits=True))
         # Index instead of squeeze: keeps shape (B,) for B == 1 too.
-        return self.abnormal_head(features)[:, 0], self.body_part_head(features)
+        return self.abnormal_head(pooled)[:, 0], self.body_part_head(pooled)
 
     def cam_target_layer(self) -> nn.Module:
         """The backbone module to hook for Grad-CAM (last conv block / feature stage)."""

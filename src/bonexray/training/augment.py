@@ -23,8 +23,13 @@ class AugmentConfig:
     gamma: float = 0.15
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None) -> torch.Tensor:
-    """x: (B,1,H,W) float in [0,1] -> augmented batch, same shape, clamped to [0,1]."""
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None,
+                  mask: torch.Tensor | None = None):
+    """x: (B,1,H,W) float in [0,1] -> augmented batch, same shape, clamped to [0,1].
+
+    With ``mask`` (B,1,H,W) float, returns (x, mask): the mask gets the same geometric warp (no
+    intensity changes), so fracture boxes stay on the fracture.
+    """
     b = x.shape[0]
     dev, dt = x.device, x.dtype
 
@@ -40,10 +45,14 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generat
         [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
     )  # (B,2,3): output->input sampling grid
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if mask is not None:
+        warped = F.grid_sample(torch.cat([x, mask.to(dt)], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x, mask = warped[:, :1], warped[:, 1:]
+    else:
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     gamma = torch.exp(u(-cfg.gamma, cfg.gamma)).view(b, 1, 1, 1)
     x = x.clamp(0, 1).pow(gamma)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * u(1 - cfg.contrast, 1 + cfg.contrast).view(b, 1, 1, 1) + mean
     x = x + u(-cfg.brightness, cfg.brightness).view(b, 1, 1, 1)
-    return x.clamp(0, 1)
+    return x.clamp(0, 1) if mask is None else (x.clamp(0, 1), mask)

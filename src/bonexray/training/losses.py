@@ -40,3 +40,22 @@ def multitask_loss(
     loss_abn = (2 * weight * F.binary_cross_entropy_with_logits(abnormal_logit.float(), y, reduction="none")).mean()
     loss_part = F.cross_entropy(part_logits.float(), part)
     return loss_abn + body_part_weight * loss_part, loss_abn, loss_part
+
+
+def localization_loss(map_logits: torch.Tensor, mask: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Auxiliary fracture-localisation loss on the backbone's feature grid.
+
+    ``map_logits`` (B,1,h,w) from a 1x1 conv on the last feature map; ``mask`` (B,1,H,W) in [0,1] at
+    image resolution; ``known`` (B,) bool: images whose fracture location is known (annotated
+    fractures, and images without a fracture, whose mask is empty). A grid cell is positive when a
+    box covers any of its pixels. Fracture cells are about 1% of all cells, so positives and
+    negatives are averaged separately and weigh half each. Returns 0 when nothing is known.
+    """
+    if not bool(known.any()):
+        return map_logits.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
+    logits = map_logits[known].float()
+    target = (F.adaptive_max_pool2d(mask[known].float(), logits.shape[-2:]) > 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pos, neg = target > 0.5, target <= 0.5
+    parts = [bce[sel].mean() for sel in (pos, neg) if bool(sel.any())]
+    return torch.stack(parts).mean()

@@ -30,13 +30,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
     o.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up before cosine decay (default 1)")
     o.add_argument("--body-part-weight", type=float, default=None, help="weight of the body-part loss (default 1.0)")
+    o.add_argument("--localization-weight", type=float, default=None,
+                   help="weight of the auxiliary fracture-localisation loss from the dataset's boxes "
+                        "(FracAtlas COCO annotations); 0 turns it off (default 0)")
     o.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 5)")
     o.add_argument("--monitor", choices=["valid_loss", "valid_auroc"], default=None,
                    help="validation metric that picks best.ckpt and drives early stopping (default valid_loss)")
     o.add_argument("--threshold-method", choices=["youden", "sensitivity"], default=None,
                    help="how the abnormality threshold is chosen on valid (default youden)")
     o.add_argument("--target-sensitivity", type=float, default=None, help="for --threshold-method sensitivity (default 0.9)")
-    o.add_argument("--seed", type=int, default=None, help="seed of splits, init and augmentation (default 0)")
+    o.add_argument("--seed", type=int, default=None, help="seed of initialisation, shuffling and augmentation (default 0)")
+    o.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the train/valid/test split (and of --limit's subset); kept apart from --seed "
+                        "so a rerun with another --seed is tested on the same images (default 0)")
 
     r = p.add_argument_group("run")
     r.add_argument("--out", default=None, help="run directory (default runs/<date>-<backbone>)")

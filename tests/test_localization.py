@@ -1,0 +1,135 @@
+"""Auxiliary fracture localisation: boxes from FracAtlas COCO -> tile masks -> augmentation -> loss -> training."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from builders import make_fracatlas_tree, make_manifest
+from conftest import SHARED_DATA, requires_shared_data, tiny_train_args
+
+from bonexray.data.datasets import load_dataset
+from bonexray.data.preprocess import build_cache, letterbox, letterbox_boxes
+from bonexray.errors import DatasetError
+from bonexray.training.augment import AugmentConfig, augment_batch
+from bonexray.training.datamodule import split_datasets
+from bonexray.training.losses import localization_loss
+from bonexray.training.train import TrainConfig, run_training
+
+
+def test_letterbox_boxes_hand_worked_and_matches_letterbox():
+    # 200x100 image into 100 px: scale 0.5, 100x50 content, 25 px black band on top.
+    assert np.allclose(letterbox_boxes([[20, 10, 20, 10]], (200, 100), 100), [[10, 30, 20, 35]])
+    # A bright rectangle lands where the mapped box says.
+    img = np.zeros((150, 300), np.uint8)
+    img[60:90, 120:180] = 255
+    tile = letterbox(img, 120)
+    x0, y0, x1, y1 = letterbox_boxes([[120, 60, 60, 30]], (300, 150), 120)[0]
+    ys, xs = np.nonzero(tile > 127)
+    assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1
+    assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - y1) <= 1
+
+
+def test_fracatlas_reader_attaches_boxes(tmp_path):
+    root = make_fracatlas_tree(tmp_path)
+    rs = load_dataset(root)
+    fractured = [r for r in rs if r.extras["fractured"]]
+    normal = [r for r in rs if not r.extras["fractured"]]
+    assert all(r.extras["localized"] and "boxes" not in r.extras for r in normal)
+    unknown = [r for r in fractured if not r.extras["localized"]]
+    assert len(unknown) == 1 and "boxes" not in unknown[0].extras  # skipped by the annotators: unknown, not empty
+    known = [r for r in fractured if r.extras["localized"]]
+    assert known and all(r.extras["boxes"] == [[26.0, 45.0, 26.0, 6.0]] and r.extras["annotated_size"] == (80, 96) for r in known)
+
+
+def test_broken_coco_file_is_reported_not_fatal(tmp_path):
+    root = make_fracatlas_tree(tmp_path)
+    (root / "Annotations" / "COCO JSON" / "COCO_fracture_masks.json").write_text("{not json")
+    rs = load_dataset(root)
+    assert any("unreadable COCO annotations" in p for p in rs.problems)
+    assert all("localized" not in r.extras for r in rs)
+
+
+@requires_shared_data
+def test_real_fracatlas_boxes():
+    rs = load_dataset(SHARED_DATA / "FracAtlas")
+    boxed = [r for r in rs if r.extras.get("boxes")]
+    assert len(boxed) == 590 and all(r.extras["fractured"] == 1 for r in boxed)
+    # Every box lies inside its annotated image.
+    for r in boxed:
+        w, h = r.extras["annotated_size"]
+        for x, y, bw, bh in r.extras["boxes"]:
+            assert -1 <= x and x + bw <= w + 1 and -1 <= y and y + bh <= h + 1
+
+
+def test_cache_items_carry_masks_on_the_fracture(tmp_path):
+    root = make_fracatlas_tree(tmp_path)
+    rs = load_dataset(root)
+    for r in rs:
+        r.split = "train"
+    cache, _ = build_cache(rs, tmp_path / "cache", size=64, progress=False)
+    ds = split_datasets(cache, rs, rs.body_parts, with_boxes=True)["train"]
+    plain = split_datasets(cache, rs, rs.body_parts)["train"]
+    assert len(plain[0]) == 3 and len(ds[0]) == 5
+    n_masked = 0
+    for i in range(len(ds)):
+        img, abnormal, _, mask, known = ds[i]
+        if mask.any():
+            n_masked += 1
+            assert abnormal == 1 and known
+            # The mask covers the dark fracture gap inside the bright bone bar.
+            assert img[mask.bool()].float().mean() < 0.5 * img[0, :, 22:42].float().mean()
+    assert n_masked == sum(1 for r in rs if r.extras.get("boxes"))
+
+
+def test_augment_warps_mask_with_image():
+    x = torch.zeros(4, 1, 48, 48)
+    x[:, :, 10:20, 30:40] = 1.0
+    cfg = AugmentConfig(contrast=0.0, brightness=0.0, gamma=0.0, max_rotation_deg=20.0, hflip=0.5)
+    out, mask = augment_batch(x, cfg, generator=torch.Generator().manual_seed(3), mask=x.clone())
+    assert torch.allclose(out, mask, atol=1e-5)  # same geometry; no intensity change on either here
+    assert not torch.allclose(out, x)
+
+
+def test_localization_loss_balances_cells_and_ignores_unknown():
+    logits = torch.zeros(2, 1, 4, 4, requires_grad=True)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, 0, 0:3, 0:3] = 1  # one positive cell (of 8x8 px) in image 0
+    known = torch.tensor([True, False])
+    loss = localization_loss(logits, mask, known)
+    # At logit 0 every cell costs log 2, positive or negative.
+    assert torch.isclose(loss, torch.tensor(np.log(2.0), dtype=torch.float32))
+    loss.backward()
+    g = logits.grad[0, 0]
+    assert g[0, 0] < 0 and (g.flatten()[1:] > 0).all()  # push the fracture cell up, the rest down
+    assert g[0, 0].abs() > 10 * g[1, 1].abs()  # one positive weighs as much as all 15 negatives together
+    assert torch.count_nonzero(logits.grad[1]) == 0  # unknown location: no gradient
+    none = localization_loss(logits, mask, torch.tensor([False, False]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_train_with_localization_head_and_fixed_split(tmp_path):
+    from bonexray.model.checkpoint import load_model
+
+    root = make_fracatlas_tree(tmp_path / "data", n_groups=16)
+    out = tmp_path / "run"
+    result = run_training(TrainConfig.from_args(tiny_train_args(root, out, epochs=1, localization_weight=1.0, seed=5, split_seed=0)))
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert any(r.get("train_loss_localization") for r in rows) and any(r.get("valid_loss_localization") for r in rows)
+    raw = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert any(k.startswith("loc_head.") for k in raw["state_dict"])
+    net, card = load_model(result["best_checkpoint"])  # the plain two-head network loads from it
+    assert not any("loc_head" in k for k in net.state_dict())
+    # --seed changes training only; the split follows --split-seed.
+    from bonexray.data.splits import make_splits
+
+    expected = make_splits(load_dataset(root), 0.25, 0.25, seed=0)
+    recorded = {r["path"]: r["split"] for r in csv.DictReader(open(out / "splits.csv"))}
+    assert recorded == {r.path: r.split for r in expected}
+    assert json.loads(json.dumps(result["body_parts"])) == ["hand", "leg"]
+
+
+def test_localization_weight_needs_boxes(tmp_path):
+    manifest = make_manifest(tmp_path / "m", n=16)
+    with pytest.raises(DatasetError, match="needs fracture boxes"):
+        run_training(TrainConfig.from_args(tiny_train_args(manifest, tmp_path / "run", localization_weight=1.0)))
