@@ -67,3 +67,29 @@ def test_evaluate_mismatched_body_parts(trained_run, tmp_path, capsys):
                  "--split", "all", "--map-body-part", "wrist=hand", "--bootstrap", "0"]) == 0
     pred = pd.read_csv(tmp_path / "r" / "predictions.csv")
     assert set(pred["body_part"]) == {"hand"}
+
+
+def test_evaluate_with_flip_tta_rechooses_threshold_on_valid(trained_run, tmp_path):
+    import numpy as np
+
+    from bonexray.evaluation.metrics import choose_threshold
+    from bonexray.inference.predict import Predictor
+
+    out = tmp_path / "tta"
+    cache = str(Path(trained_run["run_dir"]).parent / "run-cache")
+    assert main(["evaluate", trained_run["best_checkpoint"], "--data", trained_run["manifest"], "--out", str(out),
+                 "--bootstrap", "0", "--tta", "flip", "--cache", cache]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tta"] == "flip" and "re-chosen on the run's valid split" in metrics["threshold_source"]
+    # The threshold is the Youden point of the flip-TTA probabilities on the run's valid split.
+    splits = pd.read_csv(Path(trained_run["run_dir"]) / "splits.csv")
+    valid = splits[splits["split"] == "valid"]
+    pr = Predictor(trained_run["best_checkpoint"], device="cpu", tta="flip")
+    from bonexray.data.preprocess import ImageCache
+
+    c = ImageCache.open(cache)
+    row_of = dict(zip(c.index["path"], c.index["row"]))
+    probs, _ = pr.predict_arrays(np.asarray(c.images[[row_of[p] for p in valid["path"]]]))
+    assert metrics["threshold"] == pytest.approx(float(choose_threshold(valid["abnormal"].to_numpy(), probs)), abs=1e-6)
+    pred = pd.read_csv(out / "predictions.csv")
+    assert ((pred["prob_abnormal"] >= metrics["threshold"]).astype(int) == pred["pred_abnormal"]).all()

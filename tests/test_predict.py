@@ -327,3 +327,21 @@ def test_pointing_game_letterbox_geometry_matches_preprocess(h, w, size):
     px = max(h, w) / size  # one model pixel in original pixels
     assert pg.inside_any(x, y, [[x0, y0, s, s]], tol=px)
     assert pg.covered_fraction([[0, 0, w / 2, h]], w, h, 0) == pytest.approx(0.5, abs=2 / w)
+
+
+def test_flip_tta_averages_image_and_mirror(ckpt):
+    from bonexray.errors import BonexrayError
+    from bonexray.inference.predict import Predictor
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 255, size=(3, 64, 64), dtype=np.uint8)
+    plain, flip = Predictor(ckpt, device="cpu"), Predictor(ckpt, device="cpu", tta="flip")
+    p0, b0 = plain.predict_arrays(batch)
+    p1, b1 = plain.predict_arrays(batch[:, :, ::-1])
+    pt, bt = flip.predict_arrays(batch)
+    assert np.allclose(pt, (p0 + p1) / 2, atol=1e-6) and np.allclose(bt, (b0 + b1) / 2, atol=1e-6)
+    assert not np.allclose(pt, p0)  # the mirror view really changes something for a random net
+    sym = np.concatenate([batch[:, :, :32], batch[:, :, :32][:, :, ::-1]], axis=2)
+    assert np.allclose(flip.predict_arrays(sym)[0], plain.predict_arrays(sym)[0], atol=1e-6)
+    with pytest.raises(BonexrayError, match="test-time augmentation"):
+        Predictor(ckpt, device="cpu", tta="rotate")

@@ -72,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = run_evaluation(args.checkpoint, args.data, split=args.split, out=args.out,
                              batch_size=args.batch_size, device=args.device, n_bootstrap=args.bootstrap,
-                             body_part_map=args.map_body_part, cache=args.cache)
+                             body_part_map=args.map_body_part, cache=args.cache, tta=args.tta)
     print(summary)
     return 0
 
@@ -81,7 +81,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.predict import run_predict
 
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
-                       device=args.device, batch_size=args.batch_size)
+                       device=args.device, batch_size=args.batch_size, tta=args.tta)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
+    e.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: 'flip' averages each image with its mirror; the threshold is then "
+                        "re-chosen on the run's valid split under the same TTA (default none)")
     e.add_argument("--map-body-part", action="append", default=[], metavar="DATA=MODEL",
                    help="map a dataset body part onto a model class (repeatable)")
     e.set_defaults(func=cmd_evaluate)
@@ -148,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["json", "csv"], default="json")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--tta", choices=["none", "flip"], default="none",
+                    help="'flip' averages each image with its mirror (twice the compute); decisions still use "
+                         "the checkpoint's threshold")
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX with its model card")

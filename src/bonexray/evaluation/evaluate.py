@@ -19,7 +19,7 @@ from ..data.preprocess import build_cache, default_cache_dir
 from ..data.records import RecordSet
 from ..data.splits import make_splits
 from ..errors import BonexrayError, DatasetError
-from .metrics import compute_metrics, study_table
+from .metrics import choose_threshold, compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
 
 
@@ -52,18 +52,48 @@ def assign_eval_splits(records: RecordSet, run_dir: Path | None) -> tuple[Record
     cfg = {}
     if run_dir is not None:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    seed, vf, tf = cfg.get("seed", 0), cfg.get("valid_frac", 0.15), cfg.get("test_frac", 0.15)
+    seed, vf, tf = cfg.get("split_seed", cfg.get("seed", 0)), cfg.get("valid_frac", 0.15), cfg.get("test_frac", 0.15)
     return make_splits(records, vf, tf, seed=seed), f"recomputed (grouped, stratified; seed={seed}, valid={vf}, test={tf})"
+
+
+def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, progress: bool):
+    rows = np.asarray(rows)
+    probs = np.zeros(len(rows), np.float32)
+    part_probs = np.zeros((len(rows), len(predictor.body_parts)), np.float32)
+    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
+        for i in range(0, len(rows), batch_size):
+            batch_rows = rows[i : i + batch_size]
+            probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = predictor.predict_arrays(
+                np.asarray(image_cache.images[batch_rows]))
+            bar.update(len(batch_rows))
+    return probs, part_probs
+
+
+def _valid_threshold_under_tta(predictor, image_cache, records, run_dir, row_of, status, batch_size, progress):
+    valid = [r for r in records if r.split == "valid" and r.abnormal in (0, 1) and status.get(r.path) in ("ok", "truncated")]
+    labels = np.array([r.abnormal for r in valid])
+    if run_dir is None or len(np.unique(labels)) < 2:
+        return predictor.threshold, "model card (no valid split of the run with both labels to re-choose it under TTA)"
+    cfg = {}
+    if (run_dir / "config.yaml").is_file():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    method, target = cfg.get("threshold_method", "youden"), cfg.get("target_sensitivity", 0.9)
+    valid = sorted(valid, key=lambda r: row_of[r.path])  # near-sequential memmap reads
+    labels = np.array([r.abnormal for r in valid])
+    probs, _ = _predict_rows(predictor, image_cache, [row_of[r.path] for r in valid], batch_size,
+                             f"valid threshold ({predictor.tta})", progress)
+    t = float(choose_threshold(labels, probs, method=method, target=target))
+    return t, f"re-chosen on the run's valid split under TTA '{predictor.tta}' ({method}, {len(valid)} images)"
 
 
 def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "results", batch_size: int = 64,
                    device: str = "auto", n_bootstrap: int = 1000, body_part_map: Sequence[str] = (),
-                   cache: str | None = None, progress: bool = True) -> str:
+                   cache: str | None = None, progress: bool = True, tta: str = "none") -> str:
     from ..inference.predict import Predictor
 
     t0 = time.perf_counter()
     ckpt = Path(checkpoint)
-    predictor = Predictor(ckpt, device=device)
+    predictor = Predictor(ckpt, device=device, tta=tta)
     body_parts = predictor.body_parts
     run_dir = find_run_dir(ckpt) if ckpt.suffix != ".onnx" else None
 
@@ -94,15 +124,13 @@ def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "
     if not chosen:
         raise DatasetError(f"{data}: no labelled, readable images in split {split!r} ({how})")
 
-    rows = np.array([row_of[r.path] for r in chosen])
-    probs = np.zeros(len(chosen), np.float32)
-    part_probs = np.zeros((len(chosen), len(body_parts)), np.float32)
-    with tqdm(total=len(chosen), desc=f"evaluate {split}", unit="img", disable=not progress) as bar:
-        for i in range(0, len(chosen), batch_size):
-            batch_rows = rows[i : i + batch_size]
-            probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = predictor.predict_arrays(
-                np.asarray(image_cache.images[batch_rows]))
-            bar.update(len(batch_rows))
+    probs, part_probs = _predict_rows(predictor, image_cache, [row_of[r.path] for r in chosen], batch_size,
+                                      f"evaluate {split}", progress)
+    threshold, threshold_source = predictor.threshold, "model card (chosen on valid during training)"
+    if tta != "none":
+        # The stored threshold was chosen on valid without TTA; choose it again, on valid only, under TTA.
+        threshold, threshold_source = _valid_threshold_under_tta(predictor, image_cache, records, run_dir, row_of,
+                                                                 status, batch_size, progress)
 
     table = pd.DataFrame({
         "path": [r.path for r in chosen],
@@ -110,15 +138,16 @@ def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "
         "body_part": [r.body_part for r in chosen],
         "abnormal": [r.abnormal for r in chosen],
         "prob_abnormal": probs,
-        "pred_abnormal": (probs >= predictor.threshold).astype(int),
+        "pred_abnormal": (probs >= threshold).astype(int),
         "pred_body_part": [body_parts[j] for j in part_probs.argmax(1)],
         **{f"prob_{p}": part_probs[:, j] for j, p in enumerate(body_parts)},
     })
-    metrics = compute_metrics(table, predictor.threshold, body_parts, n_bootstrap=n_bootstrap)
+    metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
     info = {"checkpoint": str(ckpt), "data": str(data), "split": split, "split_protocol": how,
-            "threshold": predictor.threshold, "backbone": predictor.card.backbone,
+            "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
             "image_size": predictor.image_size, "skipped_unreadable": len(skipped)}
-    metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "skipped_unreadable")})
+    metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
+                                         "skipped_unreadable")})
 
     results = Path(out)
     results.mkdir(parents=True, exist_ok=True)

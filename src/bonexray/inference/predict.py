@@ -45,6 +45,7 @@ from ..errors import BonexrayError, CheckpointError, ImageReadError
 ONNX_CARD_KEY = "bonexray_model_card"
 ONNX_INPUT = "image"
 ONNX_OUTPUTS = ("abnormal_logit", "body_part_logits")
+TTA_MODES = ("none", "flip")  # test-time augmentation: "flip" averages the image and its mirror
 PROG = "bonexray predict"
 
 
@@ -88,7 +89,10 @@ class Predictor:
     S = ``card.image_size``; the arrays are what :func:`load_for_model` returns.
     """
 
-    def __init__(self, model: str | os.PathLike, device: str = "auto") -> None:
+    def __init__(self, model: str | os.PathLike, device: str = "auto", tta: str = "none") -> None:
+        if tta not in TTA_MODES:
+            raise BonexrayError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+        self.tta = tta
         self.path = Path(model)
         self.backend = "onnx" if is_onnx_file(self.path) else "torch"
         self.net = None
@@ -136,7 +140,13 @@ class Predictor:
 
     def predict_arrays(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         abn, bp = self.logits(batch)
-        return sigmoid(abn), softmax(bp)
+        prob, parts = sigmoid(abn), softmax(bp)
+        if self.tta == "flip":
+            # Mirror images are equally plausible radiographs (left and right limbs); average the
+            # probabilities of both views.
+            abn_f, bp_f = self.logits(np.ascontiguousarray(np.asarray(batch)[:, :, ::-1]))
+            prob, parts = (prob + sigmoid(abn_f)) / 2, (parts + softmax(bp_f)) / 2
+        return prob, parts
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch)
@@ -364,6 +374,7 @@ def run_predict(
     device: str = "auto",
     batch_size: int = 16,
     stream: TextIO | None = None,
+    tta: str = "none",
 ) -> int:
     """Predict every image under ``paths``; returns the exit status (0 ok, 1 some input failed).
 
@@ -379,7 +390,7 @@ def run_predict(
             "which an exported ONNX model does not provide"
         )
     stream = stream or sys.stdout
-    predictor = Predictor(model, device=device)
+    predictor = Predictor(model, device=device, tta=tta)
     plan = collect_inputs(paths, study=study)
     failed = 0
     for path, reason in plan.errors:
