@@ -93,3 +93,27 @@ def test_evaluate_with_flip_tta_rechooses_threshold_on_valid(trained_run, tmp_pa
     assert metrics["threshold"] == pytest.approx(float(choose_threshold(valid["abnormal"].to_numpy(), probs)), abs=1e-6)
     pred = pd.read_csv(out / "predictions.csv")
     assert ((pred["prob_abnormal"] >= metrics["threshold"]).astype(int) == pred["pred_abnormal"]).all()
+
+
+def test_ensemble_of_runs_with_the_same_split(trained_run, tmp_path, capsys):
+    import shutil
+
+    run = Path(trained_run["run_dir"])
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    cache = str(run.parent / "run-cache")
+    single, ens = tmp_path / "single", tmp_path / "ens"
+    base = ["--data", trained_run["manifest"], "--bootstrap", "0", "--cache", cache]
+    assert main(["evaluate", trained_run["best_checkpoint"], "--out", str(single), *base]) == 0
+    assert main(["evaluate", trained_run["best_checkpoint"], str(twin / "checkpoints" / "best.ckpt"), "--out", str(ens), *base]) == 0
+    a, b = pd.read_csv(single / "predictions.csv"), pd.read_csv(ens / "predictions.csv")
+    assert list(a["path"]) == list(b["path"]) and (a["prob_abnormal"] - b["prob_abnormal"]).abs().max() < 1e-6
+    m = json.loads((ens / "metrics.json").read_text())
+    assert "2 model(s)" in m["threshold_source"] and str(twin) in m["checkpoint"]
+    # A member trained on another split would be tested on its own training images: refused.
+    splits = pd.read_csv(twin / "splits.csv")
+    splits.loc[splits.index[:2], "split"] = "train" if splits.loc[splits.index[0], "split"] != "train" else "test"
+    splits.to_csv(twin / "splits.csv", index=False)
+    capsys.readouterr()
+    assert main(["evaluate", trained_run["best_checkpoint"], str(twin / "checkpoints" / "best.ckpt"), "--out", str(ens), *base]) == 2
+    assert "different splits" in capsys.readouterr().err

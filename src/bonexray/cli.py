@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="image- and study-level metrics, plots and report")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", nargs="+",
+                   help="checkpoint (.ckpt) or ONNX file; several checkpoints of runs with the same split are "
+                        "evaluated as an ensemble (probabilities averaged, threshold re-chosen on valid)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", choices=["valid", "test", "all"], default="test")
     e.add_argument("--out", required=True, help="results folder")

@@ -69,11 +69,11 @@ def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, prog
     return probs, part_probs
 
 
-def _valid_threshold_under_tta(predictor, image_cache, records, run_dir, row_of, status, batch_size, progress):
+def _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of, status, batch_size, progress):
     valid = [r for r in records if r.split == "valid" and r.abnormal in (0, 1) and status.get(r.path) in ("ok", "truncated")]
     labels = np.array([r.abnormal for r in valid])
     if run_dir is None or len(np.unique(labels)) < 2:
-        return predictor.threshold, "model card (no valid split of the run with both labels to re-choose it under TTA)"
+        return predictor.threshold, "model card (no valid split of the run with both labels to re-choose it on)"
     cfg = {}
     if (run_dir / "config.yaml").is_file():
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -81,21 +81,40 @@ def _valid_threshold_under_tta(predictor, image_cache, records, run_dir, row_of,
     valid = sorted(valid, key=lambda r: row_of[r.path])  # near-sequential memmap reads
     labels = np.array([r.abnormal for r in valid])
     probs, _ = _predict_rows(predictor, image_cache, [row_of[r.path] for r in valid], batch_size,
-                             f"valid threshold ({predictor.tta})", progress)
+                             "valid threshold", progress)
     t = float(choose_threshold(labels, probs, method=method, target=target))
-    return t, f"re-chosen on the run's valid split under TTA '{predictor.tta}' ({method}, {len(valid)} images)"
+    what = f"{len(getattr(predictor, 'members', [None]))} model(s), TTA '{predictor.tta}'"
+    return t, f"re-chosen on the run's valid split for {what} ({method}, {len(valid)} images)"
 
 
-def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "results", batch_size: int = 64,
-                   device: str = "auto", n_bootstrap: int = 1000, body_part_map: Sequence[str] = (),
-                   cache: str | None = None, progress: bool = True, tta: str = "none") -> str:
-    from ..inference.predict import Predictor
+def _same_split_runs(checkpoints: Sequence[Path]) -> Path | None:
+    """Run dir of the first checkpoint; members of an ensemble must share its recorded split."""
+    runs = [find_run_dir(c) if c.suffix != ".onnx" else None for c in checkpoints]
+    if len(runs) > 1:
+        if any(r is None or not (r / "splits.csv").is_file() for r in runs):
+            raise BonexrayError("an ensemble is evaluated only on checkpoints inside run directories with splits.csv, "
+                                "so that no member is tested on images it trained on")
+        first = pd.read_csv(runs[0] / "splits.csv", usecols=["path", "split"], dtype=str)
+        for r in runs[1:]:
+            other = pd.read_csv(r / "splits.csv", usecols=["path", "split"], dtype=str)
+            if dict(zip(first["path"], first["split"])) != dict(zip(other["path"], other["split"])):
+                raise BonexrayError(f"{r} and {runs[0]} were trained on different splits; an ensemble of them would be "
+                                    "tested on images one member trained on (train them with the same --split-seed)")
+    return runs[0]
+
+
+def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "test", out: str = "results",
+                   batch_size: int = 64, device: str = "auto", n_bootstrap: int = 1000,
+                   body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
+                   tta: str = "none") -> str:
+    """Evaluate one checkpoint, or several as an ensemble (probabilities averaged)."""
+    from ..inference.predict import Ensemble, Predictor
 
     t0 = time.perf_counter()
-    ckpt = Path(checkpoint)
-    predictor = Predictor(ckpt, device=device, tta=tta)
+    ckpts = [Path(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
+    predictor = Predictor(ckpts[0], device=device, tta=tta) if len(ckpts) == 1 else Ensemble(ckpts, device=device, tta=tta)
     body_parts = predictor.body_parts
-    run_dir = find_run_dir(ckpt) if ckpt.suffix != ".onnx" else None
+    run_dir = _same_split_runs(ckpts)
 
     records = load_dataset(data)
     # The cache is keyed by the dataset as read (the same one training built), before any remapping.
@@ -127,9 +146,10 @@ def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "
     probs, part_probs = _predict_rows(predictor, image_cache, [row_of[r.path] for r in chosen], batch_size,
                                       f"evaluate {split}", progress)
     threshold, threshold_source = predictor.threshold, "model card (chosen on valid during training)"
-    if tta != "none":
-        # The stored threshold was chosen on valid without TTA; choose it again, on valid only, under TTA.
-        threshold, threshold_source = _valid_threshold_under_tta(predictor, image_cache, records, run_dir, row_of,
+    if tta != "none" or len(ckpts) > 1:
+        # The stored threshold was chosen on valid for one model without TTA; choose it again, on the
+        # valid split only, for what is evaluated here.
+        threshold, threshold_source = _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of,
                                                                  status, batch_size, progress)
 
     table = pd.DataFrame({
@@ -143,7 +163,7 @@ def run_evaluation(checkpoint: str, data: str, split: str = "test", out: str = "
         **{f"prob_{p}": part_probs[:, j] for j, p in enumerate(body_parts)},
     })
     metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
-    info = {"checkpoint": str(ckpt), "data": str(data), "split": split, "split_protocol": how,
+    info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
             "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
             "image_size": predictor.image_size, "skipped_unreadable": len(skipped)}
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",

@@ -156,6 +156,43 @@ class Predictor:
         return batch
 
 
+class Ensemble:
+    """Several models of the same task (e.g. seeds of one recipe): each reads the same tile, and the
+    probabilities are averaged. Same interface as :class:`Predictor` for evaluation.
+
+    ``threshold`` is the members' mean; evaluation re-chooses it on the runs' valid split.
+    """
+
+    def __init__(self, models: Sequence[str | os.PathLike], device: str = "auto", tta: str = "none") -> None:
+        if not models:
+            raise BonexrayError("an ensemble needs at least one model")
+        self.members = [Predictor(m, device=device, tta=tta) for m in models]
+        first = self.members[0]
+        for m in self.members[1:]:
+            if m.image_size != first.image_size or m.body_parts != first.body_parts:
+                raise BonexrayError(
+                    f"{m.path}: cannot ensemble with {first.path}: image size {m.image_size} vs {first.image_size}, "
+                    f"body parts {m.body_parts} vs {first.body_parts}"
+                )
+        self.tta, self.card, self.path = tta, first.card, first.path
+
+    @property
+    def image_size(self) -> int:
+        return self.members[0].image_size
+
+    @property
+    def body_parts(self) -> list[str]:
+        return self.members[0].body_parts
+
+    @property
+    def threshold(self) -> float:
+        return float(np.mean([m.threshold for m in self.members]))
+
+    def predict_arrays(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = [m.predict_arrays(batch) for m in self.members]
+        return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
+
+
 def _load_onnx(path: Path, device: str):
     from ..model.checkpoint import ModelCard
 
