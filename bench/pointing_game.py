@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", type=Path, default=None, help="a run's splits.csv (or the run folder): restrict to --split")
     ap.add_argument("--split", default="test", help="which split of --splits (default test)")
     ap.add_argument("--method", action="append", default=None,
-                    help="CAM method: gradcam, gradcam++ (default), layercam, hirescam; repeat to compare")
+                    help="CAM method: gradcam, gradcam++ (default), layercam, hirescam, or localization (the "
+                         "fracture map of models trained with --localization-weight); repeat to compare")
     ap.add_argument("--tolerance", type=float, default=15.0,
                     help="also score hits within this many original pixels of a box (default 15)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")

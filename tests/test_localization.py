@@ -118,8 +118,28 @@ def test_train_with_localization_head_and_fixed_split(tmp_path):
     assert any(r.get("train_loss_localization") for r in rows) and any(r.get("valid_loss_localization") for r in rows)
     raw = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
     assert any(k.startswith("loc_head.") for k in raw["state_dict"])
-    net, card = load_model(result["best_checkpoint"])  # the plain two-head network loads from it
-    assert not any("loc_head" in k for k in net.state_dict())
+    net, card = load_model(result["best_checkpoint"])  # the head comes along as the network's fracture map
+    assert torch.equal(net.localization_head.weight, raw["state_dict"]["loc_head.weight"])
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        abn, parts = net(x)  # forward is unchanged: two outputs
+        fmap = net.localization_map(x)
+    assert abn.shape == (2,) and parts.shape == (2, 2) and fmap.shape == (2, 1, 2, 2) and 0 <= fmap.min() <= fmap.max() <= 1
+    from bonexray.inference.cam import cam_for_batch
+
+    maps = cam_for_batch(net, x, method="localization")
+    assert maps.shape == (2, 64, 64) and np.isclose(maps.max(), fmap.max().item(), atol=0.05)
+    # predict --cam-method localization writes heatmaps; ONNX export still has the two outputs only.
+    from bonexray.cli import main
+    from bonexray.inference.export import export_onnx
+
+    img = next((root / "images" / "Fractured").glob("*.jpg"))
+    assert main(["predict", result["best_checkpoint"], str(img), "--cam", str(tmp_path / "cam"), "--cam-method", "localization"]) == 0
+    assert len(list((tmp_path / "cam").glob("*_cam.png"))) == 1
+    import onnx
+
+    model = onnx.load(str(export_onnx(result["best_checkpoint"], tmp_path / "m.onnx")))
+    assert [o.name for o in model.graph.output] == ["abnormal_logit", "body_part_logits"]
     # --seed changes training only; the split follows --split-seed.
     from bonexray.data.splits import make_splits
 
@@ -133,3 +153,20 @@ def test_localization_weight_needs_boxes(tmp_path):
     manifest = make_manifest(tmp_path / "m", n=16)
     with pytest.raises(DatasetError, match="needs fracture boxes"):
         run_training(TrainConfig.from_args(tiny_train_args(manifest, tmp_path / "run", localization_weight=1.0)))
+
+
+def test_localization_heatmap_needs_the_head(tmp_path, capsys):
+    from builders import radiograph_like
+    from PIL import Image
+
+    from bonexray.cli import main
+    from bonexray.model.checkpoint import ModelCard, save_model
+    from bonexray.model.network import BoneXrayNet
+
+    net = BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None)
+    ckpt = save_model(tmp_path / "m.ckpt", net, ModelCard(backbone="efficientnet_lite0", image_size=64, body_parts=["hand", "leg"]))
+    Image.fromarray(radiograph_like(0)).save(tmp_path / "a.png")
+    assert main(["predict", str(ckpt), str(tmp_path / "a.png"), "--cam", str(tmp_path / "c"), "--cam-method", "localization"]) == 2
+    assert "no localisation head" in capsys.readouterr().err
+    with pytest.raises(Exception, match="no localisation head"):
+        net.localization_map(torch.rand(1, 1, 64, 64))

@@ -81,7 +81,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.predict import run_predict
 
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
-                       device=args.device, batch_size=args.batch_size, tta=args.tta)
+                       device=args.device, batch_size=args.batch_size, tta=args.tta,
+                       cam_method=args.cam_method)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("paths", nargs="+")
     pr.add_argument("--study", action="store_true", help="also one aggregated line per study (folder)")
     pr.add_argument("--cam", default=None, metavar="OUT_DIR", help="write heatmap PNGs here")
+    pr.add_argument("--cam-method", default="gradcam++",
+                    choices=["gradcam++", "gradcam", "layercam", "hirescam", "localization"],
+                    help="heatmap: a Grad-CAM variant of the abnormality output (default gradcam++), or "
+                         "'localization', the fracture map of models trained with --localization-weight")
     pr.add_argument("--format", choices=["json", "csv"], default="json")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--device", default="auto")

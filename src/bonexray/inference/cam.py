@@ -32,6 +32,8 @@ CAM_METHODS = {
     "hirescam": "HiResCAM",
 }
 DEFAULT_METHOD = "gradcam++"
+#: Not a CAM: the learned fracture map of models trained with --localization-weight.
+LOCALIZATION_METHOD = "localization"
 DISPLAY_SIZE = 512
 
 
@@ -65,7 +67,6 @@ def cam_for_batch(net: nn.Module, x: torch.Tensor | np.ndarray, method: str = DE
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cam_cls = _cam_class(method)
     param = next(net.parameters())
     if isinstance(x, np.ndarray):
         if x.ndim != 3:
@@ -76,6 +77,9 @@ def cam_for_batch(net: nn.Module, x: torch.Tensor | np.ndarray, method: str = DE
     n = int(x.shape[0])
     if n == 0:
         return np.zeros((0, *x.shape[-2:]), np.float32)
+    if method.strip().lower() == LOCALIZATION_METHOD:
+        return localization_for_batch(net, x)
+    cam_cls = _cam_class(method)
 
     target_layer = net.cam_target_layer()
     was_training = net.training
@@ -95,6 +99,21 @@ def cam_for_batch(net: nn.Module, x: torch.Tensor | np.ndarray, method: str = DE
             net.train(was_training)
     maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0)
     return np.clip(maps, 0.0, 1.0)
+
+
+def localization_for_batch(net: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The localisation head's fracture probability, upsampled to the input: float32 (N, S, S) in [0, 1].
+
+    Unlike a CAM it is not rescaled per image: a low map means the model sees no fracture.
+    """
+    if getattr(net, "localization_head", None) is None:
+        raise BonexrayError("this checkpoint has no localisation head: train with --localization-weight "
+                            f"(FracAtlas boxes), or use a CAM method ({', '.join(CAM_METHODS)})")
+    param = next(net.parameters())
+    with torch.inference_mode():
+        maps = net.localization_map(x.to(param.device, torch.float32))
+        maps = torch.nn.functional.interpolate(maps, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+    return maps[:, 0].float().cpu().numpy().clip(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- pictures
@@ -178,7 +197,12 @@ class CamWriter:
     def __init__(self, out_dir: str | os.PathLike, predictor, method: str = DEFAULT_METHOD) -> None:
         if predictor.net is None:
             raise BonexrayError("CAM needs the torch network: give a checkpoint, not an ONNX file")
-        _cam_class(method)  # fail early on a bad name
+        if method.strip().lower() == LOCALIZATION_METHOD:  # fail early: a model without the head, a bad name
+            if getattr(predictor.net, "localization_head", None) is None:
+                raise BonexrayError(f"--cam-method {LOCALIZATION_METHOD}: this checkpoint has no localisation head "
+                                    "(train with --localization-weight)")
+        else:
+            _cam_class(method)
         self.out_dir = Path(out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -412,6 +412,7 @@ def run_predict(
     batch_size: int = 16,
     stream: TextIO | None = None,
     tta: str = "none",
+    cam_method: str = "gradcam++",
 ) -> int:
     """Predict every image under ``paths``; returns the exit status (0 ok, 1 some input failed).
 
@@ -438,7 +439,7 @@ def run_predict(
     if cam_dir is not None:
         from .cam import CamWriter
 
-        cam_writer = CamWriter(cam_dir, predictor)
+        cam_writer = CamWriter(cam_dir, predictor, method=cam_method)
 
     try:
         writer = Writer(fmt, predictor.body_parts, stream, with_cam=cam_writer is not None)

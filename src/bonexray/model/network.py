@@ -41,6 +41,7 @@ class BoneXrayNet(nn.Module):
         dropout: float = 0.0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        localization_head: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_body_parts, int) or num_body_parts < 1:
@@ -60,6 +61,9 @@ class BoneXrayNet(nn.Module):
         self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
         self.abnormal_head = nn.Linear(self.num_features, 1)
         self.body_part_head = nn.Linear(self.num_features, num_body_parts)
+        # Fracture map, present in models trained with the localisation loss (--localization-weight):
+        # a 1x1 conv on the last feature map. Not part of ``forward``, so ONNX and predict outputs stay two.
+        self.localization_head = nn.Conv2d(self.num_features, 1, 1) if localization_head else None
 
         # Shape (1, 3, 1, 1): broadcasting a (B, 1, H, W) input against them replicates the
         # gray channel to 3 and normalises in one op. Not persistent: they follow from the
@@ -87,6 +91,12 @@ class BoneXrayNet(nn.Module):
         pooled = self.dropout(self.backbone.forward_head(feature_map, pre_logits=True))
         # Index instead of squeeze: keeps shape (B,) for B == 1 too.
         return self.abnormal_head(pooled)[:, 0], self.body_part_head(pooled)
+
+    def localization_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] -> fracture probability per feature-grid cell (B, 1, h, w)."""
+        if self.localization_head is None:
+            raise BonexrayError("this model has no localisation head (train it with --localization-weight on data with boxes)")
+        return torch.sigmoid(self.localization_head(self.forward_features(x)))
 
     def cam_target_layer(self) -> nn.Module:
         """The backbone module to hook for Grad-CAM (last conv block / feature stage)."""
