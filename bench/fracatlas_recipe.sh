@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Train the shipped FracAtlas recipe with one seed and report its test-split numbers.
 #   bench/fracatlas_recipe.sh [SEED] [DATA]      (DATA defaults to ../shared/data/FracAtlas)
-# Writes runs/fracatlas-s$SEED/ and results/fracatlas-s$SEED/ and prints wall times.
+# Writes runs/fracatlas-loc-s$SEED/ and results/fracatlas-loc-s$SEED/ and prints wall times.
 # The test split is touched once, here, after training; tuning happens on valid.
 set -euo pipefail
 seed=${1:-0}
 data=${2:-../shared/data/FracAtlas}
-run=runs/fracatlas-s$seed
-res=results/fracatlas-s$seed
+run=runs/fracatlas-loc-s$seed
+res=results/fracatlas-loc-s$seed
 t0=$(date +%s)
-bonexray train --recipe fracatlas --data "$data" --seed "$seed" --out "$run" --quiet
+bonexray train --recipe fracatlas --data "$data" --seed "$seed" --split-seed 0 --out "$run" --quiet
 t1=$(date +%s)
 bonexray evaluate "$run/checkpoints/best.ckpt" --data "$data" --split test --out "$res"
 t2=$(date +%s)
