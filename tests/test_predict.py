@@ -345,3 +345,11 @@ def test_flip_tta_averages_image_and_mirror(ckpt):
     assert np.allclose(flip.predict_arrays(sym)[0], plain.predict_arrays(sym)[0], atol=1e-6)
     with pytest.raises(BonexrayError, match="test-time augmentation"):
         Predictor(ckpt, device="cpu", tta="rotate")
+
+
+def test_cam_caption_says_which_map():
+    from bonexray.inference.cam import caption
+
+    assert caption(0.9, 0.5, "hand", 0.99)[0].startswith("ABNORMAL")
+    assert "learned fracture map" in caption(0.1, 0.5, "hand", 0.99, "localization")[-1]
+    assert "Grad-CAM++ of p(abnormal)" in caption(0.1, 0.5, "hand", 0.99, "gradcam++")[-1]

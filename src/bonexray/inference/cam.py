@@ -32,6 +32,7 @@ CAM_METHODS = {
     "hirescam": "HiResCAM",
 }
 DEFAULT_METHOD = "gradcam++"
+_DISPLAY_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM", "hirescam": "HiResCAM"}
 #: Not a CAM: the learned fracture map of models trained with --localization-weight.
 LOCALIZATION_METHOD = "localization"
 DISPLAY_SIZE = 512
@@ -177,12 +178,17 @@ def render_overlay(
     return canvas
 
 
-def caption(prob: float, threshold: float, body_part: str, body_part_prob: float) -> list[str]:
+def caption(prob: float, threshold: float, body_part: str, body_part_prob: float, method: str = "") -> list[str]:
     verdict = "ABNORMAL" if prob >= threshold else "normal"
-    return [
+    lines = [
         f"{verdict}: p(abnormal) = {prob:.3f} (threshold {threshold:.2f})",
         f"body part: {body_part} ({body_part_prob:.0%})",
     ]
+    if method:  # say what the colours are: a learned fracture probability or a rescaled CAM
+        key = method.strip().lower()
+        lines.append("heatmap: learned fracture map (probability)" if key == LOCALIZATION_METHOD
+                     else f"heatmap: {_DISPLAY_NAMES.get(key, method)} of p(abnormal), scaled per image")
+    return lines
 
 
 def cam_stem(path: str | os.PathLike) -> str:
@@ -233,7 +239,7 @@ class CamWriter:
         written = []
         for path, gray, cam, p, bp in zip(paths, batch, maps, probs, body_part_probs):
             k = int(np.argmax(bp))
-            img = render_overlay(gray, cam, caption(float(p), pr.threshold, pr.body_parts[k], float(bp[k])))
+            img = render_overlay(gray, cam, caption(float(p), pr.threshold, pr.body_parts[k], float(bp[k]), self.method))
             out = self._name(path)
             with atomic_write(out) as tmp:
                 img.save(tmp, format="PNG")
