@@ -1,6 +1,5 @@
 """Auxiliary fracture localisation: boxes from FracAtlas COCO -> tile masks -> augmentation -> loss -> training."""
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -117,9 +116,8 @@ def test_train_with_localization_head_and_fixed_split(tmp_path):
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert any(r.get("train_loss_localization") for r in rows) and any(r.get("valid_loss_localization") for r in rows)
     raw = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
-    assert any(k.startswith("loc_head.") for k in raw["state_dict"])
     net, card = load_model(result["best_checkpoint"])  # the head comes along as the network's fracture map
-    assert torch.equal(net.localization_head.weight, raw["state_dict"]["loc_head.weight"])
+    assert torch.equal(net.localization_head.weight, raw["state_dict"]["net.localization_head.weight"])
     x = torch.rand(2, 1, 64, 64)
     with torch.inference_mode():
         abn, parts = net(x)  # forward is unchanged: two outputs
@@ -146,7 +144,16 @@ def test_train_with_localization_head_and_fixed_split(tmp_path):
     expected = make_splits(load_dataset(root), 0.25, 0.25, seed=0)
     recorded = {r["path"]: r["split"] for r in csv.DictReader(open(out / "splits.csv"))}
     assert recorded == {r.path: r.split for r in expected}
-    assert json.loads(json.dumps(result["body_parts"])) == ["hand", "leg"]
+    assert result["body_parts"] == ["hand", "leg"]
+    # A model with a fracture map seeds one without (the map is dropped) and the other way round.
+    from bonexray.model.network import BoneXrayNet
+
+    plain = BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None, weights=result["best_checkpoint"])
+    assert plain.localization_head is None and torch.equal(plain.abnormal_head.weight, net.abnormal_head.weight)
+    with_map = BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None, localization_head=True)
+    torch.save(plain.state_dict(), out / "plain.pt")
+    with_map.load_weights_file(out / "plain.pt")
+    assert torch.equal(with_map.abnormal_head.weight, net.abnormal_head.weight) and with_map.localization_head is not None
 
 
 def test_localization_weight_needs_boxes(tmp_path):

@@ -71,8 +71,7 @@ def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, prog
 
 def _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of, status, batch_size, progress):
     valid = [r for r in records if r.split == "valid" and r.abnormal in (0, 1) and status.get(r.path) in ("ok", "truncated")]
-    labels = np.array([r.abnormal for r in valid])
-    if run_dir is None or len(np.unique(labels)) < 2:
+    if run_dir is None or len({r.abnormal for r in valid}) < 2:
         return predictor.threshold, "model card (no valid split of the run with both labels to re-choose it on)"
     cfg = {}
     if (run_dir / "config.yaml").is_file():

@@ -102,14 +102,18 @@ def cam_for_batch(net: nn.Module, x: torch.Tensor | np.ndarray, method: str = DE
     return np.clip(maps, 0.0, 1.0)
 
 
+def _require_localization_head(net: nn.Module) -> None:
+    if getattr(net, "localization_head", None) is None:
+        raise BonexrayError("this checkpoint has no localisation head: train with --localization-weight "
+                            f"(FracAtlas boxes), or use a CAM method ({', '.join(CAM_METHODS)})")
+
+
 def localization_for_batch(net: nn.Module, x: torch.Tensor) -> np.ndarray:
     """The localisation head's fracture probability, upsampled to the input: float32 (N, S, S) in [0, 1].
 
     Unlike a CAM it is not rescaled per image: a low map means the model sees no fracture.
     """
-    if getattr(net, "localization_head", None) is None:
-        raise BonexrayError("this checkpoint has no localisation head: train with --localization-weight "
-                            f"(FracAtlas boxes), or use a CAM method ({', '.join(CAM_METHODS)})")
+    _require_localization_head(net)
     param = next(net.parameters())
     with torch.inference_mode():
         maps = net.localization_map(x.to(param.device, torch.float32))
@@ -204,9 +208,7 @@ class CamWriter:
         if predictor.net is None:
             raise BonexrayError("CAM needs the torch network: give a checkpoint, not an ONNX file")
         if method.strip().lower() == LOCALIZATION_METHOD:  # fail early: a model without the head, a bad name
-            if getattr(predictor.net, "localization_head", None) is None:
-                raise BonexrayError(f"--cam-method {LOCALIZATION_METHOD}: this checkpoint has no localisation head "
-                                    "(train with --localization-weight)")
+            _require_localization_head(predictor.net)
         else:
             _cam_class(method)
         self.out_dir = Path(out_dir)

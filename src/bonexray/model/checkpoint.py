@@ -25,7 +25,6 @@ from bonexray.model.weights import describe_key_mismatch
 CARD_KEY = "bonexray"
 STATE_KEY = "state_dict"
 NET_PREFIX = "net."
-LOC_PREFIX = "loc_head."  # the training module's auxiliary fracture-localisation head
 
 
 @dataclass
@@ -114,9 +113,6 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[Bone
     net_state = {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
     if not net_state:
         raise CheckpointError(f"{p}: state_dict has no '{NET_PREFIX}*' keys (network weights)")
-    # Training keeps the localisation head next to the network (``loc_head.*``); it becomes the
-    # network's fracture-map head here.
-    net_state.update({"localization_head." + k[len(LOC_PREFIX):]: v for k, v in state.items() if k.startswith(LOC_PREFIX)})
     try:
         net = BoneXrayNet(
             card.backbone, num_body_parts=len(card.body_parts), pretrained=None,

@@ -131,7 +131,12 @@ class BoneXrayNet(nn.Module):
     def _load_heads(self, head_state: Mapping[str, torch.Tensor], source: str) -> None:
         if not head_state:
             return
+        # The fracture map is optional on either side: one the file has and this net lacks is
+        # dropped, one this net has and the file lacks stays freshly initialised.
+        loc = "localization_head."
         own = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        head_state = {k: v for k, v in head_state.items() if not k.startswith(loc) or k in own}
+        own = {k: v for k, v in own.items() if not k.startswith(loc) or k in head_state}
         unexpected = [k for k in head_state if k not in own]
         if unexpected:
             raise WeightsUnavailableError(

@@ -28,12 +28,8 @@ class CacheDataset(Dataset):
         self.abnormal = np.asarray(abnormal, dtype=np.int64)
         self.parts = np.asarray(parts, dtype=np.int64)
         self.boxes = list(boxes) if boxes is not None else None
-        self.localized = np.asarray(localized if localized is not None else [b is not None for b in self.boxes or []], dtype=bool)
+        self.localized = np.asarray(localized if localized is not None else [False] * len(self.rows), dtype=bool)
         self._images: np.ndarray | None = None  # opened lazily: each loader worker maps the file itself
-
-    @property
-    def has_boxes(self) -> bool:
-        return self.boxes is not None
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -7,7 +7,6 @@ import time
 import lightning as L
 import numpy as np
 import torch
-from torch import nn
 from torchmetrics import CatMetric
 from torchmetrics.functional.classification import binary_auroc
 
@@ -54,10 +53,9 @@ class BoneXrayModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=pretrained, weights=weights, dropout=dropout)
-        # Auxiliary head, training only: a 1x1 conv on the last feature map that marks fracture
-        # cells. It lives outside ``net``, so checkpoints load into the plain two-head network.
-        self.loc_head = nn.Conv2d(self.net.num_features, 1, 1) if localization_weight > 0 else None
+        # With a localisation loss the net also gets its fracture-map head (trained here, used by heatmaps).
+        self.net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=pretrained, weights=weights,
+                               dropout=dropout, localization_head=localization_weight > 0)
         self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
         self.threshold = 0.5
         self.aug_cfg = AugmentConfig()
@@ -71,9 +69,10 @@ class BoneXrayModule(L.LightningModule):
         x = img.float().div_(255.0)  # uint8 travels; conversion happens on the device
         mask = loc[0].float() if loc else None
         if self.trainer.training and self.hparams.augment:
-            x = augment_batch(x, self.aug_cfg) if mask is None else augment_batch(x, self.aug_cfg, mask=mask)
-            if mask is not None:
-                x, mask = x
+            if mask is None:
+                x = augment_batch(x, self.aug_cfg)
+            else:
+                x, mask = augment_batch(x, self.aug_cfg, mask=mask)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return (x, abnormal, part) if mask is None else (x, abnormal, part, mask, loc[1].bool())
@@ -83,15 +82,16 @@ class BoneXrayModule(L.LightningModule):
 
     def _step(self, batch, stage: str):
         x, abnormal, part, *loc = batch
-        if self.loc_head is not None and loc:
+        loc_head = self.net.localization_head
+        if loc_head is not None and loc:
             feature_map = self.net.forward_features(x)
             abn_logit, part_logits = self.net.forward_heads(feature_map)
         else:
             abn_logit, part_logits = self(x)
         loss, loss_abn, loss_part = multitask_loss(abn_logit, part_logits, abnormal, part, self.class_weights,
                                                    self.hparams.body_part_weight)
-        if self.loc_head is not None and loc:
-            loss_loc = localization_loss(self.loc_head(feature_map), loc[0], loc[1])
+        if loc_head is not None and loc:
+            loss_loc = localization_loss(loc_head(feature_map), loc[0], loc[1])
             self.log(f"{stage}_loss_localization", loss_loc, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
             loss = loss + self.hparams.localization_weight * loss_loc
         prob = torch.sigmoid(abn_logit.float())
@@ -140,7 +140,7 @@ class BoneXrayModule(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, p in self.named_parameters():  # net and, when present, the localisation head
+        for name, p in self.net.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on norms and biases
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
