@@ -1,8 +1,11 @@
 """Reader for the FracAtlas release layout (Abedeen et al., Sci Data 2023).
 
 ``dataset.csv`` + ``images/{Fractured,Non_fractured}/IMGnnnnnnn.jpg``. FracAtlas has no patient or
-study ids; consecutive image ids with identical flags are runs of one examination, so those runs
-become the study (and patient) groups that splits must keep together.
+study ids. Views of one examination have consecutive ids and share the body-part flags, but not
+always the others (one view may be marked multiscan, or show the fracture while the next does not).
+So runs of consecutive ids with identical body-part flags become the *exam groups* (study and
+patient ids) that splits keep together: a heuristic, not real study ids. Merging two examinations
+into one group is safe; splitting one would leak it across train and test.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from .records import Record, RecordSet
 
 FRACATLAS_PARTS = ("hand", "leg", "hip", "shoulder")
 _FLAG_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware", "multiscan", "fractured")
+#: The flags that define an exam group: what one examination's views always share.
+EXAM_GROUP_FLAGS = ("hand", "leg", "hip", "shoulder", "mixed")
 _REQUIRED = ("image_id",) + _FLAG_COLUMNS
 _FOLDERS = {"Fractured": 1, "Non_fractured": 0}
 
@@ -99,9 +104,9 @@ def read_fracatlas(path: str | Path) -> RecordSet:
             problems.append(f"{csv_path.name} line {line_no}: non-integer flag in {image_id}")
             continue
         listed.add(image_id)
-        # Runs break only where the flags change: an id gap may be an image left out of this
-        # subset, and merging two examinations into one group is safe while splitting one leaks.
-        key = tuple(flags[c] for c in _FLAG_COLUMNS)
+        # Runs break only where the body-part flags change: an id gap may be an image left out of
+        # this subset, and merging two examinations into one group is safe while splitting one leaks.
+        key = tuple(flags[c] for c in EXAM_GROUP_FLAGS)
         if key != prev_key:
             group += 1
             prev_key = key
@@ -133,8 +138,8 @@ def read_fracatlas(path: str | Path) -> RecordSet:
                 path=str(file),
                 body_part=body_part,
                 abnormal=int(bool(fractured or flags["hardware"])),
-                study_id=f"fracatlas-run{group:05d}",
-                patient_id=f"fracatlas-run{group:05d}",
+                study_id=f"fracatlas-exam{group:05d}",
+                patient_id=f"fracatlas-exam{group:05d}",
                 split="none",
                 source="fracatlas",
                 extras=extras,

@@ -1,12 +1,15 @@
 """Leak-free, seeded splits: grouped by patient / study group, stratified by body part and label.
 
-Uses scikit-learn's ``StratifiedGroupKFold``: one fold of ``round(1/fraction)`` becomes the held-out
-part, so no group is ever on both sides and each side keeps the body-part x label mix.
+Uses scikit-learn's ``StratifiedGroupKFold``: every group goes to one fold, and each held-out part
+takes whole folds, so no group is ever on both sides and each side keeps the body-part x label mix.
 """
 from __future__ import annotations
 
 import csv
+import math
+import warnings
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +19,59 @@ from ..errors import DatasetError
 from .records import Record, RecordSet
 
 
-def _hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (keep, held_out) with about ``fraction`` of the records held out, grouped by patient."""
-    if fraction <= 0 or len(records) < 2:
-        return list(range(len(records))), []
-    n_folds = max(2, int(round(1.0 / fraction)))
+#: Fractions are realised as whole folds of at most this many (so 0.15 is 3 folds of 20, exactly).
+MAX_FOLDS = 20
+
+
+def _fold_plan(fractions: list[float], n_groups: int) -> tuple[int, list[int]]:
+    """(number of folds, folds taken for each fraction), exact when the fractions have small denominators."""
+    fracs = [Fraction(f).limit_denominator(MAX_FOLDS) for f in fractions]
+    n_folds = 1
+    for f in fracs:
+        n_folds = math.lcm(n_folds, f.denominator)
+    if n_folds > MAX_FOLDS:  # e.g. 1/7 with 3/20: round each to twentieths
+        n_folds = MAX_FOLDS
+    n_folds = max(2, min(n_folds, n_groups))
+    taken = [max(1, round(float(f) * n_folds)) if f > 0 else 0 for f in fracs]
+    if sum(taken) >= n_folds:
+        raise DatasetError(f"cannot split {n_groups} patient/study groups into train plus "
+                           f"{', '.join(str(float(f)) for f in fracs)}: too few groups")
+    return n_folds, taken
+
+
+def _hold_out(records: list[Record], fractions: list[float], seed: int) -> list[int]:
+    """Part index per record: 0..len(fractions)-1 for the held-out parts, -1 for the rest; grouped by patient.
+
+    One ``StratifiedGroupKFold`` pass assigns every patient group to one of ``n`` folds (balanced
+    by body part x label); each held-out part takes whole folds, so its share is exact in folds.
+    """
+    part = [-1] * len(records)
+    if not records or not any(f > 0 for f in fractions):
+        return part
     groups = np.array([r.patient_id for r in records])
     n_groups = len(set(groups.tolist()))
     if n_groups < 2:
         raise DatasetError("cannot split: all images belong to one patient/study group")
-    n_folds = min(n_folds, n_groups)
+    n_folds, taken = _fold_plan(fractions, n_groups)
     strata = np.array([f"{r.body_part}|{r.abnormal}" for r in records])
     # Strata smaller than the fold count make sklearn warn; merge them into their label-only stratum.
     uniq, counts = np.unique(strata, return_counts=True)
     rare = set(uniq[counts < n_folds].tolist())
     strata = np.array([f"*|{r.abnormal}" if s in rare else s for s, r in zip(strata, records)])
+    uniq, counts = np.unique(strata, return_counts=True)
+    rare = set(uniq[counts < n_folds].tolist())
+    strata = np.where(np.isin(strata, list(rare)), "*", strata)
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    keep, held = next(sgkf.split(np.zeros(len(records)), strata, groups))
-    return sorted(keep.tolist()), sorted(held.tolist())
+    fold_to_part = [k for k, n in enumerate(taken) for _ in range(n)]
+    with warnings.catch_warnings():
+        # Small leftover strata are stratified as well as they can be; sklearn's warning says nothing more.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = list(sgkf.split(np.zeros(len(records)), strata, groups))
+    for fold, (_, held) in enumerate(folds):
+        if fold < len(fold_to_part):
+            for j in held:
+                part[j] = fold_to_part[fold]
+    return part
 
 
 def make_splits(
@@ -43,9 +81,10 @@ def make_splits(
 
     - MURA: the official ``valid`` split becomes ``test`` (MURA's real test set is hidden, and the
       official validation set is what the field reports on); ``valid`` is carved from ``train`` by
-      patient, so thresholds and early stopping never see the reported data.
+      patient, so thresholds and checkpoint choices never see the reported data.
     - Datasets with given train (and maybe test) splits keep them; ``valid`` is carved from train if absent.
-    - Datasets without splits (FracAtlas, plain manifests) get train/valid/test by study group.
+    - Datasets without splits (FracAtlas, plain manifests) get train/valid/test by patient/study group,
+      ``test_frac`` and ``valid_frac`` of all images (in whole folds of twentieths: 0.15 is 3/20).
     """
     records = [replace(r) for r in recordset.records]
     given = {r.split for r in records}
@@ -54,23 +93,22 @@ def make_splits(
             if r.split == "valid":
                 r.split = "test"
         pool = [i for i, r in enumerate(records) if r.split == "train"]
-        fractions = [("valid", valid_frac)]
+        names, fractions = ["valid"], [valid_frac]
     elif "train" in given and "valid" in given:
         return RecordSet(records, recordset.source, recordset.root, list(recordset.problems))
     elif "train" in given:
         pool = [i for i, r in enumerate(records) if r.split == "train"]
-        fractions = [("valid", valid_frac)]
+        names, fractions = ["valid"], [valid_frac]
     else:
         pool = list(range(len(records)))
         for r in records:
             r.split = "train"
-        fractions = [("test", test_frac), ("valid", valid_frac / max(1e-9, 1 - test_frac))]
-    for name, frac in fractions:
-        sub = [records[i] for i in pool]
-        keep, held = _hold_out(sub, frac, seed)
-        for j in held:
-            sub[j].split = name
-        pool = [pool[j] for j in keep]
+        # Both fractions are of the whole dataset, taken in one pass.
+        names, fractions = ["test", "valid"], [test_frac, valid_frac]
+    sub = [records[i] for i in pool]
+    for r, k in zip(sub, _hold_out(sub, fractions, seed)):
+        if k >= 0:
+            r.split = names[k]
     return RecordSet(records, recordset.source, recordset.root, list(recordset.problems))
 
 
