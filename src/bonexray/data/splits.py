@@ -6,7 +6,9 @@ takes whole folds, so no group is ever on both sides and each side keeps the bod
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import os
 import warnings
 from dataclasses import replace
 from fractions import Fraction
@@ -126,6 +128,45 @@ def write_splits(recordset: RecordSet, path: str | Path) -> None:
     """Record the split of every image (kept in every run directory)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "split", "study_id", "patient_id", "body_part", "abnormal"])
+        w.writerow(["path", "split", "study_id", "patient_id", "body_part", "abnormal", "root"])
         for r in recordset.records:
-            w.writerow([r.path, r.split, r.study_id, r.patient_id, r.body_part, r.abnormal])
+            w.writerow([r.path, r.split, r.study_id, r.patient_id, r.body_part, r.abnormal, recordset.root])
+
+
+def relative_key(path: str, root: str) -> str:
+    """An image's path relative to its dataset root (POSIX), so copies and moved datasets still match."""
+    try:
+        return Path(os.path.relpath(os.path.realpath(path), os.path.realpath(root))).as_posix()
+    except ValueError:  # another drive on Windows
+        return Path(path).as_posix()
+
+
+def split_fingerprint(recordset: RecordSet) -> str:
+    """SHA-256 of the sorted (relative path, split) pairs of the train/valid/test images."""
+    lines = sorted(f"{relative_key(r.path, recordset.root)}\t{r.split}" for r in recordset.records
+                   if r.split in ("train", "valid", "test"))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def split_counts(recordset: RecordSet) -> dict[str, int]:
+    return {s: sum(1 for r in recordset.records if r.split == s) for s in ("train", "valid", "test")}
+
+
+def read_splits(recordset: RecordSet, path: str | Path) -> RecordSet:
+    """Assign the splits recorded in a ``splits.csv`` (matched by resolved path, then by path relative
+    to the dataset root); images the file does not list get ``none`` (never valid or test)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path}: cannot read the splits file ({e})") from None
+    if not rows or not {"path", "split"} <= set(rows[0]):
+        raise DatasetError(f"{path}: not a splits file (needs columns path, split)")
+    split_root = rows[0].get("root") or ""
+    by_real = {os.path.realpath(r["path"]): r["split"] for r in rows}
+    by_rel = {relative_key(r["path"], split_root) if split_root else None: r["split"] for r in rows}
+    out = []
+    for r in recordset.records:
+        s = by_real.get(os.path.realpath(r.path)) or by_rel.get(relative_key(r.path, recordset.root)) or "none"
+        out.append(replace(r, split=s))
+    return RecordSet(out, recordset.source, recordset.root, list(recordset.problems))

@@ -42,6 +42,9 @@ class ModelCard:
     #: Abnormality decision threshold on the sigmoid probability.
     threshold: float = 0.5
     version: str = __version__
+    #: The training split: source, seed, fractions, --limit and a fingerprint of (image, split) pairs
+    #: (data/splits.py split_fingerprint). None for models from before bonexray recorded it.
+    split: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
@@ -93,6 +96,17 @@ def _read_checkpoint(path: Path, map_location: Any) -> Mapping[str, Any]:
             "or another tool's file?)"
         )
     return obj
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """The model card of a checkpoint, without building the network."""
+    p = Path(path)
+    try:
+        return ModelCard.from_dict(_read_checkpoint(p, "cpu")[CARD_KEY])
+    except CheckpointError:
+        raise
+    except BonexrayError as err:
+        raise CheckpointError(f"{p}: {err}") from err
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[BoneXrayNet, ModelCard]:

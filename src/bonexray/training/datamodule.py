@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -9,8 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.preprocess import ImageCache, letterbox_boxes
+from ..data.preprocess import ImageCache, build_cache, cache_is_current, fingerprint, letterbox_boxes
 from ..data.records import RecordSet
+from ..errors import DatasetError
+from .losses import abnormal_class_weights
 
 
 class CacheDataset(Dataset):
@@ -81,10 +84,73 @@ def split_datasets(cache: ImageCache, records: RecordSet, body_parts: Sequence[s
     return result
 
 
+#: Above this share of unreadable images, training stops unless --allow-unreadable is given.
+MAX_UNREADABLE = 0.05
+
+
+def data_report(records: RecordSet, index, n_read: int) -> dict:
+    """What happened to every image of the run: read, limited, unreadable (with reasons), unlabelled, used."""
+    status_of = dict(zip(index["path"], index["status"]))
+    reason_of = dict(zip(index["path"], index["reason"]))
+    unreadable = [r.path for r in records if status_of.get(r.path) not in ("ok", "truncated")]
+    return {
+        "read_by_reader": n_read,
+        "in_this_run": len(records),
+        "left_out_by_limit": n_read - len(records),
+        "truncated_but_used": sum(1 for r in records if status_of.get(r.path) == "truncated"),
+        "unreadable": len(unreadable),
+        "unlabelled": sum(1 for r in records if r.abnormal not in (0, 1)),
+        "by_split": {s: sum(1 for r in records if r.split == s) for s in ("train", "valid", "test", "none")},
+        "unreadable_images": [{"path": p, "reason": str(reason_of.get(p, "not in cache"))} for p in unreadable],
+        "reader_problems": list(records.problems),
+    }
+
+
 class BoneDataModule(L.LightningDataModule):
-    def __init__(self, datasets: dict[str, CacheDataset], batch_size: int = 32, workers: int = 0):
+    """Data work as Lightning intends: ``prepare_data`` decodes and caches once per node (under DDP,
+    torchrun or srun only local rank 0 writes the cache); ``setup`` joins the split with the cache,
+    accounts for every image and computes the loss's class weights, on every rank."""
+
+    def __init__(self, records: RecordSet, cache_records: RecordSet, cache_dir: str, image_size: int,
+                 batch_size: int = 32, workers: int = 0, with_boxes: bool = False, class_weights: str = "per_body_part",
+                 allow_unreadable: bool = False, progress: bool = True, n_read: int | None = None):
         super().__init__()
-        self.datasets, self.batch_size, self.workers = datasets, batch_size, workers
+        self.records, self.cache_records, self.cache_dir = records, cache_records, cache_dir
+        self.image_size, self.batch_size, self.workers = image_size, batch_size, workers
+        self.with_boxes, self.class_weight_mode, self.allow_unreadable = with_boxes, class_weights, allow_unreadable
+        self.progress = progress
+        self.n_read = len(cache_records) if n_read is None else n_read
+        self.body_parts = records.body_parts
+        self.datasets: dict[str, CacheDataset] = {}
+        self.class_weights: list[list[float]] | None = None
+        self.report: dict = {}
+
+    def prepare_data(self) -> None:
+        build_cache(self.cache_records, self.cache_dir, size=self.image_size, progress=self.progress)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if not cache_is_current(Path(self.cache_dir), fingerprint(self.cache_records.records, self.image_size)):
+            raise DatasetError(f"{self.cache_dir}: the preprocessed cache is missing or stale on this process "
+                               "(with several nodes, put --cache on a disk every node sees, or on each node's own disk)")
+        cache = ImageCache.open(self.cache_dir)
+        self.report = data_report(self.records, cache.index, self.n_read)
+        n, bad = self.report["in_this_run"], self.report["unreadable"]
+        if n and bad / n > MAX_UNREADABLE and not self.allow_unreadable:
+            shown = "; ".join(f"{u['path']}: {u['reason']}" for u in self.report["unreadable_images"][:3])
+            raise DatasetError(f"{bad} of {n} images ({bad / n:.0%}) cannot be read (more than {MAX_UNREADABLE:.0%}), "
+                               f"e.g. {shown}. Fix the data, or pass --allow-unreadable to train on the rest")
+        self.datasets = split_datasets(cache, self.records, self.body_parts, with_boxes=self.with_boxes)
+        for split in ("train", "valid"):
+            if split not in self.datasets:
+                raise DatasetError(f"{self.records.root}: no usable {split} images after splitting; "
+                                   "use more data (--limit) or check the dataset")
+        train = self.datasets["train"]
+        labels = train.abnormal.tolist()
+        parts = [self.body_parts[i] for i in train.parts] if self.class_weight_mode == "per_body_part" else ["*"] * len(labels)
+        weights = abnormal_class_weights(self.body_parts if self.class_weight_mode == "per_body_part" else ["*"], parts, labels)
+        self.class_weights = weights if self.class_weight_mode == "per_body_part" else weights * len(self.body_parts)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -1,7 +1,6 @@
 """LightningModule: the multi-task network, its loss, metrics, schedule and model card."""
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
@@ -16,20 +15,12 @@ from .augment import AugmentConfig, augment_batch
 from .losses import localization_loss, multitask_loss
 
 
-class WarmupCosine:
-    """LR factor per optimiser step: linear warm-up, then cosine decay to 1% of the peak.
-
-    A class (not a lambda) so the scheduler state stays plain data in the checkpoint.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int):
-        self.warmup_steps, self.total_steps = max(0, warmup_steps), max(1, total_steps)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+#: Augmentation presets (``--augment``); "flip-rotate" is the plain fine-tune baseline's.
+AUGMENT_PRESETS = {
+    "standard": AugmentConfig(),
+    "flip-rotate": AugmentConfig(max_rotation_deg=15.0, scale=(1.0, 1.0), translate=0.0, contrast=0.0,
+                                 brightness=0.0, gamma=0.0),
+}
 
 
 class BoneXrayModule(L.LightningModule):
@@ -37,7 +28,7 @@ class BoneXrayModule(L.LightningModule):
         self,
         backbone: str,
         body_parts: list[str],
-        class_weights: list[list[float]],
+        class_weights: list[list[float]] | None,
         image_size: int,
         pretrained: str | None = "imagenet",
         weights: str | None = None,
@@ -49,26 +40,37 @@ class BoneXrayModule(L.LightningModule):
         localization_weight: float = 0.0,
         threshold_method: str = "youden",
         target_sensitivity: float = 0.9,
-        augment: bool = True,
+        augment: str | None = "standard",
+        schedule: str = "cosine",
+        split: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         # With a localisation loss the net also gets its fracture-map head (trained here, used by heatmaps).
         self.net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=pretrained, weights=weights,
                                dropout=dropout, localization_head=localization_weight > 0)
-        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
+        # Usually None here: the DataModule computes them from the training split in setup() (see setup below).
+        # A plain attribute, not a buffer: weight averaging (EMA) copies the module before setup() runs.
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.threshold = 0.5
-        self.aug_cfg = AugmentConfig()
+        self.aug_cfg = AUGMENT_PRESETS[augment] if augment else None
         # Gathered across DDP processes on compute(): AUROC and the threshold need every image.
         self.val_probs, self.val_labels = CatMetric(), CatMetric()
         self._t_last: float | None = None
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.class_weights is None:
+            if dm is None or getattr(dm, "class_weights", None) is None:
+                raise RuntimeError("BoneXrayModule needs class_weights, given or from a BoneDataModule")
+            self.class_weights = torch.tensor(dm.class_weights, dtype=torch.float32)
 
     # -- data on device -------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         img, abnormal, part, *loc = batch  # loc: (mask, known) when the data carries fracture boxes
         x = img.float().div_(255.0)  # uint8 travels; conversion happens on the device
         mask = loc[0].float() if loc else None
-        if self.trainer.training and self.hparams.augment:
+        if self.trainer.training and self.aug_cfg is not None:
             if mask is None:
                 x = augment_batch(x, self.aug_cfg)
             else:
@@ -88,7 +90,7 @@ class BoneXrayModule(L.LightningModule):
             abn_logit, part_logits = self.net.forward_heads(feature_map)
         else:
             abn_logit, part_logits = self(x)
-        loss, loss_abn, loss_part = multitask_loss(abn_logit, part_logits, abnormal, part, self.class_weights,
+        loss, loss_abn, loss_part = multitask_loss(abn_logit, part_logits, abnormal, part, self.class_weights.to(x.device),
                                                    self.hparams.body_part_weight)
         if loc_head is not None and loc:
             loss_loc = localization_loss(loc_head(feature_map), loc[0], loc[1])
@@ -145,9 +147,17 @@ class BoneXrayModule(L.LightningModule):
                 (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on norms and biases
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(int(self.hparams.warmup_epochs * steps_per_epoch), total))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        lr_sched = torch.optim.lr_scheduler
+        if self.hparams.schedule == "onecycle":
+            sched = lr_sched.OneCycleLR(opt, max_lr=[self.hparams.lr] * len(opt.param_groups), total_steps=total)
+        else:  # linear warm-up, then cosine decay to 1% of the peak, stepped per batch
+            steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+            warmup = min(total - 1, int(self.hparams.warmup_epochs * steps_per_epoch))
+            cosine = lr_sched.CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=0.01 * self.hparams.lr)
+            sched = cosine if warmup <= 0 else lr_sched.SequentialLR(
+                opt, [lr_sched.LinearLR(opt, start_factor=1.0 / (warmup + 1), total_iters=warmup), cosine],
+                milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoint -----------------------------------------------------------------------------
@@ -161,6 +171,8 @@ class BoneXrayModule(L.LightningModule):
             "body_parts": list(self.hparams.body_parts),
             "threshold": float(self.threshold),
             "version": __version__,
+            # Which images it was trained, validated and tested on: evaluate checks it (docs/ARCHITECTURE.md).
+            "split": self.hparams.split,
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,150 @@
+"""The one typed training configuration: defaults here, recipes (YAML) on top, command-line flags on top.
+
+``options.py`` (the CLI), the shipped recipes, ``config.yaml`` in every run directory and
+``run_training`` all read these fields; nothing else holds a default. Kept free of torch so
+``bonexray --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import BonexrayError
+
+CHOICES = {
+    "pretrained": ("imagenet", "none"),
+    "monitor": ("valid_loss", "valid_auroc"),
+    "select": ("best", "last"),
+    "schedule": ("cosine", "onecycle"),
+    "augment": ("standard", "flip-rotate"),
+    "class_weights": ("per_body_part", "global"),
+    "threshold_method": ("youden", "sensitivity"),
+}
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = None
+    cache: str | None = None
+    limit: int | None = None
+    valid_frac: float = 0.15
+    test_frac: float = 0.15
+    workers: int | None = None
+    allow_unreadable: bool = False
+    # model
+    recipe: str | None = None
+    backbone: str = "resnet50"
+    pretrained: str = "imagenet"
+    weights: str | None = None
+    image_size: int = 224
+    dropout: float = 0.0
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    augment: str = "standard"
+    class_weights: str = "per_body_part"
+    body_part_weight: float = 1.0
+    localization_weight: float = 0.0
+    ema_decay: float = 0.0
+    select: str = "best"
+    monitor: str = "valid_auroc"
+    patience: int = 5
+    threshold_method: str = "youden"
+    target_sensitivity: float = 0.9
+    seed: int = 0
+    split_seed: int = 0
+    # run
+    out: str | None = None
+    resume: bool = False
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    max_steps: int | None = None
+    quiet: bool = False
+    #: The flags given explicitly (they win over any recipe); not part of the saved config.
+    given: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @staticmethod
+    def field_names() -> list[str]:
+        return [f.name for f in fields(TrainConfig) if f.name != "given"]
+
+    @staticmethod
+    def shipped_recipes() -> list[str]:
+        return sorted(p.name[:-5] for p in resources.files("bonexray.recipes").iterdir() if p.name.endswith(".yaml"))
+
+    @staticmethod
+    def load_recipe(name: str) -> dict:
+        """A recipe is a YAML file: a shipped name (``fracatlas``, ``mura``, ``baseline``) or a path."""
+        path = Path(name)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            text = path.read_text()
+        else:
+            try:
+                text = resources.files("bonexray.recipes").joinpath(f"{name}.yaml").read_text()
+            except FileNotFoundError as e:
+                raise BonexrayError(f"unknown recipe {name!r}; shipped recipes: "
+                                    f"{', '.join(TrainConfig.shipped_recipes())}, or pass a .yaml file") from e
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise BonexrayError(f"recipe {name}: expected a mapping of option: value")
+        unknown = set(data) - set(TrainConfig.field_names()) - {"description"}
+        if unknown:
+            raise BonexrayError(f"recipe {name}: unknown keys {', '.join(sorted(unknown))}")
+        data.pop("description", None)
+        return data
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | dict, recipe: str | None = None) -> "TrainConfig":
+        """Defaults <- recipe (``--recipe``, else ``recipe``) <- explicitly given flags (not None / not False)."""
+        raw = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        names = set(cls.field_names())
+        given = {k: v for k, v in raw.items() if k in names and v is not None and v is not False}
+        values: dict[str, Any] = {}
+        chosen = given.get("recipe") or recipe
+        if chosen:
+            values.update(cls.load_recipe(chosen))
+            values["recipe"] = chosen
+        values.update(given)
+        cfg = cls(**values, given=given)
+        cfg.validate()
+        return cfg
+
+    def with_dataset_recipe(self, source: str) -> "TrainConfig":
+        """Without ``--recipe``, the shipped recipe of the dataset's source (FracAtlas, MURA) applies."""
+        if self.recipe or source not in self.shipped_recipes():
+            return self
+        return type(self).from_args(self.given, recipe=source)
+
+    def validate(self) -> None:
+        for k in ("epochs", "batch_size", "image_size"):
+            if int(getattr(self, k)) < 1:
+                raise BonexrayError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
+        if self.image_size < 32:
+            raise BonexrayError("--image-size must be at least 32")
+        if not 0 < self.valid_frac < 1 or not 0 <= self.test_frac < 1 or self.valid_frac + self.test_frac >= 1:
+            raise BonexrayError("--valid-frac and --test-frac must be fractions summing to less than 1")
+        if not 0 <= self.ema_decay < 1:
+            raise BonexrayError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
+        for k, allowed in CHOICES.items():
+            if getattr(self, k) not in allowed:
+                raise BonexrayError(f"{k} must be one of {', '.join(allowed)} (got {getattr(self, k)!r})")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("given")
+        return d
+
+
+DEFAULTS = TrainConfig()
