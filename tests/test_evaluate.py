@@ -111,9 +111,77 @@ def test_ensemble_of_runs_with_the_same_split(trained_run, tmp_path, capsys):
     m = json.loads((ens / "metrics.json").read_text())
     assert "2 model(s)" in m["threshold_source"] and str(twin) in m["checkpoint"]
     # A member trained on another split would be tested on its own training images: refused.
-    splits = pd.read_csv(twin / "splits.csv")
-    splits.loc[splits.index[:2], "split"] = "train" if splits.loc[splits.index[0], "split"] != "train" else "test"
-    splits.to_csv(twin / "splits.csv", index=False)
+    _with_card(twin / "checkpoints" / "best.ckpt", split={"fingerprint": "0" * 64})
     capsys.readouterr()
     assert main(["evaluate", trained_run["best_checkpoint"], str(twin / "checkpoints" / "best.ckpt"), "--out", str(ens), *base]) == 2
-    assert "different splits" in capsys.readouterr().err
+    assert "trained on one split" in capsys.readouterr().err
+
+
+def _with_card(ckpt: Path, **changes) -> Path:
+    """Rewrite a checkpoint's model card (e.g. a model from before the card recorded its split)."""
+    import torch
+
+    obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+    obj["bonexray"].update(changes)
+    torch.save(obj, ckpt)
+    return ckpt
+
+
+def _test_paths(run_dir) -> set:
+    splits = pd.read_csv(Path(run_dir) / "splits.csv")
+    return set(splits.loc[splits["split"] == "test", "path"])
+
+
+def test_onnx_export_and_moved_checkpoint_use_the_training_split(trained_run, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(trained_run["best_checkpoint"], moved)
+    onnx = tmp_path / "model.onnx"
+    assert main(["export", str(moved), "--out", str(onnx)]) == 0
+    cache = str(Path(trained_run["run_dir"]).parent / "run-cache")
+    # The data given by another spelling of its path (relative vs absolute) must not matter.
+    data = str(Path(trained_run["manifest"]).resolve())
+    for model in (moved, onnx):
+        out = tmp_path / f"res-{model.suffix[1:]}"
+        assert main(["evaluate", str(model), "--data", data, "--out", str(out), "--bootstrap", "0", "--cache", cache]) == 0
+        assert set(pd.read_csv(out / "predictions.csv")["path"]) == _test_paths(trained_run["run_dir"])
+        assert "recomputed from the model card and verified" in json.loads((out / "metrics.json").read_text())["split_protocol"]
+
+
+def test_evaluate_refuses_a_split_it_cannot_find(trained_run, tmp_path, capsys):
+    import shutil
+
+    # A dataset that does not reproduce the training split (one image fewer): refused, not re-split.
+    rows = pd.read_csv(trained_run["manifest"])
+    other = Path(trained_run["manifest"]).parent / "fewer.csv"
+    rows.iloc[1:].to_csv(other, index=False)
+    moved = tmp_path / "model.ckpt"
+    shutil.copy(trained_run["best_checkpoint"], moved)
+    assert main(["evaluate", str(moved), "--data", str(other), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot find the split this model was trained with" in err and "--splits" in err
+    assert not (tmp_path / "r" / "metrics.json").exists()
+    # --split all is for data the model never saw: allowed.
+    assert main(["evaluate", str(moved), "--data", str(other), "--out", str(tmp_path / "all"), "--split", "all",
+                 "--bootstrap", "0"]) == 0
+
+
+def test_model_without_recorded_split_needs_its_splits_file(trained_run, tmp_path, capsys):
+    import shutil
+
+    old = _with_card(Path(shutil.copy(trained_run["best_checkpoint"], tmp_path / "old.ckpt")), split=None)
+    base = ["--data", trained_run["manifest"], "--bootstrap", "0"]
+    assert main(["evaluate", str(old), "--out", str(tmp_path / "r"), *base]) == 2
+    assert "does not record its training split" in capsys.readouterr().err
+    splits = str(Path(trained_run["run_dir"]) / "splits.csv")
+    assert main(["evaluate", str(old), "--out", str(tmp_path / "r"), "--splits", splits, *base]) == 0
+    assert set(pd.read_csv(tmp_path / "r" / "predictions.csv")["path"]) == _test_paths(trained_run["run_dir"])
+    # A splits file that is not the model's own split is refused when the card knows its split.
+    wrong = pd.read_csv(splits)
+    wrong["split"] = wrong["split"].map({"train": "test", "test": "train", "valid": "valid"})
+    wrong.to_csv(tmp_path / "wrong.csv", index=False)
+    assert main(["evaluate", trained_run["best_checkpoint"], "--out", str(tmp_path / "w"), "--splits",
+                 str(tmp_path / "wrong.csv"), *base]) == 2
+    assert "not the one the model was trained with" in capsys.readouterr().err

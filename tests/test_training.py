@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bonexray.cli import main
 from bonexray.errors import BonexrayError
 from bonexray.model.checkpoint import load_model
 from bonexray.training.losses import abnormal_class_weights, multitask_loss
@@ -49,6 +50,53 @@ def test_recipes_and_validation():
         TrainConfig.from_args({"recipe": "nope"})
     with pytest.raises(BonexrayError, match="image-size"):
         TrainConfig.from_args({"image_size": 8})
+
+
+def test_plain_train_takes_the_recipe_of_the_dataset():
+    cfg = TrainConfig.from_args({"epochs": 3})
+    assert cfg.recipe is None and cfg.monitor == "valid_auroc"
+    fa = cfg.with_dataset_recipe("fracatlas")
+    assert fa.recipe == "fracatlas" and fa.backbone == "efficientnet_lite0" and fa.select == "last"
+    assert fa.epochs == 3  # a flag given explicitly still wins over the recipe
+    assert cfg.with_dataset_recipe("manifest") is cfg  # no recipe for plain manifests: the defaults
+    assert TrainConfig.from_args({"recipe": "baseline"}).with_dataset_recipe("fracatlas").recipe == "baseline"
+
+
+def test_train_accounts_for_unreadable_images(tmp_path, capsys):
+    import yaml
+
+    manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
+    (tmp_path / "d" / "img003.png").write_bytes(b"not a png at all")
+    args = tiny_train_args(manifest, tmp_path / "run", epochs=1, max_steps=1)
+    assert main(["train", *_argv(args)]) == 0
+    err = capsys.readouterr().err
+    assert "1 unreadable image(s) skipped" in err and "img003.png" in err
+    report = yaml.safe_load((tmp_path / "run" / "data_report.yaml").read_text())
+    assert report["read_by_reader"] == 40 and report["unreadable"] == 1
+    assert report["unreadable_images"][0]["path"].endswith("img003.png") and report["unreadable_images"][0]["reason"]
+    # Past 5% unreadable, training stops with a clear message, unless told to go on.
+    for i in (5, 7):
+        (tmp_path / "d" / f"img{i:03d}.png").write_bytes(b"\x00" * 10)
+    args = tiny_train_args(manifest, tmp_path / "run2", epochs=1, max_steps=1)
+    assert main(["train", *_argv(args)]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 40 images (8%) cannot be read" in err and "--allow-unreadable" in err and "Traceback" not in err
+    assert main(["train", *_argv(args), "--allow-unreadable"]) == 0
+
+
+def test_ema_is_validated_and_saved_once_it_has_started(tmp_path):
+    manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
+    args = tiny_train_args(manifest, tmp_path / "run", epochs=3, ema_decay=0.5, select="last", schedule="onecycle")
+    result = run_training(TrainConfig.from_args(args))
+    best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
+    # The final model is the average; the raw weights travel beside it for --resume.
+    assert "current_model_state" in best and "averaging_state" in best
+    key = next(k for k in best["state_dict"] if k.startswith("net.") and best["state_dict"][k].is_floating_point())
+    assert not torch.equal(best["state_dict"][key], best["current_model_state"][key])
+    load_model(result["best_checkpoint"])  # loads like any checkpoint
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    aurocs = [float(r["valid_auroc"]) for r in rows if r.get("valid_auroc")]
+    assert len(aurocs) == 3
 
 
 def test_run_directory_contents(trained_run):
@@ -154,6 +202,21 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "world_size=2" in out or "distributed_backend=gloo" in out
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_ddp_launched_by_torchrun_builds_the_cache_once(tmp_path):
+    """All ranks start at once (torchrun); only local rank 0 builds the missing cache, every rank trains."""
+    manifest = make_manifest(tmp_path / "d", n=32, parts=("hand", "leg"))
+    args = tiny_train_args(manifest, tmp_path / "run", epochs=1, accelerator="cpu", devices=2, strategy="ddp",
+                           max_steps=2)
+    assert not Path(args["cache"]).exists()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "bonexray.cli", "train", *_argv(args)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("cached 32 images at 64 px") == 1, proc.stdout[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 

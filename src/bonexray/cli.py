@@ -72,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = run_evaluation(args.checkpoint, args.data, split=args.split, out=args.out,
                              batch_size=args.batch_size, device=args.device, n_bootstrap=args.bootstrap,
-                             body_part_map=args.map_body_part, cache=args.cache, tta=args.tta)
+                             body_part_map=args.map_body_part, cache=args.cache, tta=args.tta, splits=args.splits)
     print(summary)
     return 0
 
@@ -133,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (.ckpt) or ONNX file; several checkpoints of runs with the same split are "
                         "evaluated as an ensemble (probabilities averaged, threshold re-chosen on valid)")
     e.add_argument("--data", required=True)
-    e.add_argument("--split", choices=["valid", "test", "all"], default="test")
+    e.add_argument("--split", choices=["valid", "test", "all"], default="test",
+                   help="valid/test: the split the model was trained with (from its model card, --splits or the "
+                        "run's splits.csv; refused when it cannot be found); all: every image, for data the model "
+                        "never saw (default test)")
+    e.add_argument("--splits", default=None, metavar="FILE",
+                   help="a run's splits.csv to take the split from (checked against the model card)")
     e.add_argument("--out", required=True, help="results folder")
     e.add_argument("--cache", default=None, help="preprocessed cache folder (default: per-user cache)")
     e.add_argument("--batch-size", type=int, default=64)

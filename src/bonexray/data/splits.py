@@ -9,6 +9,7 @@ import csv
 import hashlib
 import math
 import os
+import random
 import warnings
 from dataclasses import replace
 from fractions import Fraction
@@ -112,6 +113,28 @@ def make_splits(
         if k >= 0:
             r.split = names[k]
     return RecordSet(records, recordset.source, recordset.root, list(recordset.problems))
+
+
+def limit_records(recordset, n: int | None, seed: int):
+    """About ``n`` images as whole patient/exam groups drawn at random with ``seed`` (no split leakage).
+
+    Returns a new RecordSet; the one given is left whole (the cache covers every image).
+    """
+    if not n or n >= len(recordset.records):
+        return recordset
+    groups: dict[str, list] = {}
+    for r in recordset.records:
+        groups.setdefault(r.patient_id, []).append(r)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    kept: list = []
+    for k in keys:
+        if len(kept) >= n:
+            break
+        kept.extend(groups[k])
+    kept_ids = {id(r) for r in kept}
+    return RecordSet([r for r in recordset.records if id(r) in kept_ids], recordset.source, recordset.root,
+                     list(recordset.problems))
 
 
 def check_no_leak(recordset: RecordSet) -> None:

@@ -1,11 +1,12 @@
 """``bonexray evaluate``: run a model over a dataset split and write a results folder.
 
-The split is the one the model was trained with when the checkpoint sits in its run directory
-(``RUN/splits.csv``); otherwise it is recomputed with the same deterministic, grouped splitter.
+``--split valid|test`` is always the split the model was trained with (found through its model card,
+``--splits FILE`` or the run's ``splits.csv``), or evaluation is refused; ``--split all`` scores every image.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,21 +40,54 @@ def parse_body_part_map(pairs: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
-def assign_eval_splits(records: RecordSet, run_dir: Path | None) -> tuple[RecordSet, str]:
-    """Same split as training when known; returns (records, how the split was obtained)."""
+def assign_eval_splits(records: RecordSet, card_split: dict | None, run_dir: Path | None,
+                       splits_file: str | Path | None = None) -> tuple[RecordSet, str]:
+    """The exact split the model was trained with, or a clear refusal; returns (records, how it was found).
+
+    The model card carries the split's recipe (seed, fractions, --limit) and a fingerprint of its
+    (image, split) pairs, so ONNX files and copied checkpoints know it too. In order: ``--splits FILE``;
+    the split recomputed from the card; the run's ``splits.csv`` beside the checkpoint. Each must
+    match the card's fingerprint (when the card has one); otherwise evaluation is refused rather
+    than scoring a "test" split that may hold training images.
+    """
+    from ..data.splits import limit_records, read_splits, split_fingerprint
+
+    want = (card_split or {}).get("fingerprint")
+
+    def verified(rs: RecordSet) -> bool:
+        return want is None or split_fingerprint(rs) == want
+
+    if splits_file is not None:
+        rs = read_splits(records, splits_file)
+        if not verified(rs):
+            raise DatasetError(f"{splits_file}: this split is not the one the model was trained with (its fingerprint "
+                               "differs from the model card's); pass the splits.csv of the model's own training run")
+        if not any(r.split in ("train", "valid", "test") for r in rs):
+            raise DatasetError(f"{splits_file}: lists none of the images of {records.root}")
+        return rs, f"from {splits_file}" + (" (verified against the model card)" if want else "")
+    if want is not None:
+        c = card_split
+        limited = limit_records(records, c.get("limit"), int(c.get("seed", 0)))
+        rs = make_splits(limited, float(c.get("valid_frac", 0.15)), float(c.get("test_frac", 0.15)), seed=int(c.get("seed", 0)))
+        if verified(rs):
+            chosen = {r.path: r.split for r in rs}
+            out = RecordSet([replace(r, split=chosen.get(r.path, "none")) for r in records], records.source, records.root,
+                            list(records.problems))
+            return out, (f"the training split, recomputed from the model card and verified (seed {c.get('seed')}, "
+                         f"valid {c.get('valid_frac')}, test {c.get('test_frac')}, limit {c.get('limit')})")
     if run_dir is not None and (run_dir / "splits.csv").is_file():
-        recorded = pd.read_csv(run_dir / "splits.csv", usecols=["path", "split"], dtype=str)
-        by_path = dict(zip(recorded["path"], recorded["split"]))
-        if any(r.path in by_path for r in records):
-            # Images the run never saw (e.g. left out by --limit) are "none": never in valid/test.
-            for r in records.records:
-                r.split = by_path.get(r.path, "none")
-            return records, f"recorded by the training run ({run_dir / 'splits.csv'})"
-    cfg = {}
-    if run_dir is not None:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    seed, vf, tf = cfg.get("split_seed", cfg.get("seed", 0)), cfg.get("valid_frac", 0.15), cfg.get("test_frac", 0.15)
-    return make_splits(records, vf, tf, seed=seed), f"recomputed (grouped, stratified; seed={seed}, valid={vf}, test={tf})"
+        rs = read_splits(records, run_dir / "splits.csv")
+        if any(r.split in ("train", "valid", "test") for r in rs) and verified(rs):
+            return rs, f"recorded by the training run ({run_dir / 'splits.csv'})"
+    if want is not None:
+        raise DatasetError(
+            f"{records.root}: cannot find the split this model was trained with: this dataset does not reproduce it "
+            f"(different images or version?) and no matching splits.csv was found. Pass --splits RUN/splits.csv "
+            f"from its training run, or --split all to score every image (only for data the model never saw)")
+    raise DatasetError(
+        "this model does not record its training split (a model from before bonexray kept it in the model card) and "
+        "no splits.csv of its run was found beside it. Pass --splits RUN/splits.csv, or --split all to score every "
+        "image (only for data the model never saw)")
 
 
 def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, progress: bool):
@@ -86,26 +120,21 @@ def _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_o
     return t, f"re-chosen on the run's valid split for {what} ({method}, {len(valid)} images)"
 
 
-def _same_split_runs(checkpoints: Sequence[Path]) -> Path | None:
-    """Run dir of the first checkpoint; members of an ensemble must share its recorded split."""
-    runs = [find_run_dir(c) if c.suffix != ".onnx" else None for c in checkpoints]
-    if len(runs) > 1:
-        if any(r is None or not (r / "splits.csv").is_file() for r in runs):
-            raise BonexrayError("an ensemble is evaluated only on checkpoints inside run directories with splits.csv, "
-                                "so that no member is tested on images it trained on")
-        first = pd.read_csv(runs[0] / "splits.csv", usecols=["path", "split"], dtype=str)
-        for r in runs[1:]:
-            other = pd.read_csv(r / "splits.csv", usecols=["path", "split"], dtype=str)
-            if dict(zip(first["path"], first["split"])) != dict(zip(other["path"], other["split"])):
-                raise BonexrayError(f"{r} and {runs[0]} were trained on different splits; an ensemble of them would be "
-                                    "tested on images one member trained on (train them with the same --split-seed)")
-    return runs[0]
+def _same_split(predictor, checkpoints: Sequence[Path]) -> Path | None:
+    """Run dir of the first checkpoint; the members of an ensemble must share one training split."""
+    members = getattr(predictor, "members", [predictor])
+    prints = [(m.card.split or {}).get("fingerprint") for m in members]
+    if len(members) > 1 and (None in prints or len(set(prints)) > 1):
+        names = ", ".join(str(m.path) for m in members)
+        raise BonexrayError(f"{names}: an ensemble needs members trained on one split (same data and --split-seed, "
+                            "recorded in each model card); otherwise a member would be tested on images it trained on")
+    return find_run_dir(checkpoints[0]) if checkpoints[0].suffix != ".onnx" else None
 
 
 def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "test", out: str = "results",
                    batch_size: int = 64, device: str = "auto", n_bootstrap: int = 1000,
                    body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
-                   tta: str = "none") -> str:
+                   tta: str = "none", splits: str | None = None) -> str:
     """Evaluate one checkpoint, or several as an ensemble (probabilities averaged)."""
     from ..inference.predict import Ensemble, Predictor
 
@@ -113,12 +142,16 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     ckpts = [Path(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
     predictor = Predictor(ckpts[0], device=device, tta=tta) if len(ckpts) == 1 else Ensemble(ckpts, device=device, tta=tta)
     body_parts = predictor.body_parts
-    run_dir = _same_split_runs(ckpts)
+    run_dir = _same_split(predictor, ckpts)
 
     records = load_dataset(data)
     # The cache is keyed by the dataset as read (the same one training built), before any remapping.
     cache_dir = Path(cache) if cache else default_cache_dir(records.root, predictor.image_size)
     image_cache, _ = build_cache(records, cache_dir, size=predictor.image_size, progress=progress)
+    if split == "all":
+        how = "all images"
+    else:  # before any body-part remapping: the split is stratified by the dataset's own body parts
+        records, how = assign_eval_splits(records, predictor.card.split, run_dir, splits)
     mapping = parse_body_part_map(body_part_map)
     for r in records.records:
         r.body_part = mapping.get(r.body_part, r.body_part)
@@ -128,11 +161,6 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             f"{data}: body parts {', '.join(unknown)} are not classes of this model ({', '.join(body_parts)}). "
             "Map them with --map-body-part DATA=MODEL (e.g. --map-body-part wrist=hand), or evaluate on matching data"
         )
-    if split == "all":
-        how = "all images"
-    else:
-        records, how = assign_eval_splits(records, run_dir)
-
     status = dict(zip(image_cache.index["path"], image_cache.index["status"]))
     row_of = dict(zip(image_cache.index["path"], image_cache.index["row"]))
     chosen = [r for r in records if (split == "all" or r.split == split) and r.abnormal in (0, 1)]

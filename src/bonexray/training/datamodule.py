@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -126,7 +127,9 @@ class BoneDataModule(L.LightningDataModule):
         self.report: dict = {}
 
     def prepare_data(self) -> None:
-        build_cache(self.cache_records, self.cache_dir, size=self.image_size, progress=self.progress)
+        cache, reused = build_cache(self.cache_records, self.cache_dir, size=self.image_size, progress=self.progress)
+        if not reused:
+            print(f"cached {len(cache.index)} images at {self.image_size} px in {cache.root}", file=sys.stderr)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from ..atomic import atomic_write_text
 from ..errors import BonexrayError, DatasetError
 from .config import TrainConfig
 
-__all__ = ["TrainConfig", "run_training", "resolve_data", "limit_records"]
+__all__ = ["TrainConfig", "run_training", "resolve_data"]
 
 def resolve_data(data: str | None, progress: bool = True) -> str:
     """Explicit --data, else ./data/MURA-v1.1, else FracAtlas (downloaded into the user's cache on first use)."""
@@ -35,30 +34,6 @@ def resolve_data(data: str | None, progress: bool = True) -> str:
             f"unzip it into {home} (so that {home / 'FracAtlas' / 'dataset.csv'} exists) or anywhere and pass "
             "--data PATH/TO/FracAtlas; or put MURA at ./data/MURA-v1.1 (see `bonexray download mura`)."
         ) from None
-
-
-def limit_records(recordset, n: int | None, seed: int):
-    """About ``n`` images as whole patient/exam groups drawn at random with ``seed`` (no split leakage).
-
-    Returns a new RecordSet; the one given is left whole (the cache covers every image).
-    """
-    from ..data.records import RecordSet
-
-    if not n or n >= len(recordset.records):
-        return recordset
-    groups: dict[str, list] = {}
-    for r in recordset.records:
-        groups.setdefault(r.patient_id, []).append(r)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    kept: list = []
-    for k in keys:
-        if len(kept) >= n:
-            break
-        kept.extend(groups[k])
-    kept_ids = {id(r) for r in kept}
-    return RecordSet([r for r in recordset.records if id(r) in kept_ids], recordset.source, recordset.root,
-                     list(recordset.problems))
 
 
 def _quiet_known_warnings() -> None:
@@ -124,12 +99,13 @@ def split_info(records, cfg: TrainConfig) -> dict:
 def run_training(cfg: TrainConfig) -> dict:
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
     from ..data.datasets import detect_source, load_dataset
     from ..data.preprocess import default_cache_dir
-    from ..data.splits import check_no_leak, make_splits
+    from ..data.splits import check_no_leak, limit_records, make_splits
     from ..model.checkpoint import read_card
+    from .averaging import DelayedEMA
     from .checkpoint_io import AtomicCheckpointIO
     from .csv_logger import ResumableCSVLogger
     from .datamodule import BoneDataModule
@@ -193,15 +169,16 @@ def run_training(cfg: TrainConfig) -> dict:
         _run_files_callback(cfg, out, records, dm),
     ]
     if select_best and cfg.patience > 0:
-        callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience))
+        # Not strict: valid AUROC does not exist while the valid split holds one class only.
+        callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience, strict=False))
     if cfg.ema_decay > 0:
-        # Validation and checkpoints use the averaged weights (Lightning swaps them in).
+        # Validation and checkpoints use the averaged weights once averaging has started.
         # Averaging starts after the first 30% of the steps (one-cycle's warm-up), not from the ImageNet start.
         n_train = sum(1 for r in records if r.split == "train")
         start = int(0.3 * cfg.epochs * -(-n_train // cfg.batch_size))
         if cfg.max_steps:  # never end before the average has started (it would replace the trained weights)
             start = min(start, max(0, cfg.max_steps - 1))
-        callbacks.append(EMAWeightAveraging(decay=cfg.ema_decay, update_starting_at_step=start))
+        callbacks.append(DelayedEMA(decay=cfg.ema_decay, update_starting_at_step=start))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     devices = int(cfg.devices) if isinstance(cfg.devices, str) and cfg.devices.isdigit() else cfg.devices
@@ -217,6 +194,15 @@ def run_training(cfg: TrainConfig) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if cfg.resume else None)
     best = callbacks[0].best_model_path or str(ckpt_dir / "best.ckpt")
     score = callbacks[0].best_model_score
+    if trainer.is_global_zero and not Path(best).is_file() and last.is_file():
+        import shutil
+
+        from ..atomic import atomic_write
+
+        print(f"{cfg.monitor} was never computed (a valid split with one class, or stopped before validation): "
+              f"best.ckpt is the final model", file=sys.stderr)
+        with atomic_write(Path(best)) as tmp:
+            shutil.copyfile(last, tmp)
     return {
         "run_dir": str(out),
         "recipe": cfg.recipe,
