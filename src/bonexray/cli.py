@@ -72,7 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = run_evaluation(args.checkpoint, args.data, split=args.split, out=args.out,
                              batch_size=args.batch_size, device=args.device, n_bootstrap=args.bootstrap,
-                             body_part_map=args.map_body_part, cache=args.cache, tta=args.tta, splits=args.splits)
+                             body_part_map=args.map_body_part, cache=args.cache, tta=args.tta, splits=args.splits,
+                             backend=args.backend)
     print(summary)
     return 0
 
@@ -82,7 +83,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
                        device=args.device, batch_size=args.batch_size, tta=args.tta,
-                       cam_method=args.cam_method)
+                       cam_method=args.cam_method, backend=args.backend)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -96,6 +97,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     # The web stage (FastAPI) is the next milestone; say so plainly instead of failing on an import.
     raise BonexrayError("`bonexray serve` is not built yet; use `bonexray predict MODEL PATH...` meanwhile")
+
+
+BACKEND_HELP = ("engine for a checkpoint: 'auto' (default) runs it through onnxruntime on CPU (exported once, "
+                "cached beside the checkpoint as NAME.<sha256>.onnx) and through PyTorch on a GPU; 'torch' or 'onnx' "
+                "choose explicitly. --cam always uses the PyTorch network")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: 'flip' averages each image with its mirror; the threshold is then "
                         "re-chosen on the run's valid split under the same TTA (default none)")
+    e.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
     e.add_argument("--map-body-part", action="append", default=[], metavar="DATA=MODEL",
                    help="map a dataset body part onto a model class (repeatable)")
     e.set_defaults(func=cmd_evaluate)
@@ -166,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tta", choices=["none", "flip"], default="none",
                     help="'flip' averages each image with its mirror (twice the compute); decisions still use "
                          "the checkpoint's threshold")
+    pr.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX with its model card")

@@ -134,13 +134,14 @@ def _same_split(predictor, checkpoints: Sequence[Path]) -> Path | None:
 def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "test", out: str = "results",
                    batch_size: int = 64, device: str = "auto", n_bootstrap: int = 1000,
                    body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
-                   tta: str = "none", splits: str | None = None) -> str:
+                   tta: str = "none", splits: str | None = None, backend: str = "auto") -> str:
     """Evaluate one checkpoint, or several as an ensemble (probabilities averaged)."""
     from ..inference.predict import Ensemble, Predictor
 
     t0 = time.perf_counter()
     ckpts = [Path(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
-    predictor = Predictor(ckpts[0], device=device, tta=tta) if len(ckpts) == 1 else Ensemble(ckpts, device=device, tta=tta)
+    predictor = (Predictor(ckpts[0], device=device, tta=tta, backend=backend) if len(ckpts) == 1
+                 else Ensemble(ckpts, device=device, tta=tta, backend=backend))
     body_parts = predictor.body_parts
     run_dir = _same_split(predictor, ckpts)
 

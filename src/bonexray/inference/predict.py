@@ -83,29 +83,73 @@ def is_onnx_file(path: str | os.PathLike) -> bool:
 
 
 class Predictor:
-    """A loaded model: a checkpoint (torch) or an ONNX export (onnxruntime).
+    """A loaded model: a checkpoint (torch, or its cached ONNX export) or an ONNX file (onnxruntime).
 
     ``predict_arrays(uint8 (N, S, S))`` -> ``(prob_abnormal (N,), body_part_probs (N, K))`` with
-    S = ``card.image_size``; the arrays are what :func:`load_for_model` returns.
+    S = ``card.image_size``; the arrays are what :func:`load_for_model` returns. ``backend``
+    (``auto``, ``torch``, ``onnx``; see :mod:`bonexray.inference.backends`) picks the engine for a
+    checkpoint; ``self.backend`` says which one runs. ``net`` (the torch network, for CAMs) is
+    loaded on first use when a checkpoint runs on onnxruntime.
     """
 
-    def __init__(self, model: str | os.PathLike, device: str = "auto", tta: str = "none") -> None:
+    def __init__(self, model: str | os.PathLike, device: str = "auto", tta: str = "none", backend: str = "auto") -> None:
+        from .backends import BACKENDS, choose_backend, exported_onnx, warn
+
         if tta not in TTA_MODES:
             raise BonexrayError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+        if backend not in BACKENDS:
+            raise BonexrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.tta = tta
         self.path = Path(model)
-        self.backend = "onnx" if is_onnx_file(self.path) else "torch"
-        self.net = None
+        self._net = None
         self.session = None
-        if self.backend == "onnx":
-            self.card, self.session = _load_onnx(self.path, device)
-            self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.checkpoint: Path | None = None  # the torch checkpoint behind this model, if any
+        if is_onnx_file(self.path):
+            if backend == "torch":
+                raise BonexrayError(f"{self.path}: --backend torch needs a checkpoint (.ckpt), not an ONNX file")
+            self.backend = "onnx"
         else:
-            from ..model.checkpoint import load_model
-
+            self.checkpoint = self.path
+            self.backend = choose_backend(backend, resolve_device(device))
+        if self.backend == "onnx":
+            onnx_path, exported = self.path, None
+            if self.checkpoint is not None:
+                try:
+                    exported = exported_onnx(self.checkpoint)
+                except BonexrayError as err:
+                    if backend == "onnx" or isinstance(err, CheckpointError):
+                        raise
+                    warn(f"{self.path}: ONNX export failed ({err}); running it with PyTorch")
+                    self.backend = "torch"
+                else:
+                    onnx_path = exported.path
+            if self.backend == "onnx":
+                try:
+                    self.card, self.session = _load_onnx(onnx_path, device)
+                finally:
+                    if exported is not None:
+                        exported.discard()
+                self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        if self.backend == "torch":
             self.device = resolve_device(device)
-            self.net, self.card = load_model(self.path, map_location=self.device)
-            self.net.eval()
+            self.net, self.card = self._load_net()
+
+    def _load_net(self):
+        from ..model.checkpoint import load_model
+
+        net, card = load_model(self.checkpoint, map_location=self.device)
+        return net.eval(), card
+
+    @property
+    def net(self):
+        """The torch network (None for an ONNX file); loaded on first use for a checkpoint on onnxruntime."""
+        if self._net is None and self.checkpoint is not None:
+            self._net, _ = self._load_net()
+        return self._net
+
+    @net.setter
+    def net(self, value) -> None:
+        self._net = value
 
     @property
     def image_size(self) -> int:
@@ -135,7 +179,7 @@ class Predictor:
         import torch
 
         with torch.inference_mode():
-            abn, bp = self.net(self.to_tensor(batch))
+            abn, bp = self._net(self.to_tensor(batch))
         return abn.float().cpu().numpy(), bp.float().cpu().numpy()
 
     def predict_arrays(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,10 +207,11 @@ class Ensemble:
     ``threshold`` is the members' mean; evaluation re-chooses it on the runs' valid split.
     """
 
-    def __init__(self, models: Sequence[str | os.PathLike], device: str = "auto", tta: str = "none") -> None:
+    def __init__(self, models: Sequence[str | os.PathLike], device: str = "auto", tta: str = "none",
+                 backend: str = "auto") -> None:
         if not models:
             raise BonexrayError("an ensemble needs at least one model")
-        self.members = [Predictor(m, device=device, tta=tta) for m in models]
+        self.members = [Predictor(m, device=device, tta=tta, backend=backend) for m in models]
         first = self.members[0]
         for m in self.members[1:]:
             if m.image_size != first.image_size or m.body_parts != first.body_parts:
@@ -209,8 +254,9 @@ def _load_onnx(path: Path, device: str):
         providers.insert(0, "CUDAExecutionProvider")
     elif str(device).startswith("cuda"):
         raise BonexrayError(f"--device {device}: onnxruntime has no CUDA provider here")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: no provider chatter on stderr
+    from .backends import ort_session_options
+
+    opts = ort_session_options()
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as err:
@@ -413,6 +459,7 @@ def run_predict(
     stream: TextIO | None = None,
     tta: str = "none",
     cam_method: str = "gradcam++",
+    backend: str = "auto",
 ) -> int:
     """Predict every image under ``paths``; returns the exit status (0 ok, 1 some input failed).
 
@@ -428,7 +475,7 @@ def run_predict(
             "which an exported ONNX model does not provide"
         )
     stream = stream or sys.stdout
-    predictor = Predictor(model, device=device, tta=tta)
+    predictor = Predictor(model, device=device, tta=tta, backend=backend)
     plan = collect_inputs(paths, study=study)
     failed = 0
     for path, reason in plan.errors:
