@@ -94,7 +94,6 @@ def train_throughput(dataset, args, device: str) -> tuple[float, object]:
     import torch
     import torch.nn.functional as F
 
-    from bonexray.training.datamodule import BoneDataModule
     from bonexray.training.module import BoneXrayModule
 
     class Module(BoneXrayModule):
@@ -120,7 +119,16 @@ def train_throughput(dataset, args, device: str) -> tuple[float, object]:
     if device == "cuda":
         module = module.to(memory_format=torch.channels_last)
     clock = StepClock()
-    dm = BoneDataModule({"train": dataset, "valid": dataset}, batch_size=args.batch_size, workers=args.workers)
+    from torch.utils.data import DataLoader
+
+    class SyntheticData(L.LightningDataModule):
+        """The synthetic cache has no dataset behind it: loaders as BoneDataModule makes them, on its rows."""
+
+        def train_dataloader(self):
+            return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              pin_memory=device == "cuda", persistent_workers=args.workers > 0)
+
+    dm = SyntheticData()
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                         precision="16-mixed" if device == "cuda" else "32-true", max_steps=args.steps,
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
