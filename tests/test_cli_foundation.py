@@ -1,6 +1,7 @@
 import functools
 import http.server
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -64,7 +65,7 @@ def test_download_bad_zip_and_offline(tmp_path, http_root, capsys):
     (served / "bad.zip").write_bytes(b"this is not a zip")
     with pytest.raises(DatasetError, match="not a valid zip"):
         download_fracatlas(tmp_path / "a", url=f"{base}/bad.zip", progress=False)
-    with pytest.raises(DatasetError, match="checksum"):
+    with pytest.raises(DatasetError, match="SHA-256 mismatch"):
         (served / "fa.zip").write_bytes(_fracatlas_zip())
         download_fracatlas(tmp_path / "b", url=f"{base}/fa.zip", sha256="0" * 64, progress=False)
     assert main(["download", "fracatlas", "--dest", str(tmp_path / "c"), "--url", f"{base}/missing.zip", "--quiet"]) == 2
@@ -95,3 +96,45 @@ def test_preprocess_cli_bad_data_is_one_line(tmp_path, capsys):
 def test_serve_says_it_is_not_built_yet(capsys):
     assert main(["serve", "model.ckpt"]) == 2
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_download_fracatlas_without_network_is_one_line(tmp_path):
+    """The README's first step, with its default URL, on a machine without network: exit 2, one line."""
+    import socket
+
+    with socket.socket() as s:  # a local port nobody listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        dead_proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "https_proxy": dead_proxy, "HTTPS_PROXY": dead_proxy, "http_proxy": dead_proxy,
+           "HTTP_PROXY": dead_proxy, "no_proxy": "", "NO_PROXY": ""}
+    proc = subprocess.run([sys.executable, "-m", "bonexray.cli", "download", "fracatlas", "--dest", str(tmp_path / "dl"),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bonexray download: error: could not download https://figshare.com/")
+    assert "offline" in lines[0]
+    assert list((tmp_path / "dl").iterdir()) == []  # no partial download left
+
+
+def test_download_verifies_the_pinned_sha256(tmp_path, http_root, capsys, monkeypatch):
+    import hashlib
+
+    import bonexray.data.download as dl
+
+    served, base = http_root
+    release = _fracatlas_zip()
+    (served / "fa.zip").write_bytes(release)
+    monkeypatch.setattr(dl, "FRACATLAS_URL", f"{base}/fa.zip")  # stands in for figshare
+    monkeypatch.setattr(dl, "FRACATLAS_SHA256", hashlib.sha256(b"another release").hexdigest())
+    assert main(["download", "fracatlas", "--dest", str(tmp_path / "a"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "FracAtlas.zip: SHA-256 mismatch" in err and hashlib.sha256(release).hexdigest() in err
+    assert list((tmp_path / "a").iterdir()) == []  # the mismatching zip is deleted, nothing unpacked
+    monkeypatch.setattr(dl, "FRACATLAS_SHA256", hashlib.sha256(release).hexdigest())
+    assert main(["download", "fracatlas", "--dest", str(tmp_path / "b"), "--quiet"]) == 0
+    assert f"SHA-256 {hashlib.sha256(release).hexdigest()} (verified)" in capsys.readouterr().out
+    assert (tmp_path / "b" / "FracAtlas" / "dataset.csv").is_file()
+    # --sha256 overrides the pinned value (e.g. for a mirror); a malformed value is refused.
+    assert main(["download", "fracatlas", "--dest", str(tmp_path / "c"), "--sha256", "0" * 64, "--quiet"]) == 2
+    assert main(["download", "fracatlas", "--dest", str(tmp_path / "d"), "--sha256", "abc", "--quiet"]) == 2
+    assert "not a SHA-256" in capsys.readouterr().err

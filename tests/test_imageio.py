@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import struct
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from bonexray.data.imageio import (
     read_image,
     to_uint8,
 )
-from bonexray.errors import ImageReadError
+from bonexray.errors import ImageReadError, MissingDecoderError
 from conftest import SHARED_DATA, requires_shared_data
 
 DICOM_DIR = SHARED_DATA / "dicom"
@@ -125,7 +126,7 @@ def _dcmwrite(path: Path, ds: Dataset, *, enforce: bool) -> None:
 
 
 def test_image_suffixes_are_lower_case_with_dot() -> None:
-    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+    assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
 
 
 def test_is_image_file(tmp_path: Path) -> None:
@@ -360,7 +361,7 @@ def test_declared_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     assert "pixels" in info.value.reason
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.filterwarnings("ignore::bonexray.errors.BonexrayWarning")
 def test_max_pixels_limit_names_the_size(tmp_path: Path) -> None:
     path = _png_header_only(tmp_path / "big.png", 12_000, 10_001)  # just over the default
     with pytest.raises(ImageReadError, match="12000x10001") as info:
@@ -371,11 +372,29 @@ def test_max_pixels_limit_names_the_size(tmp_path: Path) -> None:
         read_image(small, max_pixels=1000)
 
 
-@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
-def test_pil_bomb_warning_as_error_becomes_image_read_error(tmp_path: Path) -> None:
-    path = _png_header_only(tmp_path / "warn.png", 12_000, 10_000)  # > PIL's warning threshold
-    with pytest.raises(ImageReadError, match="bomb"):
+def test_pil_bomb_warning_is_replaced_by_one_naming_the_file(tmp_path: Path) -> None:
+    from bonexray.errors import BonexrayWarning
+
+    path = _png_header_only(tmp_path / "warn.png", 12_000, 9_000)  # > PIL's warning threshold, < max_pixels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageReadError):  # header only: no pixel data to decode
+            read_image(path)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    ours = [str(w.message) for w in caught if issubclass(w.category, BonexrayWarning)]
+    assert len(ours) == 1 and str(path) in ours[0] and "12000x9000" in ours[0]
+
+
+def test_all_nan_float_image_is_refused_not_black(tmp_path: Path) -> None:
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F").save(path)
+    with pytest.raises(ImageReadError, match="no finite pixel"):
         read_image(path)
+    partly = tmp_path / "partly.tif"
+    a = np.arange(64, dtype=np.float32).reshape(8, 8)
+    a[0, 0] = np.nan
+    Image.fromarray(a, mode="F").save(partly)
+    assert read_image(partly).pixels.max() > 0
 
 
 def test_bad_draft_size(tmp_path: Path) -> None:
@@ -508,7 +527,7 @@ def test_dicom_unsupported_compression_names_package(tmp_path: Path) -> None:
     ds["PixelData"].VR = "OB"
     path = tmp_path / "jls.dcm"
     _dcmwrite(path, ds, enforce=True)
-    with pytest.raises(ImageReadError, match="pip install") as info:
+    with pytest.raises(MissingDecoderError, match="pip install") as info:  # a setup problem, not a bad image
         read_image(path)
     assert "JPEG-LS" in info.value.reason
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from . import __version__
-from .errors import BonexrayError
+from .errors import BonexrayError, BonexrayWarning
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -27,7 +28,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.dataset == "mura":
         print(MURA_HELP)
         return 0
-    root = download_fracatlas(args.dest, url=args.url, sha256=args.sha256, progress=not args.quiet)
+    root = download_fracatlas(args.dest, url=args.url, sha256=args.sha256, progress=not args.quiet)  # None: defaults
     print(f"FracAtlas ready at {root}")
     print(f"next: bonexray preprocess {root} --out ./cache/fracatlas")
     return 0
@@ -112,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="fetch an open dataset (FracAtlas) or explain how to get MURA")
     d.add_argument("dataset", choices=["fracatlas", "mura"])
     d.add_argument("--dest", help="target folder (default: ~/.cache/bonexray/datasets)")
-    d.add_argument("--url", default=None, help="mirror URL of the FracAtlas zip")
-    d.add_argument("--sha256", default=None, help="expected SHA-256 of the zip")
+    d.add_argument("--url", default=None, help="mirror URL of the FracAtlas zip (default: the figshare release)")
+    d.add_argument("--sha256", default=None, help="expected SHA-256 of the zip (default: the pinned value, if any)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_download)
 
@@ -190,8 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings(command: str):
+    """bonexray's own warnings print as one line, like its errors; other libraries' keep their format."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, BonexrayWarning):
+            print(f"bonexray {command}: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except BonexrayError as e:
@@ -200,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bonexray {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ class ImageReadError(BonexrayError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class MissingDecoderError(ImageReadError):
+    """A file needs a decoder that is not installed (e.g. a DICOM transfer syntax): a setup
+    problem, not a bad image, so callers that record bad images stop on it instead."""
+
+
 class DatasetError(BonexrayError):
     """A dataset folder/CSV is missing, malformed or of an unknown layout."""
 
@@ -27,3 +32,7 @@ class CheckpointError(BonexrayError):
 
 class WeightsUnavailableError(BonexrayError):
     """Pretrained weights could not be obtained (e.g. offline)."""
+
+
+class BonexrayWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""

@@ -17,13 +17,18 @@ Output conventions (the contract every consumer relies on):
   is flipped only for the retry of a file that failed as truncated, under a lock that keeps every
   other ``read_image`` decode out meanwhile, and restored afterwards. (If the application sets the
   flag itself, truncation can no longer be detected and ``truncated`` stays False.)
-* Every failure raises ``ImageReadError(path, reason)``.
+* A float image without a single finite pixel (all NaN/inf) is refused, not shown as black.
+* Pillow's DecompressionBombWarning (images above ``Image.MAX_IMAGE_PIXELS``) is replaced by a
+  ``BonexrayWarning`` naming the file; ``max_pixels`` is the hard limit.
+* Every failure raises ``ImageReadError(path, reason)``; a DICOM whose pixel data needs a decoder
+  that is not installed raises its subclass ``MissingDecoderError`` (a setup problem).
 """
 from __future__ import annotations
 
 import io
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,12 +38,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from bonexray.errors import ImageReadError
+from bonexray.errors import BonexrayWarning, ImageReadError, MissingDecoderError
 
 __all__ = ["IMAGE_SUFFIXES", "DecodedImage", "is_image_file", "read_image", "to_uint8"]
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
 )
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _DICOM_MAGIC_OFFSET = 128
@@ -234,9 +239,17 @@ def _read_pil(p: Path, data: bytes, draft_size: int | None, max_pixels: int) -> 
     return decoded
 
 
-def _open_pil(p: Path, data: bytes) -> Image.Image:
+def _open_pil(p: Path, data: bytes, warn: bool = True) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        if warn and any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+            # Pillow's text does not name the file; the hard limit is max_pixels (checked next).
+            w, h = im.size
+            warnings.warn(f"{p}: very large image ({w}x{h} = {w * h:,} pixels); decoding it takes much memory",
+                          BonexrayWarning, stacklevel=2)
+        return im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning is only raised when the application turns warnings into errors.
         raise ImageReadError(p, f"possible decompression bomb: {_short(exc)}") from None
@@ -251,7 +264,7 @@ def _open_pil(p: Path, data: bytes) -> Image.Image:
 def _decode_pil(
     p: Path, data: bytes, draft_size: int | None, max_pixels: int, *, lenient: bool
 ) -> DecodedImage:
-    im = opened = _open_pil(p, data)
+    im = opened = _open_pil(p, data, warn=not lenient)  # the lenient retry reopens: warn once
     fmt = (im.format or "unknown").upper()
     kind = "jpeg" if fmt == "JPEG" else fmt.lower()
     width, height = im.size
@@ -274,6 +287,8 @@ def _decode_pil(
                     raise _Truncated from None
                 raise
         im = _apply_exif_orientation(im)
+        if im.mode == "F" and not np.isfinite(np.asarray(im)).any():
+            raise ImageReadError(p, "float image has no finite pixel value (all NaN/inf); nothing to show")
         pixels = _pil_to_gray(im)
     except (_Truncated, ImageReadError):
         raise
@@ -402,7 +417,7 @@ def _read_dicom(p: Path, data: bytes, max_pixels: int, *, force: bool) -> Decode
     try:
         import pydicom
     except ImportError:  # a declared dependency, but say so clearly if it is gone
-        raise ImageReadError(p, "DICOM file, but pydicom is not installed (pip install pydicom)")
+        raise MissingDecoderError(p, "DICOM file, but pydicom is not installed (pip install pydicom)")
     funcs = _dicom_funcs()
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
@@ -430,7 +445,8 @@ def _read_dicom(p: Path, data: bytes, max_pixels: int, *, force: bool) -> Decode
     except MemoryError:
         raise ImageReadError(p, f"out of memory decoding a {cols}x{rows} DICOM image") from None
     except Exception as exc:
-        raise ImageReadError(p, _dicom_decode_reason(ds, exc)) from None
+        reason, missing = _dicom_decode_reason(ds, exc)
+        raise (MissingDecoderError if missing else ImageReadError)(p, reason) from None
     try:
         pixels = _dicom_to_gray(ds, np.asarray(arr), funcs)
     except ImageReadError:
@@ -456,7 +472,8 @@ def _ensure_transfer_syntax(ds: Any) -> None:
     meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
-def _dicom_decode_reason(ds: Any, exc: Exception) -> str:
+def _dicom_decode_reason(ds: Any, exc: Exception) -> tuple[str, bool]:
+    """(reason, True when the decoder is missing rather than the data being bad)."""
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(ts, "name", None) or str(ts or "unknown transfer syntax")
     msg = str(exc).lower()
@@ -467,8 +484,8 @@ def _dicom_decode_reason(ds: Any, exc: Exception) -> str:
     missing = any(k in msg for k in markers)
     if missing or isinstance(exc, NotImplementedError):
         hint = _DICOM_DECODER_HINTS.get(str(ts), "python-gdcm")
-        return f"no decoder installed for {ts_name} pixel data (pip install {hint})"
-    return f"corrupt or unsupported DICOM pixel data, {ts_name} ({_short(exc)})"
+        return f"no decoder installed for {ts_name} pixel data (pip install {hint})", True
+    return f"corrupt or unsupported DICOM pixel data, {ts_name} ({_short(exc)})", False
 
 
 def _dicom_to_gray(ds: Any, arr: np.ndarray, funcs: dict[str, Any]) -> np.ndarray:

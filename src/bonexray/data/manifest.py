@@ -2,11 +2,15 @@
 
 Required columns: ``path, body_part, abnormal``; optional: ``study_id, patient_id, split``.
 Relative paths are resolved against the CSV's folder. Missing study ids default to one study per
-image, missing patient ids to the study id.
+image, missing patient ids to the study id. The CSV must be UTF-8. A path listed twice is merged
+into one record when both rows say the same (reported as a problem); rows that disagree (label,
+body part, study, patient or split) are an error naming the path and both lines, since one image
+would otherwise count twice or sit in two splits.
 """
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from ..errors import DatasetError
@@ -21,18 +25,25 @@ def read_manifest(path: str | Path) -> RecordSet:
     csv_path = Path(path)
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: manifest CSV not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED if c not in cols]
-        if missing:
-            raise DatasetError(
-                f"{csv_path}: manifest needs columns {', '.join(REQUIRED)} (missing: {', '.join(missing)})"
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED if c not in cols]
+            if missing:
+                raise DatasetError(
+                    f"{csv_path}: manifest needs columns {', '.join(REQUIRED)} (missing: {', '.join(missing)})"
+                )
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{csv_path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                           "save the manifest as UTF-8") from err
+    except csv.Error as err:
+        raise DatasetError(f"{csv_path}: not a readable CSV ({err})") from err
     base = csv_path.resolve().parent
     records: list[Record] = []
     problems: list[str] = []
+    first_line: dict[str, tuple[int, Record]] = {}  # resolved path -> (line, record)
     for line_no, row in enumerate(rows, start=2):
         label_text = row["abnormal"].lower()
         if label_text in _TRUE:
@@ -57,17 +68,30 @@ def read_manifest(path: str | Path) -> RecordSet:
             problems.append(f"{csv_path.name} line {line_no}: unknown split {split!r}; using 'none'")
             split = "none"
         study = row.get("study_id") or f"image{line_no - 1:06d}"
-        records.append(
-            Record(
-                path=str(file),
-                body_part=row["body_part"].lower() or "unknown",
-                abnormal=label,
-                study_id=study,
-                patient_id=row.get("patient_id") or study,
-                split=split,
-                source="manifest",
-            )
+        record = Record(
+            path=str(file),
+            body_part=row["body_part"].lower() or "unknown",
+            abnormal=label,
+            study_id=study,
+            patient_id=row.get("patient_id") or study,
+            split=split,
+            source="manifest",
         )
+        key = os.path.realpath(file)
+        if key in first_line:
+            earlier_line, earlier = first_line[key]
+            fields = ["abnormal", "body_part", "split"] + [c for c in ("study_id", "patient_id") if row.get(c)]
+            differ = [c for c in fields if getattr(record, c) != getattr(earlier, c)]
+            if differ:
+                raise DatasetError(
+                    f"{csv_path}: {row['path']} is listed on lines {earlier_line} and {line_no} with different "
+                    + ", ".join(f"{c} ({getattr(earlier, c)!r} vs {getattr(record, c)!r})" for c in differ)
+                    + "; list each image once"
+                )
+            problems.append(f"{csv_path.name} line {line_no}: {row['path']} repeats line {earlier_line}; merged")
+            continue
+        first_line[key] = (line_no, record)
+        records.append(record)
     if not records:
         raise DatasetError(f"{csv_path}: manifest lists no existing images" + (f" ({problems[0]})" if problems else ""))
     return RecordSet(records, "manifest", str(csv_path), problems)

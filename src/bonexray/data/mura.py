@@ -4,6 +4,11 @@ Layout: ``MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyN_{positive,negati
 ``{train,valid}_image_paths.csv`` (one path per line, no header) and ``{train,valid}_labeled_studies.csv``
 (``study_dir/,label``, no header). CSV paths start with ``MURA-v1.1/``; the folder may live anywhere,
 so paths are re-rooted on the folder we were given.
+
+Every anomaly (a malformed row, with its CSV and line; a missing or unreadable CSV; listed but
+missing files; unlisted files) is collected in ``RecordSet.problems``, never raised. Without
+``<split>_image_paths.csv`` the split folder is scanned; without ``<split>_labeled_studies.csv`` the
+label comes from the ``studyN_positive|negative`` folder name (shared copies of MURA often lack the CSVs).
 """
 from __future__ import annotations
 
@@ -19,8 +24,15 @@ MURA_BODY_PARTS = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", 
 _STUDY_RE = re.compile(r"^(?:.*/)?(train|valid)/XR_([A-Z]+)/(patient\d+)/(study\d+)_(positive|negative)/?$")
 
 
+def _has_study_folders(split_dir: Path) -> bool:
+    return split_dir.is_dir() and any(d.is_dir() and d.name.startswith("XR_") for d in split_dir.iterdir())
+
+
 def is_mura_root(root: Path) -> bool:
-    return (root / "train_image_paths.csv").is_file() or (root / "valid_image_paths.csv").is_file()
+    """MURA's CSVs, or (shared copies often lack them) ``train/`` or ``valid/`` holding ``XR_<PART>`` folders."""
+    if (root / "train_image_paths.csv").is_file() or (root / "valid_image_paths.csv").is_file():
+        return True
+    return _has_study_folders(root / "train") or _has_study_folders(root / "valid")
 
 
 def find_mura_root(path: Path) -> Path | None:
@@ -31,52 +43,80 @@ def find_mura_root(path: Path) -> Path | None:
     return None
 
 
-def _rel(csv_path: str) -> str:
-    """Strip the leading ``MURA-v1.1/`` (or whatever the release folder was called) from a CSV path."""
+def _rel(csv_path: str) -> str | None:
+    """Strip the leading ``MURA-v1.1/`` (or whatever the release folder was called); None if no split part."""
     parts = csv_path.strip().replace("\\", "/").split("/")
     for i, p in enumerate(parts):
         if p in ("train", "valid"):
             return "/".join(parts[i:])
-    raise DatasetError(f"unexpected MURA path {csv_path!r}: no train/ or valid/ component")
+    return None
 
 
-def _read_csv_rows(path: Path) -> list[list[str]]:
+def _read_csv_rows(path: Path, problems: list[str]) -> list[tuple[int, list[str]]] | None:
+    """(line number, row) for every non-empty row; None (and a problem) when the file cannot be read."""
     try:
-        with open(path, newline="") as f:
-            return [row for row in csv.reader(f) if row and row[0].strip()]
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            return [(reader.line_num, row) for row in reader if row and row[0].strip()]
+    except UnicodeDecodeError as e:
+        problems.append(f"{path.name}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); file ignored")
+    except csv.Error as e:
+        problems.append(f"{path.name}: not a readable CSV ({e}); file ignored")
     except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror})") from e
+        problems.append(f"{path.name}: cannot read ({e.strerror or e}); file ignored")
+    return None
+
+
+def _scan_split(root: Path, split: str) -> list[tuple[str, str]]:
+    """(where, relative path) of every image under ``root/split`` when its image list is missing."""
+    return [(f"{split}/ (no image list)", f.relative_to(root).as_posix())
+            for f in sorted((root / split).rglob("*")) if f.is_file() and is_image_file(f)]
 
 
 def read_mura(path: str | Path) -> RecordSet:
     root = find_mura_root(Path(path))
     if root is None:
-        raise DatasetError(f"{path}: not a MURA-v1.1 folder (no train_image_paths.csv / valid_image_paths.csv)")
+        raise DatasetError(f"{path}: not a MURA-v1.1 folder (no train_image_paths.csv / valid_image_paths.csv, "
+                           "no train/XR_*/ or valid/XR_*/ folders)")
     records: list[Record] = []
     problems: list[str] = []
     for split in ("train", "valid"):
         img_csv, lab_csv = root / f"{split}_image_paths.csv", root / f"{split}_labeled_studies.csv"
-        if not img_csv.is_file():
-            problems.append(f"{img_csv.name} missing: no {split} images")
-            continue
+        split_dir = root / split
         labels: dict[str, int] = {}
-        if lab_csv.is_file():
-            for row in _read_csv_rows(lab_csv):
-                if len(row) < 2 or row[1].strip() not in ("0", "1"):
-                    problems.append(f"{lab_csv.name}: bad row {row!r}")
-                    continue
-                labels[_rel(row[0]).rstrip("/")] = int(row[1])
-        else:
-            problems.append(f"{lab_csv.name} missing: labels taken from study folder names")
-        listed: set[str] = set()
-        for row in _read_csv_rows(img_csv):
+        lab_rows = _read_csv_rows(lab_csv, problems) if lab_csv.is_file() else None
+        if not lab_csv.is_file() and (img_csv.is_file() or split_dir.is_dir()):
+            problems.append(f"{lab_csv.name} missing: {split} labels taken from the study folder names")
+        for line, row in lab_rows or []:
             rel = _rel(row[0])
-            listed.add(rel)
-            study_dir = rel.rsplit("/", 1)[0]
-            m = _STUDY_RE.match(study_dir)
-            if not m:
-                problems.append(f"{img_csv.name}: path does not follow MURA's layout: {row[0]}")
+            if len(row) < 2 or row[1].strip() not in ("0", "1") or rel is None:
+                problems.append(f"{lab_csv.name} line {line}: malformed row {row!r} (want study_dir/,0|1); row skipped")
                 continue
+            labels[rel.rstrip("/")] = int(row[1])
+        img_rows = _read_csv_rows(img_csv, problems) if img_csv.is_file() else None
+        if img_rows is not None:
+            entries = [(f"{img_csv.name} line {line}", row[0]) for line, row in img_rows]
+        elif split_dir.is_dir():
+            if not img_csv.is_file():
+                problems.append(f"{img_csv.name} missing: {split} images found by scanning {split}/")
+            entries = _scan_split(root, split)
+        else:
+            if not img_csv.is_file():
+                problems.append(f"{img_csv.name} and {split}/ missing: no {split} images")
+            continue
+        listed: set[str] = set()
+        for where, raw in entries:
+            rel = _rel(raw)
+            study_dir = rel.rsplit("/", 1)[0] if rel else ""
+            m = _STUDY_RE.match(study_dir)
+            if rel is None or not m:
+                problems.append(f"{where}: path does not follow MURA's layout "
+                                f"({split}/XR_<PART>/patientN/studyN_positive|negative/image): {raw!r}; skipped")
+                continue
+            if rel in listed:
+                problems.append(f"{where}: {rel} listed again; skipped")
+                continue
+            listed.add(rel)
             _, part, patient, study, pos = m.groups()
             file = root / rel
             if not file.is_file():
@@ -85,7 +125,7 @@ def read_mura(path: str | Path) -> RecordSet:
             label = labels.get(study_dir)
             if label is None:
                 label = int(pos == "positive")
-                if lab_csv.is_file():
+                if lab_rows is not None:
                     problems.append(f"study not in {lab_csv.name}, label from folder name: {study_dir}")
             records.append(
                 Record(
@@ -100,8 +140,7 @@ def read_mura(path: str | Path) -> RecordSet:
                 )
             )
         # Present on disk but not listed: report (they are not used, as in the official protocol).
-        split_dir = root / split
-        if split_dir.is_dir():
+        if img_rows is not None and split_dir.is_dir():
             for f in sorted(split_dir.rglob("*")):
                 if f.is_file() and is_image_file(f) and not f.name.startswith("._"):
                     rel = f.relative_to(root).as_posix()

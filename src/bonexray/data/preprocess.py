@@ -5,10 +5,18 @@ a training step on a 224 px image, so it happens once per dataset and size.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import io
 import json
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
+import traceback
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_write_text
-from ..errors import BonexrayError, DatasetError
+from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError
 from .imageio import read_image, to_uint8
 from .records import RECORD_COLUMNS, Record, RecordSet
 
@@ -67,14 +75,70 @@ def load_for_model(path: str | os.PathLike, size: int) -> tuple[np.ndarray, bool
 
 
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
+    """Worker: (pixels, status, reason). Only a bad image becomes "unreadable"; a missing decoder
+    ("missing_decoder") and any other exception ("error") are sent to the parent, which stops."""
     path, size = args
     try:
         arr, truncated = load_for_model(path, size)
         return arr, ("truncated" if truncated else "ok"), ("data ends early; decoded what was there" if truncated else "")
-    except BonexrayError as e:
-        return None, "unreadable", getattr(e, "reason", str(e))
-    except Exception as e:  # noqa: BLE001 - a worker must report, never kill the whole run
-        return None, "unreadable", f"{type(e).__name__}: {e}"
+    except MissingDecoderError as e:
+        return None, "missing_decoder", e.reason
+    except ImageReadError as e:
+        return None, "unreadable", e.reason
+    except Exception as e:  # noqa: BLE001 - exceptions may not pickle; the parent raises it with the file name
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return None, "error", f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
+
+
+def _raise_for_worker_failure(path: str, status: str, reason: str) -> None:
+    if status == "missing_decoder":
+        raise DatasetError(f"{path}: {reason}. This is a setup problem, not a bad image: install the decoder and run "
+                           "again (nothing was cached)")
+    if status == "error":
+        raise BonexrayError(f"{path}: preprocessing failed with an unexpected error, not an image problem ({reason}); "
+                            "nothing was cached. Please report it")
+
+
+def _worker_init() -> None:
+    """Pool worker start-up: leave Ctrl-C to the parent, and die with the parent.
+
+    Without this, workers outlive a parent killed with SIGKILL (parent PID 1) and keep decoding.
+    Linux: the kernel sends SIGTERM when the thread that started the pool dies (PR_SET_PDEATHSIG);
+    elsewhere a thread polls the parent PID.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cancels the pool on Ctrl-C
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            pr_set_pdeathsig = 1
+            if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) == 0:
+                if os.getppid() != parent or parent == 1:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def check_output_folder(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be created/written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BonexrayError(f"{what} {p}: exists and is not a folder")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BonexrayError(f"{what} {p}: cannot create it, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BonexrayError(f"{what} {p}: no permission to write in {existing}")
+    return p
 
 
 def fingerprint(records: Iterable[Record], size: int) -> str:
@@ -93,6 +157,13 @@ def fingerprint(records: Iterable[Record], size: int) -> str:
     return h.hexdigest()[:32]
 
 
+def _damaged(root: Path, why: str) -> DatasetError:
+    err = DatasetError(f"{root}: damaged cache ({why}); run `bonexray preprocess --force` or delete the folder "
+                       "to rebuild it")
+    err.damage = why  # build_cache rebuilds instead, and says why
+    return err
+
+
 @dataclass
 class ImageCache:
     """A finished cache: ``images`` (N, S, S) uint8 memmap and ``index`` (one row per image)."""
@@ -105,16 +176,38 @@ class ImageCache:
 
     @classmethod
     def open(cls, root: str | Path) -> "ImageCache":
+        """Open a finished cache; a damaged one (sizes, rows or index hash disagree with meta.json) is refused."""
         root = Path(root)
         meta_path = root / "meta.json"
         if not meta_path.is_file():
             raise DatasetError(f"{root}: not a finished bonexray cache (no meta.json); run `bonexray preprocess`")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            n, size = int(meta["n"]), int(meta["size"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise _damaged(root, f"meta.json is unreadable: {err}") from err
         if not meta.get("complete"):
             raise DatasetError(f"{root}: cache is incomplete; run `bonexray preprocess` again")
-        n, size = int(meta["n"]), int(meta["size"])
-        index = pd.read_csv(root / "index.csv", dtype={"study_id": str, "patient_id": str, "reason": str}, keep_default_na=False)
-        images = np.memmap(root / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size)) if n else np.zeros((0, size, size), np.uint8)
+        try:
+            raw = (root / "index.csv").read_bytes()
+        except OSError as err:
+            raise _damaged(root, f"cannot read index.csv: {err.strerror or err}") from err
+        if meta.get("index_sha256") not in (None, hashlib.sha256(raw).hexdigest()):
+            raise _damaged(root, "index.csv does not match the SHA-256 recorded in meta.json")
+        try:
+            index = pd.read_csv(io.BytesIO(raw), dtype={"study_id": str, "patient_id": str, "reason": str},
+                                keep_default_na=False)
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+            raise _damaged(root, f"index.csv is not a readable table: {err}") from err
+        if len(index) != n or "row" not in index or not np.array_equal(index["row"].to_numpy(), np.arange(n)):
+            raise _damaged(root, f"index.csv has {len(index)} rows; meta.json says {n} images")
+        images_path = root / "images.u8"
+        expected = n * size * size
+        actual = images_path.stat().st_size if images_path.is_file() else None
+        if n and actual != expected:
+            raise _damaged(root, f"images.u8 has {'no file' if actual is None else f'{actual:,} bytes'}; "
+                                 f"meta.json says {n} images of {size}x{size} = {expected:,} bytes")
+        images = np.memmap(images_path, dtype=np.uint8, mode="r", shape=(n, size, size)) if n else np.zeros((0, size, size), np.uint8)
         return cls(root, images, index, size, meta)
 
     def summary(self) -> dict:
@@ -147,41 +240,46 @@ def build_cache(
     """Build (or reuse) the cache of ``recordset`` at ``size``. Returns (cache, reused)."""
     if size < 16:
         raise DatasetError(f"--size {size} is too small (minimum 16)")
-    out = Path(out)
+    out = check_output_folder(out, "cache folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     records = recordset.records
     fp = fingerprint(records, size)
     if not force and cache_is_current(out, fp):
-        return ImageCache.open(out), True
+        try:
+            return ImageCache.open(out), True
+        except DatasetError as err:  # inputs unchanged but the files are damaged: build it again
+            if not hasattr(err, "damage"):
+                raise
+            warnings.warn(f"{out}: damaged cache ({err.damage}); rebuilding it", BonexrayWarning, stacklevel=2)
 
     # Invalidate first: a crash from here on must not leave an old meta.json pointing at new data.
     (out / "meta.json").unlink(missing_ok=True)
     n = len(records)
     tmp_images = out / ".images.u8.partial"
-    mm = np.memmap(tmp_images, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size))
     statuses, reasons = [""] * n, [""] * n
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [(r.path, size) for r in records]
     t0 = time.perf_counter()
-    bar = tqdm(total=n, desc=f"preprocess {size}px", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        if workers <= 1:
-            results = map(_decode_one, jobs)
-            pool = None
-        else:
-            pool = ProcessPoolExecutor(max_workers=workers)
-            results = pool.map(_decode_one, jobs, chunksize=16)
-        for i, (arr, status, reason) in enumerate(results):
-            if arr is not None:
-                mm[i] = arr
-            statuses[i], reasons[i] = status, reason
-            bar.update(1)
-        if pool:
-            pool.shutdown()
-    finally:
-        bar.close()
-    mm.flush()
-    del mm
+        mm = np.memmap(tmp_images, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size))
+        with tqdm(total=n, desc=f"preprocess {size}px", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            if workers <= 1:
+                _store_results(map(_decode_one, jobs), records, mm, statuses, reasons, bar)
+            else:
+                with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+                    try:
+                        _store_results(pool.map(_decode_one, jobs, chunksize=16), records, mm, statuses, reasons, bar)
+                    except BaseException:
+                        pool.shutdown(wait=True, cancel_futures=True)  # no queued work runs on after an error
+                        raise
+        mm.flush()
+        del mm
+    except BaseException:
+        tmp_images.unlink(missing_ok=True)  # nothing half-written stays behind
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     rows = []
     for i, (r, st, why) in enumerate(zip(records, statuses, reasons)):
@@ -190,6 +288,7 @@ def build_cache(
     index = pd.DataFrame(rows, columns=["row", *RECORD_COLUMNS, "status", "reason"])
     tmp_index = out / ".index.csv.partial"
     index.to_csv(tmp_index, index=False)
+    index_sha256 = hashlib.sha256(tmp_index.read_bytes()).hexdigest()
     os.replace(tmp_images, out / "images.u8")
     os.replace(tmp_index, out / "index.csv")
     (out / "problems.txt").write_text("".join(p + "\n" for p in recordset.problems))
@@ -198,6 +297,7 @@ def build_cache(
         "n": n,
         "size": size,
         "fingerprint": fp,
+        "index_sha256": index_sha256,  # reuse checks index.csv against it (and images.u8 against n, size)
         "source": recordset.source,
         "data": recordset.root,
         "bonexray_version": __version__,
@@ -206,6 +306,15 @@ def build_cache(
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # written last: marks completion
     return ImageCache.open(out), False
+
+
+def _store_results(results, records, mm, statuses, reasons, bar) -> None:
+    for i, (arr, status, reason) in enumerate(results):
+        _raise_for_worker_failure(records[i].path, status, reason)
+        if arr is not None:
+            mm[i] = arr
+        statuses[i], reasons[i] = status, reason
+        bar.update(1)
 
 
 def default_cache_dir(data_root: str, size: int) -> Path:

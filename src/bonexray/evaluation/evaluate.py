@@ -16,10 +16,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..data.datasets import load_dataset
-from ..data.preprocess import build_cache, default_cache_dir
+from ..data.preprocess import build_cache, check_output_folder, default_cache_dir
 from ..data.records import RecordSet
 from ..data.splits import make_splits
-from ..errors import BonexrayError, DatasetError
+from ..errors import BonexrayError, CheckpointError, DatasetError
 from .metrics import choose_threshold, compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
 
@@ -100,6 +100,11 @@ def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, prog
             probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = predictor.predict_arrays(
                 np.asarray(image_cache.images[batch_rows]))
             bar.update(len(batch_rows))
+    bad = rows[~(np.isfinite(probs) & np.isfinite(part_probs).all(axis=1))]
+    if len(bad):  # NaN would score as "normal": refuse instead of computing metrics from it
+        raise CheckpointError(f"{predictor.path}: the model's output is not a finite number (NaN/inf) for {len(bad)} of "
+                              f"{len(rows)} images (first: {image_cache.index['path'].iloc[int(bad[0])]}); no metrics "
+                              "computed (is the model file damaged, or did training diverge?)")
     return probs, part_probs
 
 
@@ -139,6 +144,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     from ..inference.predict import Ensemble, Predictor
 
     t0 = time.perf_counter()
+    results = check_output_folder(out, "--out")  # before the work, not after it
     ckpts = [Path(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
     predictor = (Predictor(ckpts[0], device=device, tta=tta, backend=backend) if len(ckpts) == 1
                  else Ensemble(ckpts, device=device, tta=tta, backend=backend))
@@ -197,7 +203,6 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
                                          "skipped_unreadable")})
 
-    results = Path(out)
     results.mkdir(parents=True, exist_ok=True)
     table.to_csv(results / "predictions.csv", index=False, float_format="%.6f")
     plot_confusion(metrics["confusion"]["abnormality"], ["normal", "abnormal"], results / "confusion_abnormality.png",

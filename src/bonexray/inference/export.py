@@ -5,7 +5,8 @@ dynamic); outputs ``abnormal_logit`` (batch,) and ``body_part_logits`` (batch, K
 ``BoneXrayNet.forward`` (normalisation inside). Logits, not probabilities: the consumer applies
 sigmoid / softmax, as :class:`bonexray.inference.predict.Predictor` does for both backends.
 The model card (JSON) is stored in ``metadata_props`` under ``bonexray_model_card``, so the ONNX
-file is all ``bonexray predict`` needs.
+file is all ``bonexray predict`` needs. ``bonexray_graph_sha256`` holds a SHA-256 of the graph
+(nodes and weights) and the card; :func:`verify_onnx_integrity` recomputes it before the model is used.
 
 Exporter: the TorchScript-based one (``dynamo=False``). The dynamo exporter, the default since
 torch 2.9, needs ``onnxscript``, which bonexray does not depend on; the TorchScript path exports
@@ -13,6 +14,7 @@ these CNNs exactly (checked below against onnxruntime). Its DeprecationWarnings 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -21,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import BonexrayError
+from ..errors import BonexrayError, BonexrayWarning, CheckpointError
 from .predict import ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS
+
+ONNX_HASH_KEY = "bonexray_graph_sha256"
 
 #: Largest |torch - onnxruntime| logit difference accepted by the post-export check.
 PARITY_TOL = 1e-3
@@ -85,9 +89,39 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
             f"[{', '.join(card.body_parts)}]"
         )
         onnx.checker.check_model(model)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = ONNX_HASH_KEY, onnx_graph_sha256(model)
         onnx.save(model, str(tmp))
         _check_parity(tmp, net, dummy)
     return target
+
+
+def onnx_graph_sha256(model) -> str:
+    """SHA-256 of an ONNX model's graph (nodes, weights, signature; deterministically serialised) and its
+    model card, so a flipped byte in either is caught."""
+    card = {p.key: p.value for p in model.metadata_props}.get(ONNX_CARD_KEY, "")
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    h.update(card.encode())
+    return h.hexdigest()
+
+
+def verify_onnx_integrity(path: Path) -> None:
+    """Refuse an ONNX file whose graph or model card does not match the SHA-256 recorded at export."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf DecodeError and friends
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        raise CheckpointError(f"{path}: corrupt ONNX model (cannot be parsed: {first})") from err
+    recorded = {p.key: p.value for p in model.metadata_props}.get(ONNX_HASH_KEY)
+    if recorded is None:
+        if any(p.key == ONNX_CARD_KEY for p in model.metadata_props):
+            warnings.warn(f"{path}: no graph SHA-256 recorded (exported before bonexray recorded one); "
+                          "loaded without an integrity check", BonexrayWarning, stacklevel=3)
+        return
+    if onnx_graph_sha256(model) != recorded:
+        raise CheckpointError(f"{path}: corrupt ONNX model (weights do not match their recorded SHA-256)")
 
 
 def _check_parity(path: Path, net, x) -> None:

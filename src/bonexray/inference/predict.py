@@ -21,12 +21,17 @@ Output (stdout), one record per image, in input order:
   the union of the fields above; study rows come after the image rows, empty cells where a field
   does not apply (``path`` for studies, ``n_images`` for images). Booleans are written 1/0.
 
-Unreadable inputs (and PATHs that do not exist) give one line on stderr,
+Unreadable inputs (PATHs that do not exist, symlink loops, broken links, images that cannot be
+decoded, images for which the model's output is not a finite number) give one line on stderr,
 ``bonexray predict: <path>: <reason>``; the others are still predicted and the exit status is 1.
+Every file met in a folder is either predicted or named on stderr: files that are not images and
+hidden files/folders as ``bonexray predict: <path>: skipped: <why>`` (these do not change the
+exit status).
 """
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -249,6 +254,9 @@ def _load_onnx(path: Path, device: str):
         import onnxruntime as ort
     except ImportError as err:  # a declared dependency, but say so clearly
         raise CheckpointError(f"{path}: ONNX model, but onnxruntime is not installed") from err
+    from .export import verify_onnx_integrity
+
+    verify_onnx_integrity(path)
     providers = ["CPUExecutionProvider"]
     if device not in ("cpu",) and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -293,22 +301,66 @@ class InputItem:
 @dataclass
 class InputPlan:
     items: list[InputItem] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): counted as failures
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): named, not failures
 
 
 _STUDY_DIR = re.compile(r"^study\d+(_(positive|negative))?$", re.IGNORECASE)
 
 
-def _walk_images(folder: Path) -> list[Path]:
+def _unreachable(p: Path) -> str | None:
+    """Why ``p`` cannot be opened (symlink loop, broken link, missing), or None when it can."""
+    try:
+        os.stat(p)
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        if os.path.islink(p):
+            return f"broken symlink (its target {os.readlink(p)} does not exist)"
+        if err.errno == errno.ENOENT:
+            return "no such file or directory"
+        return err.strerror or str(err)
+
+
+def _walk_images(folder: Path, plan: InputPlan) -> list[Path]:
+    """Images under ``folder`` (sorted); every other file is recorded in ``plan`` as skipped or failed.
+
+    Folder symlinks are followed once; one that points back to a folder it is in is a loop (failed).
+    """
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=None):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
-                continue
+    visited: set[str] = set()
+
+    def unreadable_folder(err: OSError) -> None:
+        plan.errors.append((str(err.filename or folder), f"cannot read folder ({err.strerror or err})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable_folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # reached again through a link: its files are already in the list
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            sub = Path(dirpath) / d
+            if d.startswith("."):
+                plan.skipped.append((str(sub), "hidden folder, not searched"))
+            elif os.path.islink(sub) and (real + os.sep).startswith(os.path.realpath(sub) + os.sep):
+                plan.errors.append((str(sub), f"symlink loop (points back to {os.path.realpath(sub)}, a folder it is in)"))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
             p = Path(dirpath) / name
-            if p.is_file() and is_image_file(p):
+            problem = _unreachable(p)
+            if problem is not None:
+                plan.errors.append((str(p), problem))
+            elif name.startswith("."):
+                plan.skipped.append((str(p), "hidden file"))
+            elif p.is_file() and is_image_file(p):
                 found.append(p)
+            else:
+                plan.skipped.append((str(p), f"not an image file ({p.suffix or 'no suffix'})"))
     return sorted(found, key=lambda p: p.parts)
 
 
@@ -332,18 +384,19 @@ def collect_inputs(paths: Sequence[str | os.PathLike], study: bool = False) -> I
 
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            images = _walk_images(p)
+        problem = _unreachable(p)
+        if problem is not None:
+            plan.errors.append((str(raw), problem))
+        elif p.is_dir():
+            images = _walk_images(p, plan)
             if not images:
                 plan.errors.append((str(raw), "no image files in this folder"))
                 continue
             leaf = bool(_STUDY_DIR.match(p.name)) and all(img.parent == p for img in images)
             for img in images:
                 add(img, str(img.parent) if (study or leaf) else None)
-        elif p.exists():
-            add(p, str(p.parent) if study else None)
         else:
-            plan.errors.append((str(raw), "no such file or directory"))
+            add(p, str(p.parent) if study else None)
     return plan
 
 
@@ -425,7 +478,7 @@ class Writer:
 
     def write(self, rec: dict[str, Any]) -> None:
         if self._csv is None:
-            self.stream.write(json.dumps(rec) + "\n")
+            self.stream.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: never a bare NaN
         else:
             self._csv.writerow({k: (int(v) if isinstance(v, bool) else v) for k, v in rec.items()})
 
@@ -481,6 +534,8 @@ def run_predict(
     for path, reason in plan.errors:
         _error(path, reason)
         failed += 1
+    for path, why in plan.skipped:
+        _error(path, f"skipped: {why}")
 
     cam_writer = None
     if cam_dir is not None:
@@ -528,6 +583,18 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
             continue
         batch = np.stack(arrays)
         probs, bp_probs = predictor.predict_arrays(batch)
+        finite = np.isfinite(probs) & np.isfinite(bp_probs).all(axis=1)
+        if not finite.all():
+            # A NaN probability compares False with the threshold: it would read "normal". No verdict.
+            for item in (it for it, ok in zip(ok_items, finite) if not ok):
+                _error(str(item.path), "the model's output is not a finite number (NaN/inf); no verdict given "
+                                       f"(is {predictor.path} damaged?)")
+                failed += 1
+            keep = np.flatnonzero(finite)
+            ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]
+            batch, probs, bp_probs = batch[keep], probs[keep], bp_probs[keep]
+            if not ok_items:
+                continue
         cams: list[str | None] = [None] * len(ok_items)
         if cam_writer is not None:
             cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs)

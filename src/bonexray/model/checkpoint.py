@@ -4,10 +4,21 @@ A checkpoint is a torch file holding a dict with ``"bonexray"`` (the model card 
 data) and ``"state_dict"`` (the LightningModule's state dict: the network under ``net.``,
 other keys such as loss buffers are ignored). Loading always uses
 ``torch.load(weights_only=True)``: never arbitrary unpickling.
+
+Integrity: the card records ``weights_sha256``, a SHA-256 over the network's tensors, when the file
+is written (:func:`save_model`, and :func:`stamp_weights_sha256` from the LightningModule's
+``on_save_checkpoint``). Loading first checks every zip record's CRC (a flipped byte anywhere in the
+file), then recomputes the hash (weights changed in a file that is still a valid zip). Either
+failure refuses the file by name: a damaged model must never give answers.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +28,7 @@ import torch
 
 from bonexray import __version__
 from bonexray.atomic import atomic_write
-from bonexray.errors import BonexrayError, CheckpointError
+from bonexray.errors import BonexrayError, BonexrayWarning, CheckpointError
 from bonexray.model.network import BoneXrayNet
 from bonexray.model.registry import get_backbone_spec
 from bonexray.model.weights import describe_key_mismatch
@@ -25,6 +36,8 @@ from bonexray.model.weights import describe_key_mismatch
 CARD_KEY = "bonexray"
 STATE_KEY = "state_dict"
 NET_PREFIX = "net."
+WEIGHTS_HASH_KEY = "weights_sha256"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass
@@ -45,6 +58,8 @@ class ModelCard:
     #: The training split: source, seed, fractions, --limit and a fingerprint of (image, split) pairs
     #: (data/splits.py split_fingerprint). None for models from before bonexray recorded it.
     split: dict | None = None
+    #: SHA-256 of the network weights (:func:`weights_sha256`), written with the checkpoint.
+    weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
@@ -77,19 +92,66 @@ class ModelCard:
             raise CheckpointError(f"malformed model card: {err}") from err
 
 
+def weights_sha256(net_state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the network's tensors (names, dtypes, shapes and bytes, in sorted name order)."""
+    h = hashlib.sha256()
+    for name in sorted(net_state):
+        t = net_state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _net_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
+
+
+def stamp_weights_sha256(checkpoint: dict) -> None:
+    """Record the SHA-256 of ``checkpoint["state_dict"]``'s network weights in its model card.
+
+    Call it last, after anything else that edits the state dict (the hash must match what is written).
+    """
+    checkpoint[CARD_KEY][WEIGHTS_HASH_KEY] = weights_sha256(_net_state(checkpoint[STATE_KEY]))
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse anything that is not an intact PyTorch zip archive, before torch parses it."""
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    if head != _ZIP_MAGIC:
+        kind = "a raw Python pickle, which bonexray never loads" if head[:1] == b"\x80" else "not a PyTorch zip archive"
+        raise CheckpointError(f"{path}: not a bonexray checkpoint ({kind})")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every record and checks its CRC-32
+    except Exception as err:  # noqa: BLE001 - zipfile raises BadZipFile, zlib.error, EOFError, ...
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint (its zip archive is damaged: {err})") from err
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (record {bad} fails its CRC check; the file was damaged "
+                              "after it was written)")
+
+
 def _read_checkpoint(path: Path, map_location: Any) -> Mapping[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    _check_archive(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    except pickle.UnpicklingError as err:
+        # torch's own text ends in advice to pass weights_only=False, i.e. to run the code: not ours.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path}: not a readable bonexray checkpoint (torch.load with weights_only=True "
-            f"failed: {first})"
+            f"{path}: refused: the file holds Python objects{what} that could run code when loaded; a bonexray "
+            "checkpoint holds only tensors and plain data"
         ) from err
+    except Exception as err:  # noqa: BLE001 - any other failure: the file is damaged
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        raise CheckpointError(f"{path}: corrupt checkpoint (PyTorch cannot read it: {first})") from err
     if not isinstance(obj, Mapping) or CARD_KEY not in obj:
         raise CheckpointError(
             f"{path}: not a bonexray checkpoint (no '{CARD_KEY}' model card; a plain state_dict "
@@ -109,6 +171,14 @@ def read_card(path: str | os.PathLike) -> ModelCard:
         raise CheckpointError(f"{p}: {err}") from err
 
 
+def _verify_weights(path: Path, card: ModelCard, net_state: Mapping[str, Any]) -> None:
+    if card.weights_sha256 is None:
+        warnings.warn(f"{path}: no weights SHA-256 recorded (written before bonexray recorded one); "
+                      "loaded without an integrity check", BonexrayWarning, stacklevel=3)
+    elif weights_sha256(net_state) != card.weights_sha256:
+        raise CheckpointError(f"{path}: corrupt checkpoint (weights do not match their recorded SHA-256)")
+
+
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[BoneXrayNet, ModelCard]:
     """Read a bonexray/Lightning checkpoint -> (BoneXrayNet in eval mode, ModelCard)."""
     p = Path(path)
@@ -124,9 +194,10 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[Bone
     state = ckpt.get(STATE_KEY)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{p}: no '{STATE_KEY}' in checkpoint")
-    net_state = {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
+    net_state = _net_state(state)
     if not net_state:
         raise CheckpointError(f"{p}: state_dict has no '{NET_PREFIX}*' keys (network weights)")
+    _verify_weights(p, card, net_state)
     try:
         net = BoneXrayNet(
             card.backbone, num_body_parts=len(card.body_parts), pretrained=None,
@@ -166,6 +237,7 @@ def save_model(path: str | os.PathLike, net: BoneXrayNet, card: ModelCard) -> Pa
         CARD_KEY: card.to_dict(),
         STATE_KEY: {NET_PREFIX + k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
+    stamp_weights_sha256(ckpt)
     with atomic_write(p) as tmp:
         torch.save(ckpt, tmp)
     return p

@@ -10,6 +10,7 @@ from torchmetrics import CatMetric
 from torchmetrics.functional.classification import binary_auroc
 
 from .. import __version__
+from ..model.checkpoint import stamp_weights_sha256
 from ..model.network import BoneXrayNet
 from .augment import AugmentConfig, augment_batch
 from .losses import localization_loss, multitask_loss
@@ -177,6 +178,7 @@ class BoneXrayModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["bonexray"] = self.model_card()
+        stamp_weights_sha256(checkpoint)  # last: the hash must match the state dict as written
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         card = checkpoint.get("bonexray") or {}

@@ -1,0 +1,437 @@
+"""Bad files a user can hand bonexray (issue #11): each gives an exit code, one line naming the file
+and the reason, no traceback; the good inputs of the same call are still processed; nothing
+half-written is left behind. Every bad input is built here."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bonexray.cli import main
+from bonexray.data.mura import read_mura
+from bonexray.data.preprocess import ImageCache
+from bonexray.errors import DatasetError
+from bonexray.model.checkpoint import ModelCard, save_model
+from bonexray.model.network import BoneXrayNet
+from builders import make_manifest, make_mura_tree, radiograph_like
+
+PARTS = ["hand", "wrist"]  # make_manifest's body parts
+SIZE = 64
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Traceback" not in out
+    return rc, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.strip()]
+
+
+def strict_json_lines(out: str) -> list[dict]:
+    def no_constants(name):
+        raise AssertionError(f"bare {name} in JSON output")
+
+    return [json.loads(ln, parse_constant=no_constants) for ln in out.splitlines() if ln.strip()]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith((".tmp", ".part", ".partial")))
+
+
+def tiny_net(seed: int = 0) -> BoneXrayNet:
+    torch.manual_seed(seed)
+    return BoneXrayNet("efficientnet_lite0", num_body_parts=len(PARTS), pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    save_model(folder / "good.ckpt", tiny_net(), ModelCard("efficientnet_lite0", SIZE, body_parts=PARTS))
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    out = []
+    for i in range(2):
+        p = tmp_path / "in" / f"good{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(radiograph_like(i)).save(p)
+        out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+
+def _record_span(path: Path, name_part: str) -> tuple[int, int]:
+    """(offset, size) of the data of the largest zip record whose name contains ``name_part``."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if name_part in i.filename), key=lambda i: i.file_size)
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def _flip(path: Path, offset: int, n: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+class RunsCode:
+    """Unpickling this would run a shell command (what a malicious 'checkpoint' does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _damage(kind: str, good: Path, bad: Path, marker: Path) -> str:
+    """Write a damaged copy of ``good`` at ``bad``; returns the words the refusal must contain."""
+    shutil.copy(good, bad)
+    if kind == "flipped weights":
+        off, size = _record_span(bad, "/data/")
+        _flip(bad, off + size // 2)
+        return "corrupt checkpoint"
+    if kind == "flipped pickle":
+        off, size = _record_span(bad, "data.pkl")
+        _flip(bad, off + size // 2, 2)
+        return "corrupt checkpoint"
+    if kind == "weights changed, zip intact":  # e.g. edited by a tool that rewrote the file
+        ckpt = torch.load(good, weights_only=True)
+        key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 100)
+        ckpt["state_dict"][key].view(-1)[0] += 1.0
+        torch.save(ckpt, bad)
+        return "weights do not match their recorded SHA-256"
+    if kind == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        return "corrupt or truncated checkpoint"
+    if kind == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+        return "not a bonexray checkpoint"
+    if kind == "empty":
+        bad.write_bytes(b"")
+        return "empty file"
+    if kind == "raw pickle that runs code":
+        bad.write_bytes(pickle.dumps(RunsCode(marker)))
+        return "raw Python pickle"
+    if kind == "torch file that runs code":
+        ckpt = torch.load(good, weights_only=True)
+        ckpt["extra"] = RunsCode(marker)
+        torch.save(ckpt, bad)
+        return "could run code"
+    raise AssertionError(kind)
+
+
+DAMAGE = ["flipped weights", "flipped pickle", "weights changed, zip intact", "truncated", "random bytes", "empty",
+          "raw pickle that runs code", "torch file that runs code"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_checkpoint_is_refused_by_name(kind, model_dir, images, tmp_path, capsys):
+    bad, marker = tmp_path / "bad.ckpt", tmp_path / "code-ran"
+    words = _damage(kind, model_dir / "good.ckpt", bad, marker)
+    rc, out, err = run(capsys, "predict", bad, *images)
+    assert rc == 2 and out == ""  # no verdict at all from a damaged model
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(f"bonexray predict: error: {bad}: ") and words in lines[0]
+    assert "weights_only" not in err  # bonexray's words, not torch's advice to turn the check off
+    assert not marker.exists()
+
+
+def test_damaged_checkpoint_refused_by_export_and_evaluate(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    _damage("flipped weights", model_dir / "good.ckpt", bad, tmp_path / "m")
+    rc, _, err = run(capsys, "export", bad, "--out", tmp_path / "m.onnx")
+    assert rc == 2 and f"{bad}: corrupt checkpoint" in err and not (tmp_path / "m.onnx").exists()
+    manifest = make_manifest(tmp_path / "data", n=8)
+    rc, _, err = run(capsys, "evaluate", bad, "--data", manifest, "--out", tmp_path / "res", "--split", "all")
+    assert rc == 2 and f"{bad}: corrupt checkpoint" in err and not (tmp_path / "res").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_checkpoint_without_hash_loads_with_a_warning_line(model_dir, images, tmp_path, capsys):
+    old = tmp_path / "old.ckpt"
+    ckpt = torch.load(model_dir / "good.ckpt", weights_only=True)
+    del ckpt["bonexray"]["weights_sha256"]  # as written before bonexray recorded it
+    torch.save(ckpt, old)
+    rc, out, err = run(capsys, "predict", old, *images)
+    assert rc == 0 and len(strict_json_lines(out)) == 2
+    assert error_lines(err) == [f"bonexray predict: warning: {old}: no weights SHA-256 recorded (written before "
+                                "bonexray recorded one); loaded without an integrity check"]
+
+
+def test_nan_output_is_an_error_per_image_never_a_verdict(images, tmp_path, capsys):
+    net = tiny_net()
+    with torch.no_grad():
+        net.abnormal_head.bias.fill_(float("nan"))  # what a diverged training run leaves (hash recorded)
+    nan_model = save_model(tmp_path / "nan.ckpt", net, ModelCard("efficientnet_lite0", SIZE, body_parts=PARTS))
+    rc, out, err = run(capsys, "predict", nan_model, *images)
+    assert rc == 1 and strict_json_lines(out) == []
+    lines = error_lines(err)
+    assert [ln.split(": ")[1] for ln in lines] == [str(p) for p in images]
+    assert all("not a finite number" in ln and "no verdict" in ln for ln in lines)
+    manifest = make_manifest(tmp_path / "data", n=8)
+    rc, _, err = run(capsys, "evaluate", nan_model, "--data", manifest, "--out", tmp_path / "res", "--split", "all",
+                     "--bootstrap", "0")
+    assert rc == 2 and f"{nan_model}: the model's output is not a finite number" in err
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.fixture(scope="module")
+def onnx_model(model_dir) -> Path:
+    from bonexray.inference.export import export_onnx
+
+    return export_onnx(model_dir / "good.ckpt", model_dir / "good.onnx")
+
+
+def test_damaged_onnx_is_refused_by_name(onnx_model, images, tmp_path, capsys):
+    import onnx
+
+    rc, out, _ = run(capsys, "predict", onnx_model, *images)
+    assert rc == 0 and len(strict_json_lines(out)) == 2
+    model = onnx.load(str(onnx_model))
+    weights = max(model.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    data = bytearray(onnx_model.read_bytes())
+    at = data.find(weights) + len(weights) // 2
+    data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
+    flipped = tmp_path / "flipped.onnx"
+    flipped.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(onnx_model.read_bytes()[:5000])
+    for bad, words in ((flipped, "corrupt ONNX model (weights do not match their recorded SHA-256)"),
+                       (truncated, "corrupt ONNX model")):
+        rc, out, err = run(capsys, "predict", bad, *images)
+        assert rc == 2 and out == "" and f"{bad}: {words}" in err and len(error_lines(err)) == 1
+
+
+# --------------------------------------------------------------------------- manifests and caches
+
+
+def test_non_utf8_manifest_is_one_line(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "d", n=4)
+    manifest.write_bytes(manifest.read_bytes().replace(b"hand", b"h\xe4nd", 1))  # Latin-1 umlaut
+    rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c")
+    assert rc == 2 and f"{manifest}: not UTF-8 text" in err and len(error_lines(err)) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def _append_rows(manifest: Path, rows: list[list]) -> None:
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_duplicate_manifest_rows(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "d", n=4)  # rows: img000..img003, lines 2..5
+    _append_rows(manifest, [["img001.png", "wrist", 0, "s0"]])  # same as line 3: merged
+    rc, out, _ = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--size", 16, "--quiet")
+    assert rc == 0 and "line 6: img001.png repeats line 3; merged" in out
+    assert len(ImageCache.open(tmp_path / "c").index) == 4
+    _append_rows(manifest, [["img002.png", "hand", 0, "s1"]])  # line 4 says abnormal=1: conflict
+    rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c2")
+    assert rc == 2 and "img002.png is listed on lines 4 and 7 with different abnormal (1 vs 0)" in err
+
+
+def _built_cache(tmp_path, capsys) -> tuple[Path, Path]:
+    manifest = make_manifest(tmp_path / "d", n=6)
+    rc, _, _ = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--size", 16, "--quiet")
+    assert rc == 0
+    return manifest, tmp_path / "c"
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("short images", "images.u8 has 1,024 bytes; meta.json says 6 images of 16x16 = 1,536 bytes"),
+    ("cut index", "index.csv does not match the SHA-256 recorded in meta.json"),
+    ("cut index, old meta", "index.csv has 4 rows; meta.json says 6 images"),
+])
+def test_damaged_cache_is_refused_or_rebuilt(damage, words, tmp_path, capsys):
+    manifest, cache = _built_cache(tmp_path, capsys)
+    if damage == "short images":
+        with open(cache / "images.u8", "r+b") as f:
+            f.truncate(4 * 16 * 16)
+    else:
+        lines = (cache / "index.csv").read_text().splitlines(keepends=True)
+        (cache / "index.csv").write_text("".join(lines[:5]))
+        if damage == "cut index, old meta":  # a cache written before meta.json had index_sha256
+            meta = json.loads((cache / "meta.json").read_text())
+            del meta["index_sha256"]
+            (cache / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="damaged cache") as info:
+        ImageCache.open(cache)
+    assert words in str(info.value) and str(cache) in str(info.value)
+    rc, out, err = run(capsys, "preprocess", manifest, "--out", cache, "--size", 16, "--quiet")
+    assert rc == 0 and "built cache" in out  # rebuilt, not "reused"
+    assert error_lines(err) == [f"bonexray preprocess: warning: {cache}: damaged cache ({words}); rebuilding it"]
+    assert len(ImageCache.open(cache).index) == 6 and leftovers(cache) == []
+
+
+def test_evaluate_out_is_checked_before_the_work(model_dir, tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "d", n=6)
+    (tmp_path / "results").write_text("an existing file")
+    rc, _, err = run(capsys, "evaluate", model_dir / "good.ckpt", "--data", manifest, "--out", tmp_path / "results",
+                     "--cache", tmp_path / "cache")
+    assert rc == 2 and f"--out {tmp_path / 'results'}: exists and is not a folder" in err
+    assert not (tmp_path / "cache").exists()  # refused before preprocessing anything
+
+
+def test_preprocess_worker_bug_is_an_error_not_unreadable(tmp_path, capsys, monkeypatch):
+    import bonexray.data.preprocess as pre
+
+    manifest = make_manifest(tmp_path / "d", n=40)
+    real = pre.load_for_model
+
+    def buggy(path, size):
+        if path.endswith("img017.png"):
+            raise KeyError("a bug")
+        return real(path, size)
+
+    monkeypatch.setattr(pre, "load_for_model", buggy)  # forked pool workers inherit it
+    for workers in ("1", "2"):
+        rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--size", 16, "--workers", workers,
+                         "--quiet")
+        assert rc == 2 and f"{tmp_path / 'd' / 'img017.png'}: preprocessing failed with an unexpected error" in err
+        assert "KeyError: 'a bug'" in err and not (tmp_path / "c").exists()
+    assert _children() == []  # the pool is gone after the error
+
+
+def test_missing_decoder_is_a_setup_error(tmp_path, capsys, monkeypatch):
+    import bonexray.data.preprocess as pre
+    from bonexray.errors import MissingDecoderError
+
+    manifest = make_manifest(tmp_path / "d", n=4)
+
+    def no_decoder(path, size):
+        raise MissingDecoderError(path, "no decoder installed for JPEG-LS Lossless pixel data (pip install x)")
+
+    monkeypatch.setattr(pre, "load_for_model", no_decoder)
+    rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--workers", "1", "--quiet")
+    assert rc == 2 and "no decoder installed" in err and "setup problem, not a bad image" in err
+
+
+def _children(pid: int | None = None) -> list[int]:
+    pid = pid or os.getpid()
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pool_workers_die_with_a_killed_parent(tmp_path):
+    rs_dir = tmp_path / "d"
+    make_manifest(rs_dir, n=400)
+    code = (  # slow decoding, so the run is still going when it is killed
+        "import time, bonexray.data.preprocess as p\n"
+        "real = p.load_for_model\n"
+        "def slow(path, size):\n    time.sleep(0.05); return real(path, size)\n"
+        "p.load_for_model = slow\n"
+        "from bonexray.cli import main\n"
+        f"main(['preprocess', r'{rs_dir / 'manifest.csv'}', '--out', r'{tmp_path / 'c'}', '--size', '16', "
+        "'--workers', '2', '--quiet'])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 60
+        while len(_children(proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "the pool never started"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup code of the parent runs
+        proc.wait()
+    deadline = time.time() + 5
+    while any(Path(f"/proc/{w}").exists() and "zombie" not in _state(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in _state(w)]
+    assert alive == [], f"pool workers {alive} outlived their killed parent"
+
+
+def _state(pid: int) -> str:
+    try:
+        return next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:")).lower()
+    except (OSError, StopIteration):
+        return "zombie"
+
+
+# --------------------------------------------------------------------------- MURA
+
+
+def test_malformed_mura_rows_are_problems_with_file_and_line(tmp_path, capsys):
+    root = make_mura_tree(tmp_path)
+    good = len(read_mura(root))
+    with open(root / "train_image_paths.csv", "a", newline="") as f:
+        f.write("MURA-v1.1/elsewhere/image1.png\n")  # no train/ or valid/ part
+    with open(root / "train_labeled_studies.csv", "a", newline="") as f:
+        f.write("MURA-v1.1/train/XR_HAND/patient00004/study1_positive/,maybe\n")
+    img_line = len((root / "train_image_paths.csv").read_text().splitlines())
+    lab_line = len((root / "train_labeled_studies.csv").read_text().splitlines())
+    rs = read_mura(root)
+    assert len(rs) == good  # every good row still read
+    assert any(p.startswith(f"train_image_paths.csv line {img_line}: path does not follow MURA's layout")
+               for p in rs.problems)
+    assert any(p.startswith(f"train_labeled_studies.csv line {lab_line}: malformed row") for p in rs.problems)
+    rc, out, _ = run(capsys, "preprocess", root, "--out", tmp_path / "c", "--size", 16, "--quiet")
+    assert rc == 0 and f"train_image_paths.csv line {img_line}" in out
+
+
+def test_mura_tree_without_csvs(tmp_path):
+    root = make_mura_tree(tmp_path)
+    with_csvs = {r.path: (r.abnormal, r.body_part, r.study_id, r.split) for r in read_mura(root)}
+    for f in root.glob("*.csv"):
+        f.unlink()
+    rs = read_mura(root)
+    assert {r.path: (r.abnormal, r.body_part, r.study_id, r.split) for r in rs} == with_csvs
+    for split in ("train", "valid"):
+        assert f"{split}_image_paths.csv missing: {split} images found by scanning {split}/" in rs.problems
+        assert f"{split}_labeled_studies.csv missing: {split} labels taken from the study folder names" in rs.problems
+
+
+# --------------------------------------------------------------------------- predict on a folder
+
+
+def test_predict_folder_names_every_file(model_dir, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(radiograph_like(1)).save(folder / "a.png")
+    Image.fromarray(radiograph_like(2)).save(folder / "b.webp")
+    Image.fromarray(radiograph_like(3)).save(folder / "c.gif")
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F").save(folder / "d_nan.tif")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"")
+    os.symlink("loop2", folder / "loop1")
+    os.symlink("loop1", folder / "loop2")
+    os.symlink(".", folder / "self")  # a folder link back to itself
+    os.symlink("gone.png", folder / "dangling.png")
+    rc, out, err = run(capsys, "predict", model_dir / "good.ckpt", folder, folder / "loop1")
+    assert rc == 1
+    assert sorted(Path(r["path"]).name for r in strict_json_lines(out)) == ["a.png", "b.webp", "c.gif"]
+    lines = error_lines(err)
+    want = {
+        "d_nan.tif": "no finite pixel", "notes.txt": "skipped: not an image file (.txt)",
+        ".hidden.png": "skipped: hidden file", "loop1": "symlink loop", "loop2": "symlink loop",
+        "self": "symlink loop", "dangling.png": "broken symlink",
+    }
+    for name, words in want.items():
+        assert any(f"{folder / name}: " in ln and words in ln for ln in lines), (name, lines)
+    assert len(lines) == len(want) + 1  # + loop1 named directly (reported as a loop, not "no such file")
+    assert not any("no such file" in ln for ln in lines)
