@@ -1,0 +1,253 @@
+"""Model backends behind one interface: :class:`Predictor` (a checkpoint on torch or its cached ONNX
+export, or an ONNX file on onnxruntime) and :class:`Ensemble` (several, probabilities averaged).
+
+Both engines return *logits*; the probabilities are computed here by the same numpy code, so a
+checkpoint and its export give the same answers. Used by predict, evaluate, serve and the Python API.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BonexrayError, CheckpointError
+
+ONNX_CARD_KEY = "bonexray_model_card"
+ONNX_INPUT = "image"
+ONNX_OUTPUTS = ("abnormal_logit", "body_part_logits")
+TTA_MODES = ("none", "flip")  # test-time augmentation: "flip" averages the image and its mirror
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))  # never overflows
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; anything else is passed through."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise BonexrayError(f"--device {device}: CUDA is not available on this machine")
+    return str(device)
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """A loaded model: a checkpoint (torch, or its cached ONNX export) or an ONNX file (onnxruntime).
+
+    ``predict_arrays(uint8 (N, S, S))`` -> ``(prob_abnormal (N,), body_part_probs (N, K))`` with
+    S = ``card.image_size``; the arrays are what :func:`load_for_model` returns. ``backend``
+    (``auto``, ``torch``, ``onnx``; see :mod:`bonexray.inference.backends`) picks the engine for a
+    checkpoint; ``self.backend`` says which one runs. ``net`` (the torch network, for CAMs) is
+    loaded on first use when a checkpoint runs on onnxruntime.
+    """
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", tta: str = "none", backend: str = "auto") -> None:
+        from .backends import BACKENDS, choose_backend, exported_onnx, warn
+
+        if tta not in TTA_MODES:
+            raise BonexrayError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+        if backend not in BACKENDS:
+            raise BonexrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.tta = tta
+        self.path = Path(model)
+        self._net = None
+        self.session = None
+        self.checkpoint: Path | None = None  # the torch checkpoint behind this model, if any
+        if is_onnx_file(self.path):
+            if backend == "torch":
+                raise BonexrayError(f"{self.path}: --backend torch needs a checkpoint (.ckpt), not an ONNX file")
+            self.backend = "onnx"
+        else:
+            self.checkpoint = self.path
+            self.backend = choose_backend(backend, resolve_device(device))
+        if self.backend == "onnx":
+            onnx_path, exported = self.path, None
+            if self.checkpoint is not None:
+                try:
+                    exported = exported_onnx(self.checkpoint)
+                except BonexrayError as err:
+                    if backend == "onnx" or isinstance(err, CheckpointError):
+                        raise
+                    warn(f"{self.path}: ONNX export failed ({err}); running it with PyTorch")
+                    self.backend = "torch"
+                else:
+                    onnx_path = exported.path
+            if self.backend == "onnx":
+                try:
+                    self.card, self.session = _load_onnx(onnx_path, device)
+                finally:
+                    if exported is not None:
+                        exported.discard()
+                self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        if self.backend == "torch":
+            self.device = resolve_device(device)
+            self.net, self.card = self._load_net()
+
+    def _load_net(self):
+        from ..model.checkpoint import load_model
+
+        net, card = load_model(self.checkpoint, map_location=self.device)
+        return net.eval(), card
+
+    @property
+    def net(self):
+        """The torch network (None for an ONNX file); loaded on first use for a checkpoint on onnxruntime."""
+        if self._net is None and self.checkpoint is not None:
+            self._net, _ = self._load_net()
+        return self._net
+
+    @net.setter
+    def net(self, value) -> None:
+        self._net = value
+
+    @property
+    def image_size(self) -> int:
+        return int(self.card.image_size)
+
+    @property
+    def body_parts(self) -> list[str]:
+        return list(self.card.body_parts)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card.threshold)
+
+    def to_tensor(self, batch: np.ndarray):
+        """uint8 (N, S, S) -> float tensor (N, 1, S, S) in [0, 1] on the model's device."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
+        return x.to(self.device).float().div_(255.0).unsqueeze(1)
+
+    def logits(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = self._check(batch)
+        if self.session is not None:
+            x = (batch.astype(np.float32) / np.float32(255.0))[:, None]
+            abn, bp = self.session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x})
+            return np.asarray(abn).reshape(-1), np.asarray(bp)
+        import torch
+
+        with torch.inference_mode():
+            abn, bp = self._net(self.to_tensor(batch))
+        return abn.float().cpu().numpy(), bp.float().cpu().numpy()
+
+    def predict_arrays(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        abn, bp = self.logits(batch)
+        prob, parts = sigmoid(abn), softmax(bp)
+        if self.tta == "flip":
+            # Mirror images are equally plausible radiographs (left and right limbs); average the
+            # probabilities of both views.
+            abn_f, bp_f = self.logits(np.ascontiguousarray(np.asarray(batch)[:, :, ::-1]))
+            prob, parts = (prob + sigmoid(abn_f)) / 2, (parts + softmax(bp_f)) / 2
+        return prob, parts
+
+    def _check(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch)
+        s = self.image_size
+        if batch.ndim != 3 or batch.shape[1:] != (s, s):
+            raise ValueError(f"expected a uint8 batch of shape (N, {s}, {s}), got {batch.shape}")
+        return batch
+
+
+class Ensemble:
+    """Several models of the same task (e.g. seeds of one recipe): each reads the same tile, and the
+    probabilities are averaged. Same interface as :class:`Predictor` for evaluation.
+
+    ``threshold`` is the members' mean; evaluation re-chooses it on the runs' valid split.
+    """
+
+    def __init__(self, models: Sequence[str | os.PathLike], device: str = "auto", tta: str = "none",
+                 backend: str = "auto") -> None:
+        if not models:
+            raise BonexrayError("an ensemble needs at least one model")
+        self.members = [Predictor(m, device=device, tta=tta, backend=backend) for m in models]
+        first = self.members[0]
+        for m in self.members[1:]:
+            if m.image_size != first.image_size or m.body_parts != first.body_parts:
+                raise BonexrayError(
+                    f"{m.path}: cannot ensemble with {first.path}: image size {m.image_size} vs {first.image_size}, "
+                    f"body parts {m.body_parts} vs {first.body_parts}"
+                )
+        self.tta, self.card, self.path = tta, first.card, first.path
+
+    @property
+    def image_size(self) -> int:
+        return self.members[0].image_size
+
+    @property
+    def body_parts(self) -> list[str]:
+        return self.members[0].body_parts
+
+    @property
+    def threshold(self) -> float:
+        return float(np.mean([m.threshold for m in self.members]))
+
+    def predict_arrays(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = [m.predict_arrays(batch) for m in self.members]
+        return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
+
+
+def _load_onnx(path: Path, device: str):
+    from ..model.checkpoint import ModelCard
+
+    if not path.exists():
+        raise CheckpointError(f"{path}: model file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        import onnxruntime as ort
+    except ImportError as err:  # a declared dependency, but say so clearly
+        raise CheckpointError(f"{path}: ONNX model, but onnxruntime is not installed") from err
+    from .export import verify_onnx_integrity
+
+    verify_onnx_integrity(path)
+    providers = ["CPUExecutionProvider"]
+    if device not in ("cpu",) and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    elif str(device).startswith("cuda"):
+        raise BonexrayError(f"--device {device}: onnxruntime has no CUDA provider here")
+    from .backends import ort_session_options
+
+    opts = ort_session_options()
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(f"{path}: not a readable ONNX model ({first})") from err
+    meta = session.get_modelmeta().custom_metadata_map
+    if ONNX_CARD_KEY not in meta:
+        raise CheckpointError(f"{path}: ONNX file has no bonexray model card (not made by `bonexray export`?)")
+    try:
+        card = ModelCard.from_dict(json.loads(meta[ONNX_CARD_KEY]))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: malformed model card in ONNX metadata: {err}") from err
+    except BonexrayError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    names_in = [i.name for i in session.get_inputs()]
+    names_out = [o.name for o in session.get_outputs()]
+    if names_in != [ONNX_INPUT] or any(n not in names_out for n in ONNX_OUTPUTS):
+        raise CheckpointError(
+            f"{path}: unexpected ONNX signature inputs={names_in} outputs={names_out} "
+            f"(want {ONNX_INPUT} -> {', '.join(ONNX_OUTPUTS)})"
+        )
+    return card, session

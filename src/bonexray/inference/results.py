@@ -1,0 +1,69 @@
+"""Per-image result records and MURA's study aggregation (a study's probability is the mean of its
+images'), as plain dicts that every writer (JSON lines, CSV, the web API) serialises the same way.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def _r(x: float) -> float:
+    return round(float(x), 6)
+
+
+@dataclass
+class ImageResult:
+    path: str
+    prob_abnormal: float
+    body_part_probs: np.ndarray
+    truncated: bool
+    study: str | None = None
+    cam: str | None = None
+
+
+def image_record(res: ImageResult, body_parts: Sequence[str], threshold: float) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "type": "image",
+        "path": res.path,
+        "prob_abnormal": _r(res.prob_abnormal),
+        "abnormal": bool(res.prob_abnormal >= threshold),
+        "body_part": body_parts[int(np.argmax(res.body_part_probs))],
+    }
+    rec.update({f"prob_{b}": _r(p) for b, p in zip(body_parts, res.body_part_probs)})
+    rec["truncated"] = bool(res.truncated)
+    if res.study is not None:
+        rec["study"] = res.study
+    if res.cam is not None:
+        rec["cam"] = res.cam
+    return rec
+
+
+def study_records(results: Iterable[ImageResult], body_parts: Sequence[str], threshold: float) -> list[dict[str, Any]]:
+    """One aggregate per study, in order of first appearance."""
+    groups: dict[str, list[ImageResult]] = {}
+    for r in results:
+        if r.study is not None:
+            groups.setdefault(r.study, []).append(r)
+    out = []
+    for study, members in groups.items():
+        prob = float(np.mean([m.prob_abnormal for m in members]))
+        mean_bp = np.mean(np.stack([m.body_part_probs for m in members]), axis=0)
+        votes = Counter(int(np.argmax(m.body_part_probs)) for m in members)
+        top = max(votes.values())
+        tied = [k for k, v in votes.items() if v == top]
+        winner = max(tied, key=lambda k: mean_bp[k])  # ties: highest mean probability
+        rec: dict[str, Any] = {
+            "type": "study",
+            "study": study,
+            "n_images": len(members),
+            "prob_abnormal": _r(prob),
+            "abnormal": bool(prob >= threshold),
+            "body_part": body_parts[winner],
+        }
+        rec.update({f"prob_{b}": _r(p) for b, p in zip(body_parts, mean_bp)})
+        out.append(rec)
+    return out

@@ -1,0 +1,37 @@
+"""Output of ``bonexray predict``: strict JSON lines, or one CSV table with a ``type`` column."""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from ..errors import BonexrayError
+
+
+class Writer:
+    """JSON lines or one CSV table (with a ``type`` column) on ``stream``, flushed per batch."""
+
+    def __init__(self, fmt: str, body_parts: Sequence[str], stream: TextIO, with_cam: bool = False) -> None:
+        if fmt not in ("json", "csv"):
+            raise BonexrayError(f"unknown output format {fmt!r} (json or csv)")
+        self.fmt = fmt
+        self.stream = stream
+        self.columns = ["type", "path", "study", "n_images", "prob_abnormal", "abnormal", "body_part",
+                        *[f"prob_{b}" for b in body_parts], "truncated"] + (["cam"] if with_cam else [])
+        self._csv = None
+        if fmt == "csv":
+            self._csv = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+            self._csv.writeheader()
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self._csv is None:
+            self.stream.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: never a bare NaN
+        else:
+            self._csv.writerow({k: (int(v) if isinstance(v, bool) else v) for k, v in rec.items()})
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
