@@ -363,6 +363,8 @@ def test_pool_workers_die_with_a_killed_parent(tmp_path):
     while any(Path(f"/proc/{w}").exists() and "zombie" not in _state(w) for w in workers) and time.time() < deadline:
         time.sleep(0.1)
     alive = [w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in _state(w)]
+    for w in alive:  # a failing run must not leave its orphans behind either
+        os.kill(w, 9)
     assert alive == [], f"pool workers {alive} outlived their killed parent"
 
 
