@@ -144,10 +144,14 @@ def quantize_int8(float_onnx: Path, calib: np.ndarray, out: Path) -> Path:
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
+    from bonexray.inference.export import ONNX_HASH_KEY, onnx_graph_sha256
+
     model, source = onnx.load(str(out)), onnx.load(str(float_onnx))
     del model.metadata_props[:]
-    for p in source.metadata_props:
-        model.metadata_props.add(key=p.key, value=p.value)
+    for p in source.metadata_props:  # the model card travels; the integrity hash is the new graph's
+        if p.key != ONNX_HASH_KEY:
+            model.metadata_props.add(key=p.key, value=p.value)
+    model.metadata_props.add(key=ONNX_HASH_KEY, value=onnx_graph_sha256(model))
     onnx.save(model, str(out))
     return out
 
