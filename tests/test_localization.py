@@ -132,6 +132,7 @@ def test_localization_loss_balances_cells_and_ignores_unknown():
     assert none.item() == 0.0 and none.requires_grad
 
 
+@pytest.mark.slow
 def test_train_with_localization_head_and_fixed_split(tmp_path):
     from bonexray.model.checkpoint import load_model
 

@@ -269,6 +269,7 @@ def test_cam_for_batch_shape_range_and_no_side_effects(ckpt):
 # --------------------------------------------------------------------------- subprocess / end to end
 
 
+@pytest.mark.slow
 def test_subprocess_cli_json_lines(ckpt, tmp_path):
     imgs = [write_png(tmp_path / f"s{i}.png", i) for i in range(2)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}

