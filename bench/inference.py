@@ -113,10 +113,14 @@ def calibration_images(data: str | None, checkpoint: Path | None, n: int = 64) -
         tiles = [letterbox(radiograph_like(i, 300 + i, 240, abnormal=i % 2), SIZE) for i in range(n)]
         return np.stack(tiles), f"{n} synthetic radiograph-like images (no --calib-data)"
     from bonexray.data.datasets import load_dataset
+    from bonexray.data.splits import make_splits
     from bonexray.evaluation.evaluate import assign_eval_splits, find_run_dir
+    from bonexray.model.checkpoint import read_card
 
-    run_dir = find_run_dir(checkpoint) if checkpoint is not None and checkpoint.suffix == ".ckpt" else None
-    records, _ = assign_eval_splits(load_dataset(data), run_dir)
+    if checkpoint is not None:  # that model's own training split (card, or its run's splits.csv)
+        records, _ = assign_eval_splits(load_dataset(data), read_card(checkpoint).split, find_run_dir(checkpoint))
+    else:  # speed runs of random-init models: the default split's training images
+        records = make_splits(load_dataset(data))
     train = [r for r in records if r.split == "train"]
     picked = [train[i] for i in np.linspace(0, len(train) - 1, n).astype(int)]
     return np.stack([load_for_model(r.path, SIZE)[0] for r in picked]), f"{n} training-split images of {data}"

@@ -1,19 +1,20 @@
 #!/usr/bin/env python
 """Pointing game: does the CAM peak of the abnormality logit land on the fracture?
 
-For every fractured FracAtlas image with boxes in ``Annotations/COCO JSON/COCO_fracture_masks.json``
-(optionally only those in one split of a run's ``splits.csv``), the CAM is computed at model
-resolution on exactly what predict sees (``read_image`` + ``letterbox``, i.e. ``load_for_model``),
-its peak (searched inside the image content only, never in the letterbox padding) is mapped back
-to original pixel coordinates, and it is a hit when it lies inside any fracture box (grown by
-``--tolerance`` pixels on each side). Reported with a 95% percentile-bootstrap CI over images, next
+For every fractured FracAtlas image with boxes in ``Annotations/COCO JSON/`` (read by bonexray's
+own COCO reader; optionally only those in one split of a run's ``splits.csv``), the CAM is computed
+at model resolution on exactly what predict sees (``read_image`` + ``letterbox``, i.e.
+``load_for_model``). Its peak is searched inside the image content only, never in the letterbox
+padding, and it is a hit when the peak pixel's centre lies inside any fracture box (grown by
+``--tolerance`` original pixels on each side) mapped into the model tile by ``letterbox_boxes``, the
+mapping training uses for the same boxes. Reported with a 95% percentile-bootstrap CI over images, next
 to baselines from the same images:
 
 * ``random point``: one uniform point inside each image (seeded), and ``random (expected)``: its
   exact expectation, the fraction of the image covered by the (grown) boxes;
 * ``image centre``: the centre pixel of each image;
-* ``oracle (geometry check)``: each image's first box centre sent to its model pixel and back
-  through the same mapping; it must score ~1.0, or the coordinate mapping is broken.
+* ``oracle (geometry check)``: each image's first box centre sent to its model pixel, scored like a
+  CAM peak; it must score ~1.0, or the coordinate mapping is broken.
 
 Usage::
 
@@ -27,66 +28,55 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "FracAtlas"
-COCO_REL = Path("Annotations") / "COCO JSON" / "COCO_fracture_masks.json"
+COCO_REL = Path("Annotations") / "COCO JSON"
 
 
 # --------------------------------------------------------------------------- geometry
+# All letterbox geometry comes from bonexray.data.preprocess.letterbox_boxes, the mapping training uses
+# for the fracture boxes, so the CAM is scored in exactly the frame the model sees.
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    """Where an (h, w) image lands inside the size x size letterbox (see preprocess.letterbox)."""
+def tile_boxes(boxes: list[list[float]], tol: float, decoded_wh: tuple[int, int], annotated_wh: tuple[float, float],
+               size: int) -> np.ndarray:
+    """Boxes [x, y, w, h] in annotated pixels, grown by ``tol`` on each side -> [x0, y0, x1, y1] in the model tile.
 
-    size: int
-    h: int
-    w: int
-    nh: int
-    nw: int
-    top: int
-    left: int
+    The decoded image may be smaller than the annotated one (JPEG draft decoding): boxes are scaled
+    to the decoded pixels first, then through that image's letterbox.
+    """
+    from bonexray.data.preprocess import letterbox_boxes
 
-    @classmethod
-    def of(cls, h: int, w: int, size: int) -> "Letterbox":
-        # Same arithmetic as bonexray.data.preprocess.letterbox (Python's round included).
-        scale = size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        return cls(size, h, w, nh, nw, (size - nh) // 2, (size - nw) // 2)
-
-    def content_mask(self) -> np.ndarray:
-        m = np.zeros((self.size, self.size), bool)
-        m[self.top : self.top + self.nh, self.left : self.left + self.nw] = True
-        return m
-
-    def to_original(self, row: float, col: float, orig_w: float, orig_h: float) -> tuple[float, float]:
-        """Centre of model pixel (row, col) -> (x, y) in an original image of orig_w x orig_h.
-
-        The decoded image may be smaller than the original (JPEG draft decoding), so the map
-        goes model frame -> content box -> original size directly.
-        """
-        x = (col + 0.5 - self.left) * orig_w / self.nw
-        y = (row + 0.5 - self.top) * orig_h / self.nh
-        return float(np.clip(x, 0.0, orig_w)), float(np.clip(y, 0.0, orig_h))
+    (w, h), (aw, ah) = decoded_wh, annotated_wh
+    grown = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) + [-tol, -tol, 2 * tol, 2 * tol]
+    return letterbox_boxes(grown * [w / aw, h / ah, w / aw, h / ah], (w, h), size)
 
 
-    def to_model(self, x: float, y: float, orig_w: float, orig_h: float) -> tuple[int, int]:
-        """Original (x, y) -> (row, col) of the model pixel that contains it (inverse of to_original)."""
-        col = int(np.floor(x * self.nw / orig_w + self.left))
-        row = int(np.floor(y * self.nh / orig_h + self.top))
-        return (min(max(row, self.top), self.top + self.nh - 1), min(max(col, self.left), self.left + self.nw - 1))
+def content_mask(decoded_wh: tuple[int, int], size: int) -> np.ndarray:
+    """True on the tile pixels that hold the image (not the letterbox padding)."""
+    w, h = decoded_wh
+    x0, y0, x1, y1 = tile_boxes([[0, 0, w, h]], 0.0, (w, h), (w, h), size)[0].round().astype(int)
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
 
 
-def peak_of(cam: np.ndarray, geom: Letterbox) -> tuple[int, int]:
+def peak_of(cam: np.ndarray, content: np.ndarray) -> tuple[int, int]:
     """(row, col) of the CAM maximum inside the image content (first one on ties)."""
-    masked = np.where(geom.content_mask(), cam, -np.inf)
+    masked = np.where(content, cam, -np.inf)
     r, c = np.unravel_index(int(np.argmax(masked)), masked.shape)
     return int(r), int(c)
+
+
+def pixel_in_boxes(row: int, col: int, tboxes: np.ndarray) -> bool:
+    """Is the centre of tile pixel (row, col) inside any of the tile boxes?"""
+    x, y = col + 0.5, row + 0.5
+    return bool(((tboxes[:, 0] <= x) & (x <= tboxes[:, 2]) & (tboxes[:, 1] <= y) & (y <= tboxes[:, 3])).any())
 
 
 def inside_any(x: float, y: float, boxes: list[list[float]], tol: float) -> bool:
@@ -118,18 +108,14 @@ def bootstrap_ci(values: np.ndarray, n: int, seed: int) -> tuple[float, float]:
 
 
 def load_boxes(data: Path) -> dict[str, dict]:
-    """file_name -> {"width", "height", "boxes": [[x, y, w, h], ...]} for images with boxes."""
-    coco = json.loads((data / COCO_REL).read_text())
-    images = {im["id"]: im for im in coco["images"]}
-    out: dict[str, dict] = {}
-    for ann in coco["annotations"]:
-        im = images.get(ann["image_id"])
-        bbox = ann.get("bbox")
-        if im is None or not bbox or len(bbox) != 4 or bbox[2] <= 0 or bbox[3] <= 0:
-            continue
-        entry = out.setdefault(im["file_name"], {"width": int(im["width"]), "height": int(im["height"]), "boxes": []})
-        entry["boxes"].append([float(v) for v in bbox])
-    return out
+    """file_name -> {"size": (w, h), "boxes": [[x, y, w, h], ...]} for images with boxes (bonexray's COCO reader)."""
+    from bonexray.data.fracatlas import read_fracatlas_boxes
+
+    problems: list[str] = []
+    boxes = read_fracatlas_boxes(data, problems)
+    if boxes is None:
+        raise SystemExit(f"pointing_game: {data}: no readable COCO annotations ({'; '.join(problems) or 'none found'})")
+    return {name: info for name, info in boxes.items() if info["boxes"]}
 
 
 def split_names(splits_csv: Path, split: str) -> set[str]:
@@ -167,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
     from bonexray.data.imageio import read_image
     from bonexray.data.preprocess import letterbox
     from bonexray.errors import BonexrayError
@@ -176,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = args.method or [DEFAULT_METHOD]
     data: Path = args.data
-    if not (data / COCO_REL).is_file():
-        ap.error(f"{data}: no {COCO_REL} (not a FracAtlas folder?)")
+    if not any((data / COCO_REL).glob("*.json")):
+        ap.error(f"{data}: no {COCO_REL}/*.json (not a FracAtlas folder?)")
     boxes = load_boxes(data)
     names = sorted(boxes)
     if args.splits is not None:
@@ -207,30 +192,34 @@ def main(argv: list[str] | None = None) -> int:
     used: list[str] = []
     probs_all: list[float] = []
 
-    def flush(batch: list[tuple[str, np.ndarray, Letterbox, dict]]) -> None:
+    def flush(batch: list[tuple[str, np.ndarray, tuple[int, int], dict]]) -> None:
         if not batch:
             return
         arr = np.stack([b[1] for b in batch])
         probs, _ = pred.predict_arrays(arr)
         probs_all.extend(float(p) for p in probs)
         cams = {m: cam_for_batch(pred.net, pred.to_tensor(arr), method=m) for m in methods}
-        for i, (name, _, geom, info) in enumerate(batch):
-            W, H, bxs = info["width"], info["height"], info["boxes"]
+        for i, (name, _, decoded_wh, info) in enumerate(batch):
+            (W, H), bxs = info["size"], info["boxes"]
+            content = content_mask(decoded_wh, size)
+            peaks = {m: peak_of(cams[m][i], content) for m in methods}
             rx, ry = rng.uniform(0, W), rng.uniform(0, H)
             bx, by, bw, bh = bxs[0]
-            ox, oy = geom.to_original(*geom.to_model(bx + bw / 2, by + bh / 2, W, H), W, H)
+            # Oracle: the first box's centre, sent to the model pixel that holds it.
+            cx, cy = tile_boxes([[bx + bw / 2, by + bh / 2, 0, 0]], 0.0, decoded_wh, (W, H), size)[0][:2]
+            oracle = (min(int(cy), size - 1), min(int(cx), size - 1))
             for tol in tols:
+                tb = tile_boxes(bxs, tol, decoded_wh, (W, H), size)
                 for m in methods:
-                    x, y = geom.to_original(*peak_of(cams[m][i], geom), W, H)
-                    hits[m][tol].append(inside_any(x, y, bxs, tol))
+                    hits[m][tol].append(pixel_in_boxes(*peaks[m], tb))
                 base["random point"][tol].append(float(inside_any(rx, ry, bxs, tol)))
                 base["random (expected)"][tol].append(covered_fraction(bxs, W, H, tol))
                 base["image centre"][tol].append(float(inside_any(W / 2, H / 2, bxs, tol)))
-                base["oracle (geometry check)"][tol].append(float(inside_any(ox, oy, bxs, tol)))
+                base["oracle (geometry check)"][tol].append(float(pixel_in_boxes(*oracle, tb)))
             used.append(name)
         batch.clear()
 
-    pending: list[tuple[str, np.ndarray, Letterbox, dict]] = []
+    pending: list[tuple[str, np.ndarray, tuple[int, int], dict]] = []
     for name in names:
         info = boxes[name]
         path = find_file(data, name)
@@ -243,12 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"{name}: {e}")
             continue
         h, w = decoded.pixels.shape
-        W, H = info["width"], info["height"]
+        W, H = info["size"]
         # Draft decoding shrinks by up to 8x; the aspect ratio must still match the COCO size.
         if abs(w / h - W / H) > 0.02 * (W / H) + 8.0 / min(h, w):
             skipped.append(f"{name}: decoded {w}x{h} does not match the annotated {W}x{H}")
             continue
-        pending.append((name, letterbox(decoded.pixels, size), Letterbox.of(h, w, size), info))
+        pending.append((name, letterbox(decoded.pixels, size), (w, h), info))
         if len(pending) >= args.batch_size:
             flush(pending)
     flush(pending)

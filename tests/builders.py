@@ -117,3 +117,17 @@ def make_fracatlas_tree(base: Path, n_groups: int = 12, per_group: int = 3, h: i
     (root / "Annotations" / "COCO JSON" / "COCO_fracture_masks.json").write_text(json.dumps(
         {"info": {}, "images": coco_images, "annotations": coco_anns, "categories": [{"id": 0, "name": "fractured"}]}))
     return root
+
+
+def make_checkpoint(path: Path, body_parts=("hand", "leg", "shoulder"), image_size: int = 64,
+                    backbone: str = "efficientnet_lite0", threshold: float = 0.5, seed: int = 0) -> Path:
+    """An untrained bonexray checkpoint (random weights, seeded): enough to exercise every consumer."""
+    import torch
+
+    from bonexray.model.checkpoint import ModelCard, save_model
+    from bonexray.model.network import BoneXrayNet
+
+    torch.manual_seed(seed)
+    net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=None)
+    card = ModelCard(backbone=backbone, image_size=image_size, body_parts=list(body_parts), threshold=threshold)
+    return save_model(path, net, card)

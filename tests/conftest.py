@@ -14,6 +14,16 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 
+#: Fixtures that train a model: every test using them is slow.
+_TRAINING_FIXTURES = {"trained_run", "trained_checkpoint"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_user_dirs(tmp_path_factory):
     """Keep the per-user cache and dataset folders of the test run out of the real home directory."""

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -90,6 +90,31 @@ def test_augment_warps_mask_with_image():
     assert not torch.allclose(out, x)
 
 
+def test_box_mask_stays_on_the_same_image_content():
+    # Each image has its own textured 'fracture' at its own place; the mask is its box. After the
+    # full augmentation (per-image flip, warp and intensity), the warped mask must still cover that
+    # image's fracture and nothing else, and the warp must really have moved things.
+    b, s = 6, 64
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(b, 1, s, s, generator=gen) * 0.2
+    mask = torch.zeros(b, 1, s, s)
+    for i in range(b):
+        r, c = 8 + 7 * i, 2 + 3 * i  # left of centre, so the flip moves it
+        x[i, :, r : r + 12, c : c + 14] = 0.8 + 0.2 * torch.rand(12, 14, generator=gen)
+        mask[i, :, r : r + 12, c : c + 14] = 1.0
+    cfg = AugmentConfig(hflip=1.0)  # always flipped, so the content must have moved
+    out, warped = augment_batch(x, cfg, generator=torch.Generator().manual_seed(1), mask=mask)
+    for i in range(b):
+        inside, outside = warped[i] > 0.5, warped[i] < 0.05
+        assert inside.sum() > 0.6 * mask[i].sum()  # zoom out is at most 0.9
+        assert out[i][inside].mean() > 0.6 > 0.35 > out[i][outside].mean()
+        assert (inside & (mask[i] > 0.5)).sum() < 0.9 * inside.sum()
+    # Same generator seed, same result; the global RNG is left alone.
+    state = torch.get_rng_state()
+    again, _ = augment_batch(x, cfg, generator=torch.Generator().manual_seed(1), mask=mask)
+    assert torch.equal(out, again) and torch.equal(state, torch.get_rng_state())
+
+
 def test_localization_loss_balances_cells_and_ignores_unknown():
     logits = torch.zeros(2, 1, 4, 4, requires_grad=True)
     mask = torch.zeros(2, 1, 32, 32)
@@ -107,6 +132,7 @@ def test_localization_loss_balances_cells_and_ignores_unknown():
     assert none.item() == 0.0 and none.requires_grad
 
 
+@pytest.mark.slow
 def test_train_with_localization_head_and_fixed_split(tmp_path):
     from bonexray.model.checkpoint import load_model
 

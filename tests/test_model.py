@@ -130,7 +130,17 @@ def test_head_shapes_and_cam_target(name: str) -> None:
     with torch.no_grad():
         net(torch.rand(1, 1, SMALL, SMALL))
     handle.remove()
-    assert len(seen) == 1 and len(seen[0]) == 4  # a spatial feature map to weight
+    # The hooked layer outputs exactly the last feature map the heads pool (EfficientNet: after conv_head).
+    with torch.no_grad():
+        assert len(seen) == 1 and seen[0] == net.forward_features(torch.rand(1, 1, SMALL, SMALL)).shape
+
+
+def test_cam_on_a_transformer_backbone_is_a_clear_error() -> None:
+    from bonexray.inference.cam import cam_for_batch
+
+    net = small_net("vit_tiny_patch16_224", k=2)
+    with pytest.raises(BonexrayError, match="2-D grid.*CNN backbone"):
+        cam_for_batch(net, torch.rand(1, 1, 224, 224))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -270,6 +269,7 @@ def test_cam_for_batch_shape_range_and_no_side_effects(ckpt):
 # --------------------------------------------------------------------------- subprocess / end to end
 
 
+@pytest.mark.slow
 def test_subprocess_cli_json_lines(ckpt, tmp_path):
     imgs = [write_png(tmp_path / f"s{i}.png", i) for i in range(2)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -298,35 +298,6 @@ def test_trained_checkpoint_end_to_end(trained_checkpoint, capsys, tmp_path):
         assert r["body_part"] in card.body_parts
         assert sum(r[f"prob_{p}"] for p in card.body_parts) == pytest.approx(1.0, abs=1e-5)
         assert Path(r["cam"]).is_file()
-
-
-# --------------------------------------------------------------------------- bench geometry
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("pointing_game", REPO / "bench" / "pointing_game.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.parametrize("h,w,size", [(454, 363, 64), (363, 454, 128), (100, 37, 64), (75, 75, 32), (1760, 1761, 320)])
-def test_pointing_game_letterbox_geometry_matches_preprocess(h, w, size):
-    pg = _load_bench()
-    geom = pg.Letterbox.of(h, w, size)
-    content = letterbox(np.full((h, w), 255, np.uint8), size) > 0
-    np.testing.assert_array_equal(content, geom.content_mask())
-    # A bright square at a known place maps back to that place (within a model pixel).
-    img = np.zeros((h, w), np.uint8)
-    y0, x0, s = h // 3, w // 2, max(4, min(h, w) // 5)
-    img[y0 : y0 + s, x0 : x0 + s] = 255
-    lb = letterbox(img, size).astype(float)
-    r, c = np.unravel_index(np.argmax(lb), lb.shape)
-    x, y = geom.to_original(r, c, w, h)
-    px = max(h, w) / size  # one model pixel in original pixels
-    assert pg.inside_any(x, y, [[x0, y0, s, s]], tol=px)
-    assert pg.covered_fraction([[0, 0, w / 2, h]], w, h, 0) == pytest.approx(0.5, abs=2 / w)
 
 
 def test_flip_tta_averages_image_and_mirror(ckpt):

@@ -134,6 +134,7 @@ def test_checkpoint_round_trip_identical_predictions(trained_run, tmp_path):
     assert torch.equal(a1, a2) and torch.equal(p1, p2)
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tmp_path):
     manifest = make_manifest(tmp_path / "d", n=32, parts=("hand", "leg"))
 
@@ -165,6 +166,7 @@ def _argv(d: dict) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume(tmp_path):
     manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
     args = tiny_train_args(manifest, tmp_path / "run", epochs=5)
@@ -194,6 +196,7 @@ def test_kill_mid_run_then_resume(tmp_path):
     assert epochs == {"0", "1", "2", "3", "4"}
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
     manifest = make_manifest(tmp_path / "d", n=32, parts=("hand", "leg"))
     args = tiny_train_args(manifest, tmp_path / "run", epochs=1, accelerator="cpu", devices=2, strategy="ddp",

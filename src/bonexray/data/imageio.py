@@ -29,7 +29,7 @@ import io
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,14 +375,14 @@ def _dicom_funcs() -> dict[str, Any]:
         from pydicom.pixels import (  # type: ignore[attr-defined]
             apply_color_lut,
             apply_modality_lut,
-            apply_voi,
+            apply_voi_lut,
             convert_color_space,
             pixel_array,
         )
 
         return {
             "modality": apply_modality_lut,
-            "voi": apply_voi,
+            "voi": apply_voi_lut,  # the VOI LUT when there is one (prefer_lut), else the window
             "color_lut": apply_color_lut,
             "color_space": convert_color_space,
             "first_frame": lambda ds: pixel_array(ds, index=0),
@@ -404,7 +404,7 @@ def _dicom_funcs() -> dict[str, Any]:
 
         return {
             "modality": apply_modality_lut,
-            # With a VOI LUT Sequence present, apply_voi_lut(prefer_lut=True) applies the LUT.
+            # The VOI LUT when there is one (prefer_lut), else the window.
             "voi": lambda arr, ds, index=0: apply_voi_lut(arr, ds, index, prefer_lut=True),
             "color_lut": apply_color_lut,
             "color_space": convert_color_space,
@@ -489,7 +489,7 @@ def _dicom_decode_reason(ds: Any, exc: Exception) -> tuple[str, bool]:
 
 
 def _dicom_to_gray(ds: Any, arr: np.ndarray, funcs: dict[str, Any]) -> np.ndarray:
-    """Modality LUT -> VOI LUT / window (or min-max) -> MONOCHROME1 inversion -> uint8."""
+    """pydicom's Modality LUT -> VOI LUT / window (or min-max) -> MONOCHROME1 inversion -> uint8."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric == "PALETTE COLOR":
         rgb = funcs["color_lut"](arr, ds)
@@ -517,15 +517,26 @@ def _rgb_to_uint8(rgb: np.ndarray, full_scale: int) -> np.ndarray:
 
 
 def _voi_to_unit(ds: Any, values: np.ndarray, funcs: dict[str, Any]) -> np.ndarray:
-    """The display transform as float32 in [0, 1]: VOI LUT, else window, else min-max."""
+    """The display transform as float32 in [0, 1]: pydicom's VOI LUT, else its window, else min-max.
+
+    pydicom maps into the stored (or rescaled) value range; the transform's own black and white
+    (the LUT's smallest and largest entry; the window's output for -inf and +inf) become 0 and 1. A
+    window that pydicom rejects (width below 1, unknown VOI LUT Function) is ignored: min-max.
+    """
     if ds.get("VOILUTSequence"):
         out = np.asarray(funcs["voi"](values, ds, 0), dtype=np.float32)
         lo, hi = _voi_lut_range(ds, funcs, out)
         return np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else _minmax(out)
-    window = _window(ds)
-    if window is not None:
-        return _apply_window(values.astype(np.float32, copy=False), *window)
-    return _minmax(values.astype(np.float32, copy=False))
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
+        return _minmax(values)
+    try:
+        out = np.asarray(funcs["voi"](values, ds, 0), dtype=np.float64)
+        black, white = np.asarray(funcs["voi"](np.array([-np.inf, np.inf]), ds, 0), dtype=np.float64)
+    except (ValueError, TypeError, IndexError):
+        return _minmax(values)
+    if not np.isfinite([black, white]).all() or black == white:
+        return _minmax(values)
+    return np.clip((out - black) / (white - black), 0.0, 1.0).astype(np.float32)
 
 
 def _voi_lut_range(ds: Any, funcs: dict[str, Any], out: np.ndarray) -> tuple[float, float]:
@@ -542,38 +553,6 @@ def _voi_lut_range(ds: Any, funcs: dict[str, Any], out: np.ndarray) -> tuple[flo
         return float(table.min()), float(table.max())
     except Exception:
         return float(out.min()), float(out.max())
-
-
-def _window(ds: Any) -> tuple[float, float, str] | None:
-    try:
-        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-        if center is None or width is None:
-            return None
-        center, width = float(_first(center)), float(_first(width))
-        func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-    except Exception:
-        return None  # malformed window values: fall back to min-max
-    if func not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-        func = "LINEAR"
-    if width <= (1.0 if func == "LINEAR" else 0.0):
-        return None
-    return center, width, func
-
-
-def _first(value: Any) -> Any:
-    """Window centre/width may hold several presets (VM > 1): the first is the default."""
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return value[0]
-    return value
-
-
-def _apply_window(x: np.ndarray, center: float, width: float, func: str) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 window to [0, 1] (pydicom's apply_windowing, in float32)."""
-    if func == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))).astype(np.float32)
-    if func == "LINEAR":
-        center, width = center - 0.5, width - 1.0
-    return np.clip((x - center) / width + 0.5, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Class activation maps of the abnormality logit, and their overlay pictures.
 
 ``cam_for_batch(net, x)`` runs a pytorch_grad_cam method (Grad-CAM++ by default) on the module
-``net.cam_target_layer()`` names (never hard-coded per backbone), with the abnormality logit as
+``net.cam_target_layer()`` names (the layer that outputs the last feature map, found from timm's
+``feature_info``; never hard-coded per backbone), with the abnormality logit as
 the target: the network is wrapped so that it returns ``abnormal_logit[:, None]`` and the target is
 ``ClassifierOutputTarget(0)``. The result is one map per image at model resolution, each scaled to
 [0, 1] (min-max per image, as pytorch_grad_cam does).
@@ -93,6 +94,14 @@ def cam_for_batch(net: nn.Module, x: torch.Tensor | np.ndarray, method: str = DE
         cam = cam_cls(model=AbnormalLogit(net), target_layers=[target_layer])
         try:
             maps = cam(input_tensor=inp, targets=[ClassifierOutputTarget(0)] * n)
+        except ValueError as err:
+            acts = cam.activations_and_grads.activations
+            if acts and acts[-1].ndim != 4:  # tokens (B, N, C) of a transformer, not a (B, C, h, w) map
+                raise BonexrayError(
+                    f"CAM needs a backbone whose last feature map is a 2-D grid; {type(target_layer).__name__} "
+                    f"outputs shape {tuple(acts[-1].shape)} (a transformer?). Use a CNN backbone."
+                ) from err
+            raise
         finally:
             cam.activations_and_grads.release()  # not the context manager: it swallows IndexError
             for p, flag in flags:

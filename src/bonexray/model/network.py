@@ -7,15 +7,14 @@ and the web app all feed the network the same thing.
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from bonexray.errors import BonexrayError, WeightsUnavailableError
+from bonexray.errors import BonexrayError
 from bonexray.model import weights as _weights
-from bonexray.model.registry import DEFAULT_BACKBONE, get_backbone_spec
+from bonexray.model.registry import DEFAULT_BACKBONE, cam_target_name, get_backbone_spec
 
 
 class BoneXrayNet(nn.Module):
@@ -71,7 +70,6 @@ class BoneXrayNet(nn.Module):
         # them in as constants.
         self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
-        self._cam_target_name = ""
 
         if weights is not None:
             self.load_weights_file(weights)
@@ -99,60 +97,12 @@ class BoneXrayNet(nn.Module):
         return torch.sigmoid(self.localization_head(self.forward_features(x)))
 
     def cam_target_layer(self) -> nn.Module:
-        """The backbone module to hook for Grad-CAM (last conv block / feature stage)."""
-        if not self._cam_target_name:
-            target = get_backbone_spec(self.backbone_name).cam_target(self.backbone)
-            # Cache by name: storing the module itself would register it twice.
-            names = {id(m): n for n, m in self.named_modules()}
-            if id(target) not in names:
-                raise BonexrayError(f"CAM target of '{self.backbone_name}' is not part of the network")
-            self._cam_target_name = names[id(target)]
-        return self.get_submodule(self._cam_target_name)
+        """The backbone module to hook for Grad-CAM: the one that outputs the last feature map."""
+        return self.backbone.get_submodule(cam_target_name(self.backbone))
 
     def load_weights_file(self, path: str | os.PathLike) -> None:
-        """Load a local state_dict: the timm backbone's, or a whole BoneXrayNet's.
-
-        The backbone must fit exactly. Heads from a whole-net file are loaded when their
-        shapes fit; otherwise (e.g. a different number of body parts) they stay freshly
-        initialised, with a warning, so a trained model can seed fine-tuning.
-        """
-        source = str(path)
-        state = _weights.read_state_dict_file(path)
-        if any(k.startswith("net.") for k in state):  # Lightning / bonexray checkpoint
-            state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-        if "abnormal_head.weight" in state or all(k.startswith("backbone.") for k in state):
-            backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-            head_state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-            _weights.load_backbone_state(self.backbone, backbone_state, source)
-            self._load_heads(head_state, source)
-        else:
-            _weights.load_backbone_state(self.backbone, state, source)
-
-    def _load_heads(self, head_state: Mapping[str, torch.Tensor], source: str) -> None:
-        if not head_state:
-            return
-        # The fracture map is optional on either side: one the file has and this net lacks is
-        # dropped, one this net has and the file lacks stays freshly initialised.
-        loc = "localization_head."
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-        head_state = {k: v for k, v in head_state.items() if not k.startswith(loc) or k in own}
-        own = {k: v for k, v in own.items() if not k.startswith(loc) or k in head_state}
-        unexpected = [k for k in head_state if k not in own]
-        if unexpected:
-            raise WeightsUnavailableError(
-                f"{source}: does not fit BoneXrayNet: unexpected keys {', '.join(unexpected[:5])}"
-            )
-        fits = set(head_state) == set(own) and all(
-            tuple(head_state[k].shape) == tuple(v.shape) for k, v in own.items()
-        )
-        if fits:
-            self.load_state_dict(head_state, strict=False)
-        else:
-            warnings.warn(
-                f"{source}: head shapes differ from this network "
-                f"({self.num_body_parts} body parts); loaded the backbone only",
-                stacklevel=3,
-            )
+        """Load a local state_dict (``--weights FILE``): see :func:`bonexray.model.weights.load_weights_file`."""
+        _weights.load_weights_file(self, path)
 
     def extra_repr(self) -> str:
         return f"backbone={self.backbone_name!r}, num_body_parts={self.num_body_parts}"

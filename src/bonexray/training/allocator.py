@@ -2,8 +2,8 @@
 
 glibc serves every block above 32 MiB with a fresh ``mmap`` and unmaps it on ``free``. A CPU
 training step allocates and frees many activation tensors that large, so each step re-faults
-the same pages from the kernel: ``bench/cpu_allocator.py`` measured about half of the wall time
-as system time here. Turning off mmap for large blocks and never trimming the heap lets those
+the same pages from the kernel, as system time (``bench/cpu_allocator.py`` measures it; the
+figures are in the README's Results). Turning off mmap for large blocks and never trimming the heap lets those
 pages be reused. The price is that the process keeps its peak heap until it exits, which is what
 a training process wants anyway. Set ``BONEXRAY_MALLOC_TUNING=0`` to leave glibc's defaults.
 """

@@ -48,7 +48,7 @@ def localization_loss(map_logits: torch.Tensor, mask: torch.Tensor, known: torch
     ``map_logits`` (B,1,h,w) from a 1x1 conv on the last feature map; ``mask`` (B,1,H,W) in [0,1] at
     image resolution; ``known`` (B,) bool: images whose fracture location is known (annotated
     fractures, and images without a fracture, whose mask is empty). A grid cell is positive when a
-    box covers any of its pixels. Fracture cells are about 1% of all cells, so positives and
+    box covers any of its pixels. Fracture cells are a small minority of all cells, so positives and
     negatives are averaged separately and weigh half each. Returns 0 when nothing is known.
     """
     if not bool(known.any()):

@@ -1,0 +1,151 @@
+"""The Python API for notebooks and scripts (re-exported by ``bonexray``).
+
+``load_model(path)`` gives a :class:`Model` (checkpoint or ONNX export) whose ``predict`` takes image
+files, folders or decoded 2-D arrays and returns one :class:`Prediction` per image, decided at the
+model card's threshold. Images go through the same decode + letterbox path as training and
+``bonexray predict`` (``data.preprocess.load_for_model``), so the numbers are the CLI's.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from .data.datasets import load_dataset
+from .data.imageio import is_image_file
+from .data.preprocess import letterbox, load_for_model
+from .errors import BonexrayError, ImageReadError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .model.checkpoint import ModelCard
+
+__all__ = ["Model", "Prediction", "load_dataset", "load_model"]
+
+#: One image: a file (PNG, JPEG, DICOM, ...), a decoded 2-D gray array of any size, or a PIL image.
+ImageInput = Union[str, os.PathLike, np.ndarray, "Image"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model says about one image."""
+
+    prob_abnormal: float
+    #: ``prob_abnormal >= threshold`` of the model card (chosen on the validation split).
+    abnormal: bool
+    body_part: str
+    #: Probability of every body-part class of the model, in the card's class order.
+    body_part_probs: dict[str, float]
+    #: The file it came from; None for an array or PIL image.
+    path: str | None = None
+    #: The file ended early and was decoded as far as it went.
+    truncated: bool = False
+
+
+class Model:
+    """A loaded bonexray model; build it with :func:`load_model`."""
+
+    def __init__(self, predictor: Any) -> None:
+        self._predictor = predictor
+
+    @property
+    def card(self) -> ModelCard:
+        """The model card: backbone, image_size, body_parts, threshold, normalisation, version."""
+        return self._predictor.card
+
+    @property
+    def body_parts(self) -> list[str]:
+        return list(self._predictor.body_parts)
+
+    @property
+    def threshold(self) -> float:
+        return float(self._predictor.threshold)
+
+    @property
+    def image_size(self) -> int:
+        return int(self._predictor.image_size)
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16) -> Prediction | list[Prediction]:
+        """Predict one image (-> a :class:`Prediction`) or a list / folder of them (-> a list, in input order).
+
+        Unreadable files raise :class:`bonexray.errors.ImageReadError` naming the file.
+        """
+        single = not isinstance(images, (list, tuple)) and not _is_folder(images)
+        items = _expand([images] if single or _is_folder(images) else list(images))
+        if batch_size < 1:
+            raise BonexrayError(f"batch_size must be at least 1, got {batch_size}")
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            tiles, truncated = zip(*(self._tile(item) for item in chunk))
+            probs, part_probs = self._predictor.predict_arrays(np.stack(tiles))
+            for item, p, parts, trunc in zip(chunk, probs, part_probs, truncated):
+                results.append(self._result(item, float(p), parts, trunc))
+        return results[0] if single else results
+
+    def _tile(self, item: ImageInput) -> tuple[np.ndarray, bool]:
+        size = self.image_size
+        if isinstance(item, (str, os.PathLike)):
+            return load_for_model(item, size)
+        gray = _as_gray_array(item)
+        return letterbox(gray, size), False
+
+    def _result(self, item: ImageInput, prob: float, parts: np.ndarray, truncated: bool) -> Prediction:
+        names = self.body_parts
+        return Prediction(
+            prob_abnormal=prob,
+            abnormal=bool(prob >= self.threshold),
+            body_part=names[int(np.argmax(parts))],
+            body_part_probs={n: float(v) for n, v in zip(names, parts)},
+            path=os.fspath(item) if isinstance(item, (str, os.PathLike)) else None,
+            truncated=bool(truncated),
+        )
+
+    def __repr__(self) -> str:
+        card = self.card
+        return (f"bonexray.Model({self._predictor.path}, backbone={card.backbone!r}, image_size={card.image_size}, "
+                f"body_parts={card.body_parts}, threshold={card.threshold:.3f})")
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", tta: str = "none") -> Model:
+    """A bonexray checkpoint (``.ckpt``) or ONNX export (``.onnx``) ready to ``predict``.
+
+    ``device``: ``auto`` (GPU when there is one), ``cpu`` or ``cuda[:N]``. ``tta="flip"`` averages
+    each image with its mirror.
+    """
+    from .inference.predict import Predictor
+
+    return Model(Predictor(path, device=device, tta=tta))
+
+
+def _is_folder(x: object) -> bool:
+    return isinstance(x, (str, os.PathLike)) and Path(x).is_dir()
+
+
+def _expand(items: Iterable[ImageInput]) -> list[ImageInput]:
+    """Folders become their image files (recursively, sorted); everything else stays as given."""
+    out: list[ImageInput] = []
+    for item in items:
+        if _is_folder(item):
+            found = sorted(p for p in Path(item).rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                raise ImageReadError(item, "folder holds no image files")
+            out.extend(str(p) for p in found)
+        else:
+            out.append(item)
+    return out
+
+
+def _as_gray_array(item: object) -> np.ndarray:
+    if hasattr(item, "convert") and hasattr(item, "mode"):  # a PIL image: luma, as read_image does
+        return np.asarray(item.convert("L"))
+    if not isinstance(item, np.ndarray):
+        raise BonexrayError(f"cannot predict a {type(item).__name__}: give a file path, a 2-D array or a PIL image")
+    if item.ndim != 2 or item.size == 0:
+        raise BonexrayError(f"an image array must be 2-D grayscale (H, W), got shape {item.shape}")
+    return item
