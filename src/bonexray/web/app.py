@@ -71,7 +71,7 @@ class ImagePrediction(BaseModel):
     body_part: str
     truncated: bool = Field(description="the file ended early; what was there was decoded")
     study: str
-    heatmap_png: str | None = Field(None, description="with ?heatmap=1: base64 PNG, radiograph with the heatmap")
+    heatmap_png: str | None = Field(None, description="with ?heatmap=1 and a checkpoint: base64 PNG, radiograph with the heatmap")
     image_png: str | None = Field(None, description="with ?heatmap=1: base64 PNG, the radiograph as the model saw it")
 
 
@@ -212,15 +212,15 @@ def _png_b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _pictures(gray: np.ndarray, heat: np.ndarray) -> tuple[str, str]:
-    """(overlay, plain) base64 PNGs, both at the size ``render_overlay`` draws."""
+def _pictures(gray: np.ndarray, heat: np.ndarray | None) -> tuple[str | None, str]:
+    """(overlay or None, plain) base64 PNGs, both at the size ``render_overlay`` draws."""
     from PIL import Image
 
-    from ..inference.cam import render_overlay
+    from ..inference.cam import DISPLAY_SIZE, render_overlay
 
-    overlay = render_overlay(gray, heat)
-    plain = Image.fromarray(gray).resize(overlay.size, Image.Resampling.BICUBIC)
-    return _png_b64(overlay), _png_b64(plain)
+    size = max(DISPLAY_SIZE, gray.shape[0])
+    plain = _png_b64(Image.fromarray(gray).resize((size, size), Image.Resampling.BICUBIC))
+    return (None if heat is None else _png_b64(render_overlay(gray, heat, display_size=size))), plain
 
 
 def _decode_all(uploads, size: int, max_pixels: int):
@@ -346,21 +346,21 @@ def create_app(
             return _error(422, detail, problems)
         batch = np.stack(arrays)
         probs, parts, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
-        return await anyio.to_thread.run_sync(_response, service, names, batch, probs, parts, truncated, maps)
+        return await anyio.to_thread.run_sync(_response, service, names, batch, probs, parts, truncated, maps, heatmap)
 
     return app
 
 
-def _response(service: ModelService, names, batch, probs, parts, truncated, maps) -> dict[str, Any]:
+def _response(service: ModelService, names, batch, probs, parts, truncated, maps, want_pictures: bool) -> dict[str, Any]:
     from ..inference.predict import ImageResult, image_record, study_records
 
     pr = service.predictor
     results = [ImageResult(name, float(p), np.asarray(bp), bool(t), STUDY_NAME)
                for name, p, bp, t in zip(names, probs, parts, truncated)]
     images = [image_record(r, pr.body_parts, pr.threshold) for r in results]
-    if maps is not None:
-        for rec, gray, heat in zip(images, batch, maps):
-            rec["heatmap_png"], rec["image_png"] = _pictures(gray, heat)
+    if want_pictures:
+        for i, (rec, gray) in enumerate(zip(images, batch)):
+            rec["heatmap_png"], rec["image_png"] = _pictures(gray, None if maps is None else maps[i])
     return {"images": images, "study": study_records(results, pr.body_parts, pr.threshold)[0],
             "threshold": pr.threshold,
             "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}
