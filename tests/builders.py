@@ -120,7 +120,8 @@ def make_fracatlas_tree(base: Path, n_groups: int = 12, per_group: int = 3, h: i
 
 
 def make_checkpoint(path: Path, body_parts=("hand", "leg", "shoulder"), image_size: int = 64,
-                    backbone: str = "efficientnet_lite0", threshold: float = 0.5, seed: int = 0) -> Path:
+                    backbone: str = "efficientnet_lite0", localization_head: bool = False, threshold: float = 0.5,
+                    seed: int = 0) -> Path:
     """An untrained bonexray checkpoint (random weights, seeded): enough to exercise every consumer."""
     import torch
 
@@ -128,6 +129,49 @@ def make_checkpoint(path: Path, body_parts=("hand", "leg", "shoulder"), image_si
     from bonexray.model.network import BoneXrayNet
 
     torch.manual_seed(seed)
-    net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=None)
-    card = ModelCard(backbone=backbone, image_size=image_size, body_parts=list(body_parts), threshold=threshold)
+    net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=None, localization_head=localization_head)
+    card = ModelCard(backbone=backbone, image_size=image_size, mean=net.mean, std=net.std,
+                     body_parts=list(body_parts), threshold=threshold)
     return save_model(path, net, card)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """An image array encoded as PNG, in memory."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class LiveServer:
+    """Run an ASGI app under uvicorn in a thread on 127.0.0.1 (a free port); ``.url``; a context manager."""
+
+    def __init__(self, app) -> None:
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5))
+        self.thread = None
+
+    def __enter__(self) -> "LiveServer":
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

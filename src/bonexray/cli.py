@@ -96,8 +96,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # The web stage (FastAPI) is the next milestone; say so plainly instead of failing on an import.
-    raise BonexrayError("`bonexray serve` is not built yet; use `bonexray predict MODEL PATH...` meanwhile")
+    from .web.server import serve
+    from .web.uploads import UploadLimits
+
+    limits = UploadLimits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * 1024 * 1024),
+                          max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits)
+    return 0
 
 
 BACKEND_HELP = ("engine for a checkpoint: 'auto' (default) runs it through onnxruntime on CPU (exported once, "
@@ -183,10 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=17)
     x.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("serve", help="web page + HTTP API for trying a model on an image (not built yet)")
-    s.add_argument("model")
-    s.add_argument("--host", default="127.0.0.1")
+    s = sub.add_parser("serve", help="web page + HTTP API: drop X-rays, see verdict, body part and heatmap",
+                       description="Serve a web page (GET /) and a JSON API (POST /api/predict, GET /api/model, "
+                                   "GET /healthz, docs at /docs) for one model. Uploads are read in memory only.")
+    s.add_argument("model", help="checkpoint (.ckpt; with heatmaps) or exported model (.onnx; no heatmaps)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; any other needs --api-key)")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require header X-API-Key: KEY on every /api/ call (default: $BONEXRAY_API_KEY)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--max-files", type=int, default=16, help="images per request (default 16)")
+    s.add_argument("--max-file-mb", type=float, default=32, help="size of one file in MB (default 32)")
+    s.add_argument("--max-request-mb", type=float, default=100, help="size of one request in MB (default 100)")
+    s.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="pixels of one image, checked before decoding (default 40,000,000)")
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -40,7 +40,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bonexray.errors import BonexrayWarning, ImageReadError, MissingDecoderError
 
-__all__ = ["IMAGE_SUFFIXES", "DecodedImage", "is_image_file", "read_image", "to_uint8"]
+__all__ = ["IMAGE_SUFFIXES", "DecodedImage", "is_image_file", "read_image", "read_image_bytes", "to_uint8"]
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
@@ -122,10 +122,26 @@ def read_image(
     by libjpeg at 1/2, 1/4 or 1/8 scale, never below ``draft_size`` on either side. Other formats
     ignore it. ``max_pixels``: refuse images declaring more pixels (checked before decoding).
     """
-    if draft_size is not None and draft_size < 1:
-        raise ValueError(f"draft_size must be a positive integer, got {draft_size!r}")
+    _check_draft_size(draft_size)
     p = Path(path)
-    data = _read_bytes(p)
+    return read_image_bytes(_read_bytes(p), p, draft_size=draft_size, max_pixels=max_pixels)
+
+
+def read_image_bytes(
+    data: bytes,
+    name: str | os.PathLike,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = 120_000_000,
+) -> DecodedImage:
+    """:func:`read_image` for a file already in memory (an upload): nothing touches the disk.
+
+    ``name`` is only used for the suffix (DICOM without preamble) and in error messages.
+    """
+    _check_draft_size(draft_size)
+    p = Path(name)
+    if not data:
+        raise ImageReadError(p, "empty file (0 bytes)")
     if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC:
         return _read_dicom(p, data, max_pixels, force=False)
     if p.suffix.lower() in _DICOM_SUFFIXES and not _looks_like_pil_format(data):
@@ -134,6 +150,11 @@ def read_image(
 
 
 # --------------------------------------------------------------------------- shared internals
+
+
+def _check_draft_size(draft_size: int | None) -> None:
+    if draft_size is not None and draft_size < 1:
+        raise ValueError(f"draft_size must be a positive integer, got {draft_size!r}")
 
 
 def _read_bytes(p: Path) -> bytes:

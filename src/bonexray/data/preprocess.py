@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError
-from .imageio import read_image, to_uint8
+from .imageio import read_image, read_image_bytes, to_uint8
 from .records import RECORD_COLUMNS, Record, RecordSet
 
 #: Bump when decoding/resizing changes, so old caches are rebuilt instead of silently reused.
@@ -71,6 +71,12 @@ def letterbox_boxes(boxes_xywh, image_wh: tuple[int, int], size: int) -> np.ndar
 def load_for_model(path: str | os.PathLike, size: int) -> tuple[np.ndarray, bool]:
     """The single decode path used by the cache, predict and serve: (uint8 size x size, truncated)."""
     decoded = read_image(path, draft_size=size)
+    return letterbox(decoded.pixels, size), decoded.truncated
+
+
+def load_bytes_for_model(data: bytes, name: str, size: int, max_pixels: int = 120_000_000) -> tuple[np.ndarray, bool]:
+    """:func:`load_for_model` for a file held in memory (serve's uploads); ``name`` labels errors."""
+    decoded = read_image_bytes(data, name, draft_size=size, max_pixels=max_pixels)
     return letterbox(decoded.pixels, size), decoded.truncated
 
 

@@ -1,0 +1,366 @@
+"""The FastAPI app behind ``bonexray serve``: one static page and a small JSON API.
+
+* ``GET /``: the page (``static/``: plain HTML, CSS and JS, no build step, nothing from outside).
+* ``POST /api/predict``: multipart field ``files`` (one or more images of one study) -> the
+  records of ``bonexray predict`` (one per image) plus the study record; ``?heatmap=1`` adds
+  base64 PNGs of the heatmap overlay and of the radiograph as the model saw it.
+* ``GET /api/model``: the model card; ``GET /healthz``; ``/docs``: the OpenAPI page, served
+  from the ``fastapi-offline`` package (no CDN).
+
+Decoding goes through :func:`bonexray.data.preprocess.load_bytes_for_model` (the decode path of
+training and predict, from memory), prediction through :class:`Predictor`, heatmaps through
+``inference.cam``. One model is shared by all requests; model calls take a lock (Grad-CAM hooks
+the network, so two at once would mix their activations), decoding runs in parallel beside it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import secrets
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from ..errors import BonexrayError
+from .uploads import FIELD, UploadError, UploadLimits, read_uploads
+
+log = logging.getLogger("bonexray.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+API_KEY_HEADER = "X-API-Key"
+API_KEY_ENV = "BONEXRAY_API_KEY"
+STUDY_NAME = "upload"  # every request is one study: the images a person dropped together
+INTENDED_USE = ("Research and teaching software. Not a medical device: not for diagnosis or treatment "
+                "decisions. Every result must be checked by a qualified reader.")
+HEATMAP_NAMES = {"localization": "learned fracture map", "gradcam++": "Grad-CAM++"}
+HEATMAP_NOTES = {
+    "localization": "probability of a fracture per region, learned from annotated fracture boxes; "
+                    "not rescaled per image, so a faint map means no fracture seen",
+    "gradcam++": "regions that raised p(abnormal) most (Grad-CAM++), rescaled per image: "
+                 "it always shows a hot spot, even on a normal image",
+}
+# The page and its files: nothing but this origin, no inline code.
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class ImagePrediction(BaseModel):
+    """One image: the fields of ``bonexray predict``, and ``prob_<part>`` for every body part."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image"]
+    path: str = Field(description="the uploaded file's name")
+    prob_abnormal: float
+    abnormal: bool = Field(description="prob_abnormal >= the model's threshold")
+    body_part: str
+    truncated: bool = Field(description="the file ended early; what was there was decoded")
+    study: str
+    heatmap_png: str | None = Field(None, description="with ?heatmap=1 and a checkpoint: base64 PNG, radiograph with the heatmap")
+    image_png: str | None = Field(None, description="with ?heatmap=1: base64 PNG, the radiograph as the model saw it")
+
+
+class StudyPrediction(BaseModel):
+    """All images of the request as one study: mean probability, majority body part (``predict --study``)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["study"]
+    study: str
+    n_images: int
+    prob_abnormal: float
+    abnormal: bool
+    body_part: str
+
+
+class PredictResponse(BaseModel):
+    images: list[ImagePrediction]
+    study: StudyPrediction
+    threshold: float
+    heatmap: str | None = Field(None, description="what the heatmaps show (with ?heatmap=1)")
+
+
+class FileProblem(BaseModel):
+    file: str
+    reason: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="one line saying what was wrong")
+    errors: list[FileProblem] | None = Field(None, description="per file, when files could not be read")
+
+
+class TrainingData(BaseModel):
+    dataset: str
+    source: str | None = None
+    images: dict[str, int] | None = Field(None, description="images per split used in training")
+    epochs: int | None = None
+
+
+class ModelInfo(BaseModel):
+    model_file: str
+    format: Literal["checkpoint", "onnx"]
+    backbone: str
+    image_size: int
+    body_parts: list[str]
+    threshold: float
+    version: str = Field(description="bonexray version that wrote the model")
+    heatmap: str | None = Field(description="the heatmap this model gives, or null (ONNX models have none)")
+    heatmap_note: str
+    training_data: TrainingData | None = Field(description="from the training run's config.yaml when found")
+    intended_use: str
+    limits: dict[str, int]
+    server_version: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _training_data(model_path: Path) -> TrainingData | None:
+    """What the model learned from, read from its run directory (RUN/checkpoints/x.ckpt)."""
+    import yaml
+
+    from ..evaluation.evaluate import find_run_dir
+
+    run = find_run_dir(model_path)
+    if run is None:
+        return None
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        return TrainingData(dataset=Path(str(cfg.get("data", "?"))).name,  # a name, never a local path
+                            source=cfg.get("source"), images=cfg.get("n_images"), epochs=cfg.get("epochs"))
+    except Exception as err:  # noqa: BLE001 - a card without this line is still a card
+        log.warning("%s: cannot read the training run's config.yaml (%s)", run, err)
+        return None
+
+
+class ModelService:
+    """One loaded model shared by every request."""
+
+    def __init__(self, model_path: str | os.PathLike, device: str = "auto") -> None:
+        from ..inference.predict import Predictor, is_onnx_file, resolve_device
+
+        self.path = Path(model_path)
+        self.predictor = Predictor(self.path, device=device)
+        self.format: Literal["checkpoint", "onnx"] = "onnx" if is_onnx_file(self.path) else "checkpoint"
+        self.cam_net = None
+        self.heatmap_method: str | None = None
+        if self.format == "checkpoint":
+            # Heatmaps need the torch network; load it here so this does not depend on how the
+            # Predictor runs the checkpoint.
+            from ..model.checkpoint import load_model
+
+            self.cam_net, _ = load_model(self.path, map_location=resolve_device(device))
+            has_head = getattr(self.cam_net, "localization_head", None) is not None
+            self.heatmap_method = "localization" if has_head else "gradcam++"
+        self.training_data = _training_data(self.path) if self.format == "checkpoint" else None
+        self._lock = threading.Lock()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.predictor.card.image_size)
+
+    def run(self, batch: np.ndarray, heatmap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(probs (N,), body-part probs (N, K), heatmaps (N, S, S) or None); one caller at a time."""
+        from ..inference.cam import cam_for_batch
+
+        with self._lock:
+            probs, parts = self.predictor.predict_arrays(batch)
+            maps = None
+            if heatmap and self.cam_net is not None:
+                maps = cam_for_batch(self.cam_net, batch, method=self.heatmap_method)
+        return np.asarray(probs), np.asarray(parts), maps
+
+    def info(self, limits: UploadLimits) -> ModelInfo:
+        card = self.predictor.card
+        method = self.heatmap_method
+        return ModelInfo(
+            model_file=self.path.name, format=self.format, backbone=card.backbone, image_size=int(card.image_size),
+            body_parts=list(self.predictor.body_parts), threshold=float(self.predictor.threshold),
+            version=str(card.version), heatmap=HEATMAP_NAMES.get(method) if method else None,
+            heatmap_note=HEATMAP_NOTES[method] if method else
+            "an exported ONNX model has no heatmaps (they need the network's gradients); serve the checkpoint for them",
+            training_data=self.training_data, intended_use=INTENDED_USE, limits=asdict(limits),
+            server_version=__version__,
+        )
+
+
+def _png_b64(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pictures(gray: np.ndarray, heat: np.ndarray | None) -> tuple[str | None, str]:
+    """(overlay or None, plain) base64 PNGs, both at the size ``render_overlay`` draws."""
+    from PIL import Image
+
+    from ..inference.cam import DISPLAY_SIZE, render_overlay
+
+    size = max(DISPLAY_SIZE, gray.shape[0])
+    plain = _png_b64(Image.fromarray(gray).resize((size, size), Image.Resampling.BICUBIC))
+    return (None if heat is None else _png_b64(render_overlay(gray, heat, display_size=size))), plain
+
+
+def _decode_all(uploads, size: int, max_pixels: int):
+    from ..data.preprocess import load_bytes_for_model
+
+    names, arrays, truncated, problems = [], [], [], []
+    for up in uploads:
+        try:
+            arr, trunc = load_bytes_for_model(up.data, up.name, size, max_pixels=max_pixels)
+        except BonexrayError as err:
+            problems.append(FileProblem(file=up.name, reason=getattr(err, "reason", str(err))))
+            continue
+        except Exception as err:  # noqa: BLE001 - whatever a decoder throws, the client gets a 4xx
+            problems.append(FileProblem(file=up.name, reason=f"cannot decode ({type(err).__name__})"))
+            continue
+        names.append(up.name)
+        arrays.append(arr)
+        truncated.append(trunc)
+    return names, arrays, truncated, problems
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def _error(status: int, detail: str, errors: list[FileProblem] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"detail": detail}
+    if errors:
+        body["errors"] = [e.model_dump() for e in errors]
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(
+    model_path: str | os.PathLike,
+    *,
+    api_key: str | None = None,
+    limits: UploadLimits | None = None,
+    device: str = "auto",
+    decode_workers: int | None = None,
+) -> FastAPI:
+    """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``."""
+    from fastapi_offline import FastAPIOffline
+
+    limits = limits or UploadLimits()
+    service = ModelService(model_path, device=device)
+    # Decoding a large image holds a few times its pixels in memory: bound how many run at once.
+    decode_limiter = anyio.CapacityLimiter(decode_workers or max(2, os.cpu_count() or 2))
+    app = FastAPIOffline(
+        title="bonexray", version=__version__, redoc_url=None,
+        description="Bone X-ray abnormality and body part, with heatmaps. " + INTENDED_USE,
+    )
+    app.state.service = service
+    app.state.limits = limits
+
+    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the key given to `bonexray serve`")
+
+    async def require_key(key: str | None = Depends(key_header)) -> None:
+        if not key or not secrets.compare_digest(key.encode(), api_key.encode()):
+            raise UploadError(401, f"missing or wrong API key (send it in the {API_KEY_HEADER} header)")
+
+    api_deps = [Depends(require_key)] if api_key else []
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x not in ("query", "body"))
+        return _error(422, f"{where or 'request'}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, "internal error; the server log has the details")
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        h = response.headers
+        h.setdefault("X-Content-Type-Options", "nosniff")
+        h.setdefault("Referrer-Policy", "no-referrer")
+        path = request.url.path
+        if path == "/" or path.startswith("/static/"):
+            h.setdefault("Content-Security-Policy", PAGE_CSP)
+        if path.startswith("/api/"):
+            h["Cache-Control"] = "no-store"  # results about someone's radiograph are not cached anywhere
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/api/model", response_model=ModelInfo, responses={401: _ERRORS[401]}, dependencies=api_deps,
+             tags=["model"], summary="The model card")
+    async def model_info() -> ModelInfo:
+        return service.info(limits)
+
+    @app.post(
+        "/api/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=_ERRORS,
+        dependencies=api_deps, tags=["model"], summary="Predict on one image or the images of one study",
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": [FIELD],
+            "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
+                                   "description": "PNG, JPEG or DICOM files of one study"}}}}}}},
+    )
+    async def predict(request: Request, heatmap: bool = Query(False, description="add base64 PNG heatmaps")):
+        uploads = await read_uploads(request.headers.get("content-type"), request.headers.get("content-length"),
+                                     request.stream(), limits)
+        names, arrays, truncated, problems = await anyio.to_thread.run_sync(
+            _decode_all, uploads, service.image_size, limits.max_pixels, limiter=decode_limiter)
+        del uploads  # the bytes are not needed any more
+        if problems:
+            bad, first = ", ".join(p.file for p in problems), problems[0]
+            detail = (f"{first.file}: {first.reason}" if len(problems) == 1
+                      else f"{len(problems)} files could not be read ({bad}); first: {first.file}: {first.reason}")
+            return _error(422, detail, problems)
+        batch = np.stack(arrays)
+        probs, parts, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
+        return await anyio.to_thread.run_sync(_response, service, names, batch, probs, parts, truncated, maps, heatmap)
+
+    return app
+
+
+def _response(service: ModelService, names, batch, probs, parts, truncated, maps, want_pictures: bool) -> dict[str, Any]:
+    from ..inference.predict import ImageResult, image_record, study_records
+
+    pr = service.predictor
+    results = [ImageResult(name, float(p), np.asarray(bp), bool(t), STUDY_NAME)
+               for name, p, bp, t in zip(names, probs, parts, truncated)]
+    images = [image_record(r, pr.body_parts, pr.threshold) for r in results]
+    if want_pictures:
+        for i, (rec, gray) in enumerate(zip(images, batch)):
+            rec["heatmap_png"], rec["image_png"] = _pictures(gray, None if maps is None else maps[i])
+    return {"images": images, "study": study_records(results, pr.body_parts, pr.threshold)[0],
+            "threshold": pr.threshold,
+            "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}

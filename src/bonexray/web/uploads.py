@@ -1,0 +1,153 @@
+"""Read a multipart upload into memory, within limits, without ever touching the disk.
+
+Starlette's own form parser spools every file larger than 1 MB to a temporary file; uploads of
+radiographs must not be written anywhere, so the request body is parsed here with
+python-multipart's streaming parser into ``bytes``. Every limit is checked while the body
+streams in, so an oversized request is refused before it is held in memory in full.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from ..errors import BonexrayError
+
+FIELD = "files"
+_MAX_OTHER_FIELDS = 8  # plain form fields are ignored, but never collected without bound
+_MAX_NAME = 120
+
+
+class UploadError(Exception):
+    """A request the API refuses: ``status`` (4xx) and a one-line ``message`` for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_files: int = 16
+    max_file_bytes: int = 32 * 1024 * 1024
+    max_request_bytes: int = 100 * 1024 * 1024
+    max_pixels: int = 40_000_000  # per image, checked from the header before decoding
+
+    def __post_init__(self) -> None:
+        for name in ("max_files", "max_file_bytes", "max_request_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise BonexrayError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Upload:
+    name: str  # display name: the client's file name without folders or control characters
+    data: bytes
+
+
+def display_name(raw: str, index: int) -> str:
+    """A client file name made safe to echo: last path component, printable, bounded."""
+    name = re.split(r"[\\/]", raw or "")[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip()
+    if len(name) > _MAX_NAME:
+        name = name[: _MAX_NAME - 3] + "..."
+    return name or f"file{index + 1}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MB"
+
+
+async def read_uploads(content_type: str | None, content_length: str | None, body: AsyncIterator[bytes],
+                       limits: UploadLimits) -> list[Upload]:
+    """The files of form field ``files``, in order; raises :class:`UploadError` for a bad request."""
+    ctype, params = parse_options_header(content_type or "")
+    if ctype != b"multipart/form-data":
+        raise UploadError(415, f"send the images as multipart/form-data in the form field '{FIELD}' "
+                               f"(got Content-Type {ctype.decode('latin-1') or 'none'})")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise UploadError(400, "multipart/form-data without a boundary")
+    if content_length:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise UploadError(400, "malformed Content-Length header") from None
+        if declared > limits.max_request_bytes:
+            raise UploadError(413, f"request of {_mb(declared)} exceeds the limit of {_mb(limits.max_request_bytes)}")
+
+    uploads: list[Upload] = []
+    other_fields: list[str] = []
+    state = {"headers": {}, "field": b"", "value": b"", "name": None, "file": None, "buf": None, "size": 0}
+
+    def on_part_begin() -> None:
+        state.update(headers={}, name=None, file=None, buf=bytearray(), size=0)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, opts = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        state["name"] = name
+        if b"filename" in opts:
+            state["file"] = opts[b"filename"].decode("utf-8", "replace")
+            if name == FIELD and len(uploads) + 1 > limits.max_files:
+                raise UploadError(413, f"too many files: at most {limits.max_files} per request")
+        if name != FIELD:
+            other_fields.append(name)
+            if len(other_fields) > _MAX_OTHER_FIELDS:
+                raise UploadError(400, "too many form fields")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        state["size"] += end - start
+        if state["name"] != FIELD:
+            return  # ignored fields are counted, not kept
+        if state["size"] > limits.max_file_bytes:
+            shown = display_name(state["file"] or "", len(uploads))
+            raise UploadError(413, f"{shown}: file exceeds the limit of {_mb(limits.max_file_bytes)}")
+        state["buf"] += data[start:end]
+
+    def on_part_end() -> None:
+        if state["name"] == FIELD:
+            if state["file"] is None:
+                raise UploadError(400, f"form field '{FIELD}' must carry files, not text")
+            uploads.append(Upload(display_name(state["file"], len(uploads)), bytes(state["buf"])))
+        state["buf"] = None
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+    })
+    received = 0
+    try:
+        async for chunk in body:
+            received += len(chunk)
+            if received > limits.max_request_bytes:
+                raise UploadError(413, f"request exceeds the limit of {_mb(limits.max_request_bytes)}")
+            parser.write(chunk)
+        parser.finalize()
+    except UploadError:
+        raise
+    except Exception as err:  # python-multipart's parse errors: malformed body
+        raise UploadError(400, f"malformed multipart/form-data body ({type(err).__name__})") from None
+
+    if not uploads:
+        if other_fields:
+            fields = ", ".join(repr(f) for f in dict.fromkeys(other_fields))
+            raise UploadError(400, f"no files in form field '{FIELD}' (got field {fields}); "
+                                   f"send the images as {FIELD}=@image.jpg")
+        raise UploadError(400, f"no files: send one or more images in the form field '{FIELD}'")
+    return uploads
