@@ -90,8 +90,3 @@ def test_preprocess_cli_bad_data_is_one_line(tmp_path, capsys):
     assert main(["preprocess", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bonexray preprocess: error:") and "Traceback" not in err
-
-
-def test_serve_says_it_is_not_built_yet(capsys):
-    assert main(["serve", "model.ckpt"]) == 2
-    assert "not built yet" in capsys.readouterr().err
