@@ -93,11 +93,6 @@ def test_preprocess_cli_bad_data_is_one_line(tmp_path, capsys):
     assert err.startswith("bonexray preprocess: error:") and "Traceback" not in err
 
 
-def test_serve_says_it_is_not_built_yet(capsys):
-    assert main(["serve", "model.ckpt"]) == 2
-    assert "not built yet" in capsys.readouterr().err
-
-
 def test_download_fracatlas_without_network_is_one_line(tmp_path):
     """The README's first step, with its default URL, on a machine without network: exit 2, one line."""
     import socket

@@ -15,11 +15,11 @@ from conftest import SHARED_DATA, requires_shared_data
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from bonexray.cli import main  # noqa: E402
-from bonexray.web import create_app  # noqa: E402
-from bonexray.web.uploads import UploadLimits  # noqa: E402
+from bonexray.cli import main
+from bonexray.web import create_app
+from bonexray.web.uploads import UploadLimits
 
 KEY = "secret-key-123"
 
@@ -134,7 +134,7 @@ def test_onnx_model_has_no_heatmap(checkpoint, tmp_path):
 @requires_shared_data
 def test_real_dicom_and_jpeg(client):
     dcm = (SHARED_DATA / "dicom" / "RG3_UNCR.dcm").read_bytes()
-    jpg = sorted((SHARED_DATA / "FracAtlas" / "images" / "Fractured").glob("*.jpg"))[0]
+    jpg = min((SHARED_DATA / "FracAtlas" / "images" / "Fractured").glob("*.jpg"))
     r = client.post("/api/predict", files=_files(("RG3_UNCR.dcm", dcm), (jpg.name, jpg.read_bytes())))
     assert r.status_code == 200, r.text
     assert [im["path"] for im in r.json()["images"]] == ["RG3_UNCR.dcm", jpg.name]

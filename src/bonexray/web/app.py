@@ -43,7 +43,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "BONEXRAY_API_KEY"
 STUDY_NAME = "upload"  # every request is one study: the images a person dropped together
-INTENDED_USE = ("Research and teaching software. Not a medical device: not for diagnosis or treatment "
+INTENDED_USE = ("Not a medical device: research and teaching software, not for diagnosis or treatment "
                 "decisions. Every result must be checked by a qualified reader.")
 HEATMAP_NAMES = {"localization": "learned fracture map", "gradcam++": "Grad-CAM++"}
 HEATMAP_NOTES = {
@@ -108,7 +108,7 @@ class TrainingData(BaseModel):
     dataset: str
     source: str | None = None
     images: dict[str, int] | None = Field(None, description="images per split used in training")
-    epochs: int | None = None
+    epochs: int | None = Field(None, description="epochs configured (early stopping may have ended sooner)")
 
 
 class ModelInfo(BaseModel):

@@ -141,7 +141,7 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
         parser.finalize()
     except UploadError:
         raise
-    except Exception as err:  # python-multipart's parse errors: malformed body
+    except Exception as err:  # noqa: BLE001 - python-multipart parse errors: a malformed body
         raise UploadError(400, f"malformed multipart/form-data body ({type(err).__name__})") from None
 
     if not uploads:

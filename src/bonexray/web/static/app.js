@@ -70,7 +70,7 @@ function trainingText(t) {
   if (!t) return "not recorded with this model file";
   let text = t.dataset + (t.source ? " (" + t.source + ")" : "");
   if (t.images) text += ": " + Object.entries(t.images).map(([s, n]) => n + " " + s).join(", ") + " images";
-  if (t.epochs) text += ", " + t.epochs + " epochs";
+  if (t.epochs) text += ", up to " + t.epochs + " epochs";
   return text;
 }
 
