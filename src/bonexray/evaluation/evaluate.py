@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -196,7 +197,15 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         "pred_body_part": [body_parts[j] for j in part_probs.argmax(1)],
         **{f"prob_{p}": part_probs[:, j] for j, p in enumerate(body_parts)},
     })
-    metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
+    # A study whose views disagree (a fracture seen on one view only) counts as abnormal: reported once
+    # here, as a count in metrics.json, instead of a Python warning per metric computed.
+    labels_per_study = table.groupby("study_id", sort=False)["abnormal"].nunique()
+    mixed = int((labels_per_study > 1).sum())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*have images with different abnormal labels.*")
+        metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
+        studies = study_table(table)
+    metrics["studies_with_mixed_labels"] = mixed
     info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
             "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
             "image_size": predictor.image_size, "skipped_unreadable": len(skipped)}
@@ -208,7 +217,6 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     plot_confusion(metrics["confusion"]["abnormality"], ["normal", "abnormal"], results / "confusion_abnormality.png",
                    "Abnormality (image level)")
     plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")
-    studies = study_table(table)
     plot_roc(table["abnormal"], table["prob_abnormal"], studies["abnormal"], studies["prob_abnormal"], results / "roc.png")
     if run_dir is not None and (run_dir / "metrics.csv").is_file():
         plot_curves(run_dir / "metrics.csv", results / "curves.png")
@@ -226,4 +234,6 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             f"  abnormality study: AUROC {f(m_study['auroc'])}  kappa {f(m_study['kappa'])}\n"
             f"  body part: acc {f(metrics['body_part']['accuracy'])}  macro-F1 {f(metrics['body_part']['macro_f1'])}\n"
             + (f"  skipped {len(skipped)} unreadable image(s)\n" if skipped else "")
+            + (f"  {mixed} stud(y/ies) have views with different labels; each counts as abnormal (any view)\n"
+               if mixed else "")
             + f"  report: {report}")
