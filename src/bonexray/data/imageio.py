@@ -253,7 +253,7 @@ def _read_pil(p: Path, data: bytes, draft_size: int | None, max_pixels: int) -> 
         return _decode_pil(p, data, draft_size, max_pixels, lenient=False)
     except _Truncated:
         pass
-    # Rare path (53 of 3,481 FracAtlas files): reopen, the failed Image object is half-loaded.
+    # Rare path (a few files per dataset): reopen, the failed Image object is half-loaded.
     decoded = _decode_pil(p, data, draft_size, max_pixels, lenient=True)
     if decoded.pixels.size and decoded.pixels.min() == decoded.pixels.max():
         raise ImageReadError(p, "file is truncated before any pixel data could be decoded")
