@@ -52,6 +52,16 @@ def test_recipes_and_validation():
         TrainConfig.from_args({"image_size": 8})
 
 
+def test_bad_recipe_files_are_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    with pytest.raises(BonexrayError, match="bad.yaml: not valid YAML"):
+        TrainConfig.from_args({"recipe": str(bad)})
+    bad.write_text("select: sometimes\n")
+    with pytest.raises(BonexrayError, match="select must be one of best, last"):
+        TrainConfig.from_args({"recipe": str(bad)})
+
+
 def test_plain_train_takes_the_recipe_of_the_dataset():
     cfg = TrainConfig.from_args({"epochs": 3})
     assert cfg.recipe is None and cfg.monitor == "valid_auroc"
@@ -86,7 +96,8 @@ def test_train_accounts_for_unreadable_images(tmp_path, capsys):
 
 def test_ema_is_validated_and_saved_once_it_has_started(tmp_path):
     manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
-    args = tiny_train_args(manifest, tmp_path / "run", epochs=3, ema_decay=0.5, select="last", schedule="onecycle")
+    args = tiny_train_args(manifest, tmp_path / "run", epochs=3, ema_decay=0.5, select="last", schedule="onecycle",
+                           class_weights="global")
     result = run_training(TrainConfig.from_args(args))
     best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
     # The final model is the average; the raw weights travel beside it for --resume.
@@ -97,6 +108,10 @@ def test_ema_is_validated_and_saved_once_it_has_started(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     aurocs = [float(r["valid_auroc"]) for r in rows if r.get("valid_auroc")]
     assert len(aurocs) == 3
+    import yaml
+
+    weights = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["class_weights_by_part"]
+    assert len(weights) == 2 and weights[0] == weights[1]  # --class-weights global: one pair for every part
 
 
 def test_run_directory_contents(trained_run):

@@ -187,7 +187,8 @@ def read_splits(recordset: RecordSet, path: str | Path) -> RecordSet:
         raise DatasetError(f"{path}: not a splits file (needs columns path, split)")
     split_root = rows[0].get("root") or ""
     by_real = {os.path.realpath(r["path"]): r["split"] for r in rows}
-    by_rel = {relative_key(r["path"], split_root) if split_root else None: r["split"] for r in rows}
+    # Older splits files have no root column: they match by resolved path only.
+    by_rel = {relative_key(r["path"], split_root): r["split"] for r in rows} if split_root else {}
     out = []
     for r in recordset.records:
         s = by_real.get(os.path.realpath(r.path)) or by_rel.get(relative_key(r.path, recordset.root)) or "none"

@@ -96,7 +96,10 @@ class TrainConfig:
             except FileNotFoundError as e:
                 raise BonexrayError(f"unknown recipe {name!r}; shipped recipes: "
                                     f"{', '.join(TrainConfig.shipped_recipes())}, or pass a .yaml file") from e
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise BonexrayError(f"recipe {name}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise BonexrayError(f"recipe {name}: expected a mapping of option: value")
         unknown = set(data) - set(TrainConfig.field_names()) - {"description"}

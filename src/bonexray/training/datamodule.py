@@ -151,9 +151,10 @@ class BoneDataModule(L.LightningDataModule):
                                    "use more data (--limit) or check the dataset")
         train = self.datasets["train"]
         labels = train.abnormal.tolist()
-        parts = [self.body_parts[i] for i in train.parts] if self.class_weight_mode == "per_body_part" else ["*"] * len(labels)
-        weights = abnormal_class_weights(self.body_parts if self.class_weight_mode == "per_body_part" else ["*"], parts, labels)
-        self.class_weights = weights if self.class_weight_mode == "per_body_part" else weights * len(self.body_parts)
+        if self.class_weight_mode == "per_body_part":
+            self.class_weights = abnormal_class_weights(self.body_parts, [self.body_parts[i] for i in train.parts], labels)
+        else:  # one weight pair for every body part (BCE's pos_weight, up to scale)
+            self.class_weights = abnormal_class_weights(["*"], ["*"] * len(labels), labels) * len(self.body_parts)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
