@@ -49,6 +49,8 @@ def _run_files_callback(cfg: TrainConfig, out: Path, records, dm):
     """Writes config.yaml, splits.csv and data_report.yaml once the data is set up (rank zero only)."""
     import lightning as L
 
+    from ..data.splits import write_splits
+
     class RunFiles(L.Callback):
         def on_fit_start(self, trainer, pl_module) -> None:
             if not trainer.is_global_zero:
@@ -62,8 +64,6 @@ def _run_files_callback(cfg: TrainConfig, out: Path, records, dm):
             atomic_write_text(out / "data_report.yaml", yaml.safe_dump(dm.report, sort_keys=False))
             write_splits(records, out / "splits.csv")
             _print_data_report(dm.report, out / "data_report.yaml")
-
-    from ..data.splits import write_splits
 
     return RunFiles()
 
