@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Train one shipped recipe with one seed on FracAtlas and report its test-split numbers.
-#   bench/fracatlas_recipe.sh [RECIPE] [SEED] [DATA]   (fracatlas | baseline; DATA defaults to ../shared/data/FracAtlas)
-# Writes runs/fa-$RECIPE-s$SEED/ and results/fa-$RECIPE-s$SEED/ and prints wall times and the machine.
+#   bench/fracatlas_recipe.sh RECIPE SEED [NAME] [-- EXTRA TRAIN FLAGS]
+#   RECIPE: fracatlas | baseline | a YAML file; NAME defaults to fa-RECIPE-sSEED; DATA (environment)
+#   defaults to ../shared/data/FracAtlas. Example: bench/fracatlas_recipe.sh baseline 0 fa-baseline-tv-s0 -- --fit-on train+valid
+# Writes runs/NAME/ and results/NAME/ and prints wall times and the machine.
 # The test split is touched once, here, after training; every choice is made on valid.
 set -euo pipefail
 recipe=${1:-fracatlas}
 seed=${2:-0}
-data=${3:-../shared/data/FracAtlas}
-run=runs/fa-$recipe-s$seed
-res=results/fa-$recipe-s$seed
+shift $(( $# < 2 ? $# : 2 ))
+name=fa-$recipe-s$seed
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then name=$1; shift; fi
+if [ $# -gt 0 ] && [ "$1" = "--" ]; then shift; fi
+data=${DATA:-../shared/data/FracAtlas}
+run=runs/$name
+res=results/$name
 t0=$(date +%s)
-bonexray train --recipe "$recipe" --data "$data" --seed "$seed" --split-seed 0 --out "$run" --quiet
+bonexray train --recipe "$recipe" --data "$data" --seed "$seed" --split-seed 0 --out "$run" --quiet "$@"
 t1=$(date +%s)
 bonexray evaluate "$run/checkpoints/best.ckpt" --data "$data" --split test --out "$res"
 t2=$(date +%s)

@@ -114,6 +114,32 @@ def test_ema_is_validated_and_saved_once_it_has_started(tmp_path):
     assert len(weights) == 2 and weights[0] == weights[1]  # --class-weights global: one pair for every part
 
 
+def test_final_fit_on_train_and_valid_never_validates_and_evaluate_keeps_off_valid(tmp_path):
+    import yaml
+
+    from bonexray.evaluation.evaluate import run_evaluation
+
+    manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
+    with pytest.raises(BonexrayError, match="--select last"):
+        TrainConfig.from_args(tiny_train_args(manifest, tmp_path / "x", fit_on="train+valid", select="best"))
+    args = tiny_train_args(manifest, tmp_path / "run", epochs=2, fit_on="train+valid", select="last", ema_decay=0.5,
+                           schedule="onecycle")
+    result = run_training(TrainConfig.from_args(args))
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    splits = list(csv.DictReader(open(tmp_path / "run" / "splits.csv")))
+    n_train = sum(1 for r in splits if r["split"] == "train")
+    n_valid = sum(1 for r in splits if r["split"] == "valid")
+    assert n_valid > 0 and cfg["n_images"] == {"train": n_train + n_valid, "test": len(splits) - n_train - n_valid}
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert rows and not any(r.get("valid_auroc") or r.get("valid_loss") for r in rows)  # nothing validated
+    card = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)["bonexray"]
+    assert card["threshold"] == 0.5 and card["split"]["fit_on"] == "train+valid"
+    with pytest.raises(BonexrayError, match="trained on the valid split"):
+        run_evaluation(result["best_checkpoint"], str(manifest), split="valid", out=str(tmp_path / "ev"), progress=False)
+    run_evaluation(result["best_checkpoint"], str(manifest), split="test", out=str(tmp_path / "et"), progress=False)
+    assert "train+valid fit" in (tmp_path / "et" / "report.md").read_text()
+
+
 def test_run_directory_contents(trained_run):
     run = Path(trained_run["run_dir"])
     for name in ("config.yaml", "metrics.csv", "splits.csv", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):

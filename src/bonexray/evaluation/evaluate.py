@@ -151,6 +151,11 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                  else Ensemble(ckpts, device=device, tta=tta, backend=backend))
     body_parts = predictor.body_parts
     run_dir = _same_split(predictor, ckpts)
+    # A final fit (train --fit-on train+valid) trained on the valid split: no score or threshold may come from it.
+    fit_on_valid = any((m.card.split or {}).get("fit_on") == "train+valid" for m in getattr(predictor, "members", [predictor]))
+    if fit_on_valid and split == "valid":
+        raise BonexrayError(f"{ckpts[0]}: this model was trained on the valid split too (train --fit-on train+valid), "
+                            "so scores on it say nothing; evaluate --split test")
 
     records = load_dataset(data)
     # The cache is keyed by the dataset as read (the same one training built), before any remapping.
@@ -181,7 +186,10 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     probs, part_probs = _predict_rows(predictor, image_cache, [row_of[r.path] for r in chosen], batch_size,
                                       f"evaluate {split}", progress)
     threshold, threshold_source = predictor.threshold, "model card (chosen on valid during training)"
-    if tta != "none" or len(ckpts) > 1:
+    if fit_on_valid:
+        threshold_source = ("model card (a train+valid fit keeps 0.5, the operating point of its class-balanced loss; "
+                            "no split was left to choose it on)")
+    elif tta != "none" or len(ckpts) > 1:
         # The stored threshold was chosen on valid for one model without TTA; choose it again, on the
         # valid split only, for what is evaluated here.
         threshold, threshold_source = _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of,

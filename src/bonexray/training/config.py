@@ -24,6 +24,7 @@ CHOICES = {
     "augment": ("standard", "flip-rotate"),
     "class_weights": ("per_body_part", "global"),
     "threshold_method": ("youden", "sensitivity"),
+    "fit_on": ("train", "train+valid"),
 }
 
 
@@ -35,6 +36,8 @@ class TrainConfig:
     limit: int | None = None
     valid_frac: float = 0.15
     test_frac: float = 0.15
+    #: "train+valid": the final fit, once choices are made on valid; test stays untouched.
+    fit_on: str = "train"
     workers: int | None = None
     allow_unreadable: bool = False
     # model
@@ -140,6 +143,9 @@ class TrainConfig:
             raise BonexrayError("--valid-frac and --test-frac must be fractions summing to less than 1")
         if not 0 <= self.ema_decay < 1:
             raise BonexrayError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
+        if self.fit_on == "train+valid" and self.select != "last":
+            raise BonexrayError("--fit-on train+valid trains on the valid split, so nothing can be selected on it: "
+                                "use --select last")
         for k, allowed in CHOICES.items():
             if getattr(self, k) not in allowed:
                 raise BonexrayError(f"{k} must be one of {', '.join(allowed)} (got {getattr(self, k)!r})")

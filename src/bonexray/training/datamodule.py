@@ -58,11 +58,13 @@ class CacheDataset(Dataset):
         return state
 
 
-def split_datasets(cache: ImageCache, records: RecordSet, body_parts: Sequence[str], with_boxes: bool = False) -> dict[str, CacheDataset]:
+def split_datasets(cache: ImageCache, records: RecordSet, body_parts: Sequence[str], with_boxes: bool = False,
+                   fit_on: str = "train") -> dict[str, CacheDataset]:
     """Join the split assignment with cache rows; unreadable images and unknown labels are left out.
 
     ``with_boxes``: items also carry fracture masks from the records' ``extras`` (boxes,
-    annotated_size, localized), mapped into the cache's letterbox tiles.
+    annotated_size, localized), mapped into the cache's letterbox tiles. ``fit_on="train+valid"``:
+    the valid images join train (the final fit); there is then no "valid" dataset.
     """
     part_index = {p: i for i, p in enumerate(body_parts)}
     idx = cache.index
@@ -75,7 +77,8 @@ def split_datasets(cache: ImageCache, records: RecordSet, body_parts: Sequence[s
         boxes = None
         if with_boxes and r.extras.get("boxes"):
             boxes = letterbox_boxes(r.extras["boxes"], r.extras["annotated_size"], cache.size)
-        out.setdefault(r.split, []).append((row_of[r.path], r.abnormal, part_index[r.body_part], boxes,
+        split = "train" if fit_on == "train+valid" and r.split == "valid" else r.split
+        out.setdefault(split, []).append((row_of[r.path], r.abnormal, part_index[r.body_part], boxes,
                                             bool(r.extras.get("localized", False))))
     result = {}
     for split, items in out.items():
@@ -114,8 +117,9 @@ class BoneDataModule(L.LightningDataModule):
 
     def __init__(self, records: RecordSet, cache_records: RecordSet, cache_dir: str, image_size: int,
                  batch_size: int = 32, workers: int = 0, with_boxes: bool = False, class_weights: str = "per_body_part",
-                 allow_unreadable: bool = False, progress: bool = True, n_read: int | None = None):
+                 allow_unreadable: bool = False, progress: bool = True, n_read: int | None = None, fit_on: str = "train"):
         super().__init__()
+        self.fit_on = fit_on
         self.records, self.cache_records, self.cache_dir = records, cache_records, cache_dir
         self.image_size, self.batch_size, self.workers = image_size, batch_size, workers
         self.with_boxes, self.class_weight_mode, self.allow_unreadable = with_boxes, class_weights, allow_unreadable
@@ -144,8 +148,8 @@ class BoneDataModule(L.LightningDataModule):
             shown = "; ".join(f"{u['path']}: {u['reason']}" for u in self.report["unreadable_images"][:3])
             raise DatasetError(f"{bad} of {n} images ({bad / n:.0%}) cannot be read (more than {MAX_UNREADABLE:.0%}), "
                                f"e.g. {shown}. Fix the data, or pass --allow-unreadable to train on the rest")
-        self.datasets = split_datasets(cache, self.records, self.body_parts, with_boxes=self.with_boxes)
-        for split in ("train", "valid"):
+        self.datasets = split_datasets(cache, self.records, self.body_parts, with_boxes=self.with_boxes, fit_on=self.fit_on)
+        for split in ("train",) if self.fit_on == "train+valid" else ("train", "valid"):
             if split not in self.datasets:
                 raise DatasetError(f"{self.records.root}: no usable {split} images after splitting; "
                                    "use more data (--limit) or check the dataset")
@@ -170,5 +174,6 @@ class BoneDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", False)
+    def val_dataloader(self) -> DataLoader | list:
+        # The final fit (train+valid) has nothing left to validate on; Lightning skips an empty list.
+        return self._loader("valid", False) if "valid" in self.datasets else []

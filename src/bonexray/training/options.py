@@ -21,6 +21,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--valid-frac", type=float, default=None, help=f"fraction of images held out for validation (default {D.valid_frac})")
     g.add_argument("--test-frac", type=float, default=None,
                    help=f"fraction held out for test where the data has no test split (default {D.test_frac})")
+    g.add_argument("--fit-on", choices=CHOICES["fit_on"], default=None,
+                   help="train: fit on the train split, validate on valid (threshold chosen there); train+valid: the "
+                        "final fit once choices are made, on train and valid together, with no validation, the final "
+                        "epoch kept and the threshold 0.5 of the class-balanced loss; test is never seen either way "
+                        f"(default {D.fit_on})")
     g.add_argument("--workers", type=int, default=None, help="data-loader processes (default: min(4, cores) on GPU, 0 on CPU)")
     g.add_argument("--allow-unreadable", action="store_true",
                    help="train even when more than 5%% of the images cannot be read (they are always reported)")

@@ -41,7 +41,8 @@ def _quiet_known_warnings() -> None:
     import warnings
 
     for msg in (r".*exists and is not empty.*", r".*overridden `on_after_batch_transfer`.*", r".*LeafSpec.*is deprecated.*",
-                r".*litlogger.*", r".*does not have many workers.*"):
+                r".*litlogger.*", r".*does not have many workers.*",
+                r".*Total length of .list. across ranks is zero.*"):  # --fit-on train+valid: no valid loader, by design
         warnings.filterwarnings("ignore", message=msg)
 
 
@@ -93,7 +94,9 @@ def split_info(records, cfg: TrainConfig) -> dict:
 
     return {"source": records.source, "data": Path(records.root).name, "seed": cfg.split_seed,
             "valid_frac": cfg.valid_frac, "test_frac": cfg.test_frac, "limit": cfg.limit,
-            "fingerprint": split_fingerprint(records), "counts": split_counts(records)}
+            "fingerprint": split_fingerprint(records), "counts": split_counts(records),
+            # Which splits the weights saw: with "train+valid" the valid split is training data too.
+            "fit_on": cfg.fit_on}
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -146,7 +149,7 @@ def run_training(cfg: TrainConfig) -> dict:
     workers = cfg.workers if cfg.workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
     dm = BoneDataModule(records, all_records, str(cache_dir), cfg.image_size, batch_size=cfg.batch_size, workers=workers,
                         with_boxes=with_boxes, class_weights=cfg.class_weights, allow_unreadable=cfg.allow_unreadable,
-                        progress=progress, n_read=n_read)
+                        progress=progress, n_read=n_read, fit_on=cfg.fit_on)
     module = BoneXrayModule(
         backbone=cfg.backbone, body_parts=records.body_parts, class_weights=None, image_size=cfg.image_size,
         pretrained=None if cfg.pretrained == "none" else cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,
@@ -174,7 +177,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.ema_decay > 0:
         # Validation and checkpoints use the averaged weights once averaging has started.
         # Averaging starts after the first 30% of the steps (one-cycle's warm-up), not from the ImageNet start.
-        n_train = sum(1 for r in records if r.split == "train")
+        n_train = sum(1 for r in records if r.split == "train" or (cfg.fit_on == "train+valid" and r.split == "valid"))
         start = int(0.3 * cfg.epochs * -(-n_train // cfg.batch_size))
         if cfg.max_steps:  # never end before the average has started (it would replace the trained weights)
             start = min(start, max(0, cfg.max_steps - 1))
@@ -210,6 +213,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "last_checkpoint": str(last),
         "epochs_run": trainer.current_epoch,
         "selected": f"best {cfg.monitor}" if select_best else "final epoch",
+        "fit_on": cfg.fit_on,
         **({f"best_{cfg.monitor}": float(score)} if select_best and score is not None else {}),
         # The threshold that the chosen checkpoint carries (not the last epoch's, which may differ).
         "threshold": read_card(best).threshold if Path(best).is_file() else None,
