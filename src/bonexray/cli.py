@@ -143,12 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="image- and study-level metrics, plots and report")
     e.add_argument("checkpoint", nargs="+",
                    help="checkpoint (.ckpt) or ONNX file; several checkpoints of runs with the same split are "
-                        "evaluated as an ensemble (probabilities averaged, threshold re-chosen on valid)")
+                        "evaluated as an ensemble (probabilities averaged, threshold re-chosen on valid; "
+                        "final fits on train+valid keep 0.5)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", choices=["valid", "test", "all"], default="test",
                    help="valid/test: the split the model was trained with (from its model card, --splits or the "
                         "run's splits.csv; refused when it cannot be found); all: every image, for data the model "
-                        "never saw (default test)")
+                        "never saw (default test); valid is refused for a model trained on it (--fit-on train+valid)")
     e.add_argument("--splits", default=None, metavar="FILE",
                    help="a run's splits.csv to take the split from (checked against the model card)")
     e.add_argument("--out", required=True, help="results folder")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
     e.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: 'flip' averages each image with its mirror; the threshold is then "
-                        "re-chosen on the run's valid split under the same TTA (default none)")
+                        "re-chosen on the run's valid split under the same TTA, except for train+valid fits (default none)")
     e.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
     e.add_argument("--map-body-part", action="append", default=[], metavar="DATA=MODEL",
                    help="map a dataset body part onto a model class (repeatable)")
