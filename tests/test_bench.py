@@ -72,3 +72,37 @@ def test_int8_quantization_keeps_the_model_card_and_the_answer(trained_checkpoin
     p8, _ = int8.predict_arrays(calib)
     p32, _ = ref.predict_arrays(calib)
     assert np.max(np.abs(p8 - p32)) < 0.1  # quantised, so close but not equal
+
+
+def _metrics(folder: Path, auroc, ap, kappa, body_acc):
+    folder.mkdir(parents=True)
+    image = {"auroc": auroc, "average_precision": ap, "recall": 0.8, "specificity": 0.9, "kappa": kappa}
+    folder.joinpath("metrics.json").write_text(json.dumps({
+        "abnormality": {"image": image, "study": {"auroc": auroc}, "ci95": {"image_auroc": [auroc - 0.02, auroc + 0.02]}},
+        "body_part": {"accuracy": body_acc, "macro_f1": 0.9}, "split": "test", "threshold": 0.5,
+        "n_images": 10, "n_studies": 4}))
+    return folder
+
+
+def test_results_row_prints_means_and_the_difference_of_means(tmp_path, capsys):
+    rows = _load("results_row")
+    a = [_metrics(tmp_path / "a0", 0.96, 0.88, 0.72, 0.98), _metrics(tmp_path / "a1", 0.94, 0.84, 0.68, 0.97)]
+    b = [_metrics(tmp_path / "b0", 0.93, 0.83, 0.66, 0.99), _metrics(tmp_path / "b1", 0.91, None, 0.64, 0.97)]
+    rows.main([str(p) for p in a] + ["--minus"] + [str(p) for p in b])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("| a0 (test, tta none) | 0.960 [0.940, 0.980] | 0.880 |")
+    assert out[4] == "| mean of 2: a0, a1 | 0.950 (0.940-0.960) | 0.860 | 0.800 / 0.900 | 0.700 | 0.950 | 0.975 / 0.900 | |"
+    # b1 has no AP, so b's mean AP and the AP difference are undefined, not computed from b0 alone.
+    assert out[7] == "| mean of 2: b0, b1 | 0.920 (0.910-0.930) | n/a | 0.800 / 0.900 | 0.650 | 0.920 | 0.980 / 0.900 | |"
+    assert out[8] == ("| difference of means | +0.030 | n/a | +0.000 / +0.000 | +0.050 | +0.030 | -0.005 / +0.000 | |")
+
+
+def test_results_row_names_a_folder_without_metrics(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="nope: no readable metrics.json"):
+        _load("results_row").main([str(tmp_path / "nope")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.json").write_text('{"accuracy": 0.9}')
+    with pytest.raises(SystemExit, match="other/metrics.json: not a bonexray evaluate metrics.json"):
+        _load("results_row").main([str(tmp_path / "other")])
