@@ -54,7 +54,7 @@ def test_onnx_is_valid_and_carries_the_model_card(exported):
     _, card = load_model(ckpt)
     assert json.loads(meta[ONNX_CARD_KEY]) == card.to_dict()
     assert [i.name for i in model.graph.input] == ["image"]
-    assert [o.name for o in model.graph.output] == ["abnormal_logit", "body_part_logits"]
+    assert [o.name for o in model.graph.output] == ["abnormal_logit", "body_part_logits", "embedding"]
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 64, 64]
     assert not [p for p in onnx_path.parent.iterdir() if p.name.startswith(".")]  # no temp files left

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from bonexray.cli import main
+from bonexray.data.imageio import read_image, to_uint8
 from bonexray.data.preprocess import letterbox, load_for_model
 from bonexray.model.checkpoint import ModelCard, save_model
 from bonexray.model.network import BoneXrayNet
@@ -27,7 +28,7 @@ PARTS = ["hand", "leg", "shoulder"]
 FRACTURED = SHARED_DATA / "FracAtlas" / "images" / "Fractured"
 REAL_JPEGS = [FRACTURED / "IMG0000019.jpg", FRACTURED / "IMG0000025.jpg"]
 DICOM_DIR = SHARED_DATA / "dicom"
-IMAGE_KEYS = {"type", "path", "prob_abnormal", "abnormal", "body_part", "truncated", *(f"prob_{p}" for p in PARTS)}
+IMAGE_KEYS = {"type", "path", "prob_abnormal", "abnormal", "body_part", "truncated", "boxes", *(f"prob_{p}" for p in PARTS)}
 
 
 @pytest.fixture(scope="module")
@@ -237,13 +238,19 @@ def test_cam_pngs_written_with_overlay(ckpt, capsys, tmp_path):
     assert sorted(Path(r["cam"]) for r in recs) == pngs
     assert {p.name for p in pngs} >= {"image1_cam.png", "image1-2_cam.png"}
     for rec, img_path in zip(recs, imgs):
+        # The overlay is the original radiograph (its own aspect and pixels; upscaled to a 512-px long
+        # side when smaller), not the model's letterboxed tile, with the caption band above it.
+        full = read_image(img_path).pixels
+        h0, w0 = full.shape
+        up = max(1.0, 512 / max(h0, w0))
+        w, h = round(w0 * up), round(h0 * up)
         with Image.open(rec["cam"]) as im:
             im.load()
-            assert im.mode == "RGB" and im.size[0] == 512 and 530 < im.size[1] < 640
+            assert im.mode == "RGB" and im.size[0] == w and h < im.size[1] < h + 130
             rgb = np.asarray(im).astype(np.int16)
-        band = rgb.shape[0] - 512
+        band = rgb.shape[0] - h
         body, caption = rgb[band:], rgb[:band]  # the picture, and the caption band above it
-        gray = np.asarray(Image.fromarray(load_for_model(img_path, 64)[0]).resize((512, 512), Image.Resampling.BICUBIC))
+        gray = np.asarray(Image.fromarray(to_uint8(full)).resize((w, h), Image.Resampling.BICUBIC))
         assert np.abs(body - gray[:, :, None]).mean() > 10  # the overlay changes the picture
         assert (np.abs(body[..., 0] - body[..., 2]) > 30).mean() > 0.2  # and it is in colour
         assert np.abs(body - gray[:, :, None]).mean(axis=2).min() < 40  # the radiograph shows through

@@ -17,8 +17,10 @@ import numpy as np
 
 from .data.datasets import load_dataset
 from .data.imageio import is_image_file
-from .data.preprocess import letterbox, load_for_model
+from .data.preprocess import Letterbox, ModelInput, letterbox, read_for_model
 from .errors import BonexrayError, ImageReadError
+
+from .inference.results import box_records, original_boxes
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -45,6 +47,9 @@ class Prediction:
     path: str | None = None
     #: The file ended early and was decoded as far as it went.
     truncated: bool = False
+    #: Fracture boxes in the original image's pixels, best first: dicts {x0, y0, x1, y1, score}, at the
+    #: card's box threshold; None for a model without a box head.
+    boxes: list[dict[str, float]] | None = None
 
 
 class Model:
@@ -82,20 +87,22 @@ class Model:
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            tiles, truncated = zip(*(self._tile(item) for item in chunk))
-            probs, part_probs = self._predictor.predict_arrays(np.stack(tiles))
-            for item, p, parts, trunc in zip(chunk, probs, part_probs, truncated):
-                results.append(self._result(item, float(p), parts, trunc))
+            inputs = [self._input(item) for item in chunk]
+            pred = self._predictor.predict_batch(np.stack([m.tile for m in inputs]))
+            boxes = pred.boxes if pred.boxes is not None else [None] * len(chunk)
+            for item, m, p, parts, bx in zip(chunk, inputs, pred.prob, pred.parts, boxes):
+                found = None if bx is None else box_records(original_boxes(bx, m.geometry))
+                results.append(self._result(item, float(p), parts, m.truncated, found))
         return results[0] if single else results
 
-    def _tile(self, item: ImageInput) -> tuple[np.ndarray, bool]:
+    def _input(self, item: ImageInput) -> ModelInput:
         size = self.image_size
         if isinstance(item, (str, os.PathLike)):
-            return load_for_model(item, size)
+            return read_for_model(item, size)
         gray = _as_gray_array(item)
-        return letterbox(gray, size), False
+        return ModelInput(letterbox(gray, size), False, Letterbox(size, gray.shape[1], gray.shape[0]))
 
-    def _result(self, item: ImageInput, prob: float, parts: np.ndarray, truncated: bool) -> Prediction:
+    def _result(self, item: ImageInput, prob: float, parts: np.ndarray, truncated: bool, boxes=None) -> Prediction:
         names = self.body_parts
         return Prediction(
             prob_abnormal=prob,
@@ -104,6 +111,7 @@ class Model:
             body_part_probs={n: float(v) for n, v in zip(names, parts)},
             path=os.fspath(item) if isinstance(item, (str, os.PathLike)) else None,
             truncated=bool(truncated),
+            boxes=boxes,
         )
 
     def __repr__(self) -> str:
@@ -118,7 +126,7 @@ def load_model(path: str | os.PathLike, device: str = "auto", tta: str = "none")
     ``device``: ``auto`` (GPU when there is one), ``cpu`` or ``cuda[:N]``. ``tta="flip"`` averages
     each image with its mirror.
     """
-    from .inference.predict import Predictor
+    from .inference.predictor import Predictor
 
     return Model(Predictor(path, device=device, tta=tta))
 

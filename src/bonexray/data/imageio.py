@@ -60,6 +60,14 @@ class DecodedImage:
     pixels: np.ndarray
     truncated: bool
     kind: str
+    #: (width, height) of the full-resolution image as displayed (after EXIF orientation). A JPEG
+    #: decoded at reduced scale (``draft_size``) has smaller ``pixels``; None: the pixels' own size.
+    full_size: tuple[int, int] | None = None
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        h, w = self.pixels.shape[:2]
+        return self.full_size if self.full_size is not None else (int(w), int(h))
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -307,6 +315,8 @@ def _decode_pil(
                 if not lenient and "truncated" in str(exc).lower():
                     raise _Truncated from None
                 raise
+        if _EXIF_SWAPS_AXES.get(_exif_orientation(im), False):
+            width, height = height, width
         im = _apply_exif_orientation(im)
         if im.mode == "F" and not np.isfinite(np.asarray(im)).any():
             raise ImageReadError(p, "float image has no finite pixel value (all NaN/inf); nothing to show")
@@ -321,14 +331,22 @@ def _decode_pil(
         raise ImageReadError(p, f"corrupt or unsupported {kind} data ({_short(exc)})") from None
     finally:
         opened.close()
-    return DecodedImage(pixels=pixels, truncated=lenient, kind=kind)
+    return DecodedImage(pixels=pixels, truncated=lenient, kind=kind, full_size=(int(width), int(height)))
+
+
+#: EXIF orientations 5-8 are transposes: the displayed width is the stored height.
+_EXIF_SWAPS_AXES = {5: True, 6: True, 7: True, 8: True}
+
+
+def _exif_orientation(im: Image.Image) -> int | None:
+    try:
+        return im.getexif().get(_EXIF_ORIENTATION)
+    except Exception:
+        return None  # a broken EXIF block must not cost us the picture
 
 
 def _apply_exif_orientation(im: Image.Image) -> Image.Image:
-    try:
-        orientation = im.getexif().get(_EXIF_ORIENTATION)
-    except Exception:
-        return im  # a broken EXIF block must not cost us the picture
+    orientation = _exif_orientation(im)
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         # Only call exif_transpose when it changes something: otherwise it copies the image.
         return ImageOps.exif_transpose(im)

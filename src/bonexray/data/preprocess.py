@@ -39,45 +39,103 @@ PREPROCESS_VERSION = 1
 STATUSES = ("ok", "truncated", "unreadable")
 
 
+@dataclass(frozen=True)
+class Letterbox:
+    """Where a ``width`` x ``height`` image lands in its ``size`` x ``size`` letterbox tile (aspect kept,
+    centred, black padding), and the way back: boxes the model finds in the tile are reported in the
+    original image's pixels. ``full_size``: the full-resolution (width, height) when the pixels
+    letterboxed were a reduced decode (JPEG draft); None: the same as width x height."""
+
+    size: int
+    width: int
+    height: int
+    full_size: tuple[int, int] | None = None
+
+    @property
+    def content(self) -> tuple[int, int, int, int]:
+        """(left, top, new_w, new_h): the image's rectangle inside the tile."""
+        scale = self.size / max(self.height, self.width)
+        nh, nw = max(1, round(self.height * scale)), max(1, round(self.width * scale))
+        return (self.size - nw) // 2, (self.size - nh) // 2, nw, nh
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.full_size if self.full_size is not None else (self.width, self.height)
+
+    def to_tile(self, boxes_xyxy) -> np.ndarray:
+        """Boxes [x0, y0, x1, y1] in the original image's pixels -> tile pixels (clipped to the tile)."""
+        left, top, nw, nh = self.content
+        ow, oh = self.original_size
+        b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+        out = np.stack([left + b[:, 0] * nw / ow, top + b[:, 1] * nh / oh, left + b[:, 2] * nw / ow, top + b[:, 3] * nh / oh], 1)
+        return np.clip(out, 0, self.size).astype(np.float32)
+
+    def to_original(self, boxes_xyxy) -> np.ndarray:
+        """Boxes [x0, y0, x1, y1] in tile pixels -> the original image's pixels (clipped to the image)."""
+        left, top, nw, nh = self.content
+        ow, oh = self.original_size
+        b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+        x = (b[:, [0, 2]] - left) * ow / nw
+        y = (b[:, [1, 3]] - top) * oh / nh
+        return np.stack([np.clip(x[:, 0], 0, ow), np.clip(y[:, 0], 0, oh), np.clip(x[:, 1], 0, ow), np.clip(y[:, 1], 0, oh)], 1)
+
+
+@dataclass
+class ModelInput:
+    """One decoded image ready for the network: the uint8 tile, whether the file was truncated, and
+    the letterbox geometry that maps tile coordinates back to the original image."""
+
+    tile: np.ndarray
+    truncated: bool
+    geometry: Letterbox
+
+
 def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
     """Resize so the long side is ``size`` (aspect kept) and pad with black to ``size x size``."""
     if gray.ndim != 2:
         raise ValueError(f"letterbox expects a 2-D grayscale array, got shape {gray.shape}")
     img = Image.fromarray(to_uint8(gray))
     h, w = gray.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    left, top, nw, nh = Letterbox(size, w, h).content
     if (nh, nw) != (h, w):
         # reducing_gap: fast box pre-shrink, then an antialiased bilinear pass; quality ~ LANCZOS.
         img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=2.0)
     out = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = np.asarray(img)
     return out
 
 
 def letterbox_boxes(boxes_xywh, image_wh: tuple[int, int], size: int) -> np.ndarray:
     """Map boxes [x, y, w, h] in the pixels of a (w, h) image to [x0, y0, x1, y1] in its ``letterbox`` tile."""
-    w, h = image_wh
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    top, left = (size - nh) // 2, (size - nw) // 2
     b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
-    sx, sy = nw / w, nh / h
-    out = np.stack([left + b[:, 0] * sx, top + b[:, 1] * sy, left + (b[:, 0] + b[:, 2]) * sx, top + (b[:, 1] + b[:, 3]) * sy], 1)
-    return np.clip(out, 0, size).astype(np.float32)
+    return Letterbox(size, int(image_wh[0]), int(image_wh[1])).to_tile(np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1))
+
+
+def _model_input(decoded, size: int) -> ModelInput:
+    h, w = decoded.pixels.shape[:2]
+    return ModelInput(letterbox(decoded.pixels, size), decoded.truncated, Letterbox(size, int(w), int(h), decoded.original_size))
+
+
+def read_for_model(path: str | os.PathLike, size: int) -> ModelInput:
+    """The single decode path used by the cache, predict and serve, with the letterbox geometry."""
+    return _model_input(read_image(path, draft_size=size), size)
+
+
+def read_bytes_for_model(data: bytes, name: str, size: int, max_pixels: int = 120_000_000) -> ModelInput:
+    """:func:`read_for_model` for a file held in memory (serve's uploads); ``name`` labels errors."""
+    return _model_input(read_image_bytes(data, name, draft_size=size, max_pixels=max_pixels), size)
 
 
 def load_for_model(path: str | os.PathLike, size: int) -> tuple[np.ndarray, bool]:
-    """The single decode path used by the cache, predict and serve: (uint8 size x size, truncated)."""
-    decoded = read_image(path, draft_size=size)
-    return letterbox(decoded.pixels, size), decoded.truncated
+    """:func:`read_for_model` without the geometry: (uint8 size x size, truncated)."""
+    m = read_for_model(path, size)
+    return m.tile, m.truncated
 
 
 def load_bytes_for_model(data: bytes, name: str, size: int, max_pixels: int = 120_000_000) -> tuple[np.ndarray, bool]:
-    """:func:`load_for_model` for a file held in memory (serve's uploads); ``name`` labels errors."""
-    decoded = read_image_bytes(data, name, draft_size=size, max_pixels=max_pixels)
-    return letterbox(decoded.pixels, size), decoded.truncated
+    """:func:`read_bytes_for_model` without the geometry."""
+    m = read_bytes_for_model(data, name, size, max_pixels)
+    return m.tile, m.truncated
 
 
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:

@@ -20,7 +20,7 @@ from ..errors import BonexrayError
 
 BACKENDS = ("auto", "torch", "onnx")
 #: Part of the cache key: bump when the export itself changes (opset, graph), so old files are not reused.
-EXPORT_FORMAT = "bonexray-onnx-2"  # 2: graph SHA-256 in the metadata
+EXPORT_FORMAT = "bonexray-onnx-3"  # 2: graph SHA-256 in the metadata; 3: embedding and box outputs
 DIGEST_CHARS = 16
 
 

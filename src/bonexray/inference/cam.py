@@ -152,43 +152,82 @@ def render_overlay(
     gray: np.ndarray,
     cam: np.ndarray,
     lines: Sequence[str] = (),
-    display_size: int = DISPLAY_SIZE,
+    display_size: int | None = DISPLAY_SIZE,
     colormap: str = "jet",
+    boxes: np.ndarray | None = None,
 ) -> Image.Image:
-    """The radiograph (uint8 (S, S)) with the heat map (float (S, S) in [0, 1]) blended in.
+    """The radiograph (uint8 (H, W)) with the heat map (float (H, W) in [0, 1]) blended in.
 
     The colour's opacity grows with the map's value (15% to 60%), so cold regions keep the
-    radiograph visible. ``lines`` are written on a black band added above the picture (the
-    result is then taller than wide); the picture itself is ``max(display_size, S)`` square.
+    radiograph visible. ``display_size``: a square tile is upscaled to at least this many pixels;
+    None keeps the image's own size and aspect (the full-resolution original; one smaller than
+    ``DISPLAY_SIZE`` is upscaled to that long side). ``boxes`` (n, 5) [x0, y0, x1, y1,
+    score] in the pixels of ``gray`` are outlined with their scores. ``lines`` are written on a black
+    band added above the picture, so the caption never hides any of the radiograph.
     """
     if gray.ndim != 2 or cam.shape != gray.shape:
         raise ValueError(f"gray {gray.shape} and cam {cam.shape} must be the same 2-D shape")
-    size = max(int(display_size), gray.shape[0])
-    base = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+    h0, w0 = gray.shape
+    if display_size is None:  # the original's own pixels; a small original is upscaled to be legible
+        up = max(1.0, DISPLAY_SIZE / max(h0, w0))
+        size = (round(w0 * up), round(h0 * up))
+    else:
+        size = (max(int(display_size), w0),) * 2
+    base = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8))
     heat = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32))  # float32 -> mode "F"
-    heat = heat.resize((size, size), Image.Resampling.BILINEAR)
+    if size != (w0, h0):
+        base = base.resize(size, Image.Resampling.BICUBIC)
+        heat = heat.resize(size, Image.Resampling.BILINEAR)
     h = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
     g = np.asarray(base, dtype=np.float32)[..., None].repeat(3, axis=2)
     alpha = (0.15 + 0.45 * h)[..., None]
     rgb = g * (1.0 - alpha) + _colormap(h, colormap).astype(np.float32) * alpha
     img = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
-
+    if boxes is not None and len(boxes):
+        draw_boxes(img, np.asarray(boxes, dtype=np.float64) * np.array([size[0] / w0, size[1] / h0] * 2 + [1.0]))
     if not lines:
         return img
-    # The caption goes on a dark band above the picture, so it never hides any of the radiograph.
-    font = _font(max(12, size // 28))
-    pad = max(4, size // 100)
+    font = _font(max(12, size[0] // 28))
+    pad = max(4, size[0] // 100)
     probe = ImageDraw.Draw(img)
-    boxes = [probe.textbbox((0, 0), t, font=font) for t in lines]
-    band = sum(b[3] - b[1] for b in boxes) + pad * (len(lines) + 1)
-    canvas = Image.new("RGB", (size, size + band), (0, 0, 0))
+    extents = [probe.textbbox((0, 0), t, font=font) for t in lines]
+    band = sum(b[3] - b[1] for b in extents) + pad * (len(lines) + 1)
+    canvas = Image.new("RGB", (size[0], size[1] + band), (0, 0, 0))
     canvas.paste(img, (0, band))
     draw = ImageDraw.Draw(canvas)
     y = pad
-    for t, b in zip(lines, boxes):
+    for t, b in zip(lines, extents):
         draw.text((pad - b[0], y - b[1]), t, font=font, fill=(255, 255, 255))
         y += b[3] - b[1] + pad
     return canvas
+
+
+#: Box outline colour: white-bordered green reads on both bone (bright) and background (dark).
+BOX_COLOUR = (0, 230, 64)
+
+
+def draw_boxes(img: Image.Image, boxes: np.ndarray) -> None:
+    """Outline (n, 5) [x0, y0, x1, y1, score] boxes on ``img`` (in its pixels), each with its score."""
+    draw = ImageDraw.Draw(img)
+    w = max(2, round(max(img.size) / 300))
+    font = _font(max(11, max(img.size) // 45))
+    for x0, y0, x1, y1, score in boxes:
+        draw.rectangle([x0 - w, y0 - w, x1 + w, y1 + w], outline=(255, 255, 255), width=1)
+        draw.rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=w)
+        label = f"{score:.2f}"
+        tb = draw.textbbox((0, 0), label, font=font)
+        ty = y0 - (tb[3] - tb[1]) - 2 * w if y0 - (tb[3] - tb[1]) - 2 * w >= 0 else y1 + w
+        draw.rectangle([x0, ty, x0 + tb[2] - tb[0] + 2 * w, ty + tb[3] - tb[1] + w], fill=(0, 0, 0))
+        draw.text((x0 + w - tb[0], ty - tb[1]), label, font=font, fill=BOX_COLOUR)
+
+
+def cam_to_original(cam: np.ndarray, geometry) -> np.ndarray:
+    """A map over the letterbox tile (S, S) -> the same map over the original image (H, W): the
+    padding is cut off and the image's part resized, so the colours sit on the right pixels."""
+    left, top, nw, nh = geometry.content
+    w, h = geometry.original_size
+    part = Image.fromarray(np.ascontiguousarray(cam[top:top + nh, left:left + nw], dtype=np.float32))
+    return np.asarray(part.resize((int(w), int(h)), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def caption(prob: float, threshold: float, body_part: str, body_part_prob: float, method: str = "") -> list[str]:
@@ -244,13 +283,29 @@ class CamWriter:
         batch: np.ndarray,
         probs: np.ndarray,
         body_part_probs: np.ndarray,
+        boxes: Sequence[np.ndarray | None] | None = None,
+        geometry: Sequence | None = None,
     ) -> list[str]:
+        """One overlay per image. With ``geometry`` (each image's Letterbox) the picture is the original
+        radiograph at full resolution, decoded again without draft scaling, with the map cut to the image
+        and ``boxes`` ((n, 5) in original pixels) outlined; without it, the model's tile upscaled."""
+        from ..data.imageio import read_image, to_uint8
+
         pr = self.predictor
         maps = cam_for_batch(pr.net, pr.to_tensor(batch), method=self.method)
         written = []
-        for path, gray, cam, p, bp in zip(paths, batch, maps, probs, body_part_probs):
+        boxes = list(boxes) if boxes is not None else [None] * len(paths)
+        for i, (path, gray, cam, p, bp) in enumerate(zip(paths, batch, maps, probs, body_part_probs)):
             k = int(np.argmax(bp))
-            img = render_overlay(gray, cam, caption(float(p), pr.threshold, pr.body_parts[k], float(bp[k]), self.method))
+            lines = caption(float(p), pr.threshold, pr.body_parts[k], float(bp[k]), self.method)
+            if boxes[i] is not None:
+                lines.append(f"boxes: {len(boxes[i])} at score >= {pr.box_settings.threshold:.2f}" if len(boxes[i])
+                             else f"boxes: none at score >= {pr.box_settings.threshold:.2f}")
+            if geometry is not None:
+                full = to_uint8(read_image(path).pixels)
+                img = render_overlay(full, cam_to_original(cam, geometry[i]), lines, display_size=None, boxes=boxes[i])
+            else:
+                img = render_overlay(gray, cam, lines, boxes=boxes[i])
             out = self._name(path)
             with atomic_write(out) as tmp:
                 img.save(tmp, format="PNG")

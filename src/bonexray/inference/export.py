@@ -1,9 +1,11 @@
 """``bonexray export``: a checkpoint as one self-contained ONNX file.
 
 The graph: input ``image`` float32 (batch, 1, S, S) in [0, 1] (S = the card's image_size, batch
-dynamic); outputs ``abnormal_logit`` (batch,) and ``body_part_logits`` (batch, K), i.e. exactly
-``BoneXrayNet.forward`` (normalisation inside). Logits, not probabilities: the consumer applies
-sigmoid / softmax, as :class:`bonexray.inference.predict.Predictor` does for both backends.
+dynamic); outputs ``BoneXrayNet.forward_outputs`` in its order (normalisation inside):
+``abnormal_logit`` (batch,), ``body_part_logits`` (batch, K), ``embedding`` (batch, C) and, for a
+model with a box head, the dense box maps ``box_logits``, ``box_ltrb``, ``box_centerness``. Logits
+and maps, not probabilities or boxes: the consumer applies sigmoid / softmax and decodes boxes, as
+:class:`bonexray.inference.predictor.Predictor` does for both backends.
 The model card (JSON) is stored in ``metadata_props`` under ``bonexray_model_card``, so the ONNX
 file is all ``bonexray predict`` needs. ``bonexray_graph_sha256`` holds a SHA-256 of the graph
 (nodes and weights) and the card; :func:`verify_onnx_integrity` recomputes it before the model is used.
@@ -24,7 +26,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import BonexrayError, BonexrayWarning, CheckpointError
-from .predict import ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS
+from .predictor import ONNX_CARD_KEY, ONNX_INPUT
 
 ONNX_HASH_KEY = "bonexray_graph_sha256"
 
@@ -59,17 +61,19 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     s = int(card.image_size)
     dummy = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(0))
 
+    names = list(net.output_names())
+    graph = _OutputsInOrder(net, names)
     with atomic_write(target) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                net,
+                graph,
                 (dummy,),
                 str(tmp),
                 input_names=[ONNX_INPUT],
-                output_names=list(ONNX_OUTPUTS),
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUTS[0]: {0: "batch"}, ONNX_OUTPUTS[1]: {0: "batch"}},
+                output_names=names,
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, **{n: {0: "batch"} for n in names}},
                 opset_version=int(opset),
                 do_constant_folding=True,
                 dynamo=False,
@@ -77,7 +81,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
         model = onnx.load(str(tmp))
         meta = {p.key: p.value for p in model.metadata_props}
         meta[ONNX_CARD_KEY] = json.dumps(card.to_dict())
-        meta["bonexray_outputs"] = "logits: sigmoid(abnormal_logit), softmax(body_part_logits)"
+        meta["bonexray_outputs"] = ("logits: sigmoid(abnormal_logit), softmax(body_part_logits); embedding: pooled features"
+                                    + ("; box maps: see bonexray.model.detection.decode_boxes" if net.box_head is not None else ""))
         del model.metadata_props[:]
         for k, v in meta.items():
             entry = model.metadata_props.add()
@@ -92,8 +97,24 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
         entry = model.metadata_props.add()
         entry.key, entry.value = ONNX_HASH_KEY, onnx_graph_sha256(model)
         onnx.save(model, str(tmp))
-        _check_parity(tmp, net, dummy)
+        _check_parity(tmp, graph, names, dummy)
     return target
+
+
+def _OutputsInOrder(net, names: list[str]):
+    """The network's named outputs as a tuple in a fixed order (what the ONNX graph returns)."""
+    import torch
+
+    class OutputsInOrder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net.forward_outputs(x)
+            return tuple(out[n] for n in names)
+
+    return OutputsInOrder().eval()
 
 
 def onnx_graph_sha256(model) -> str:
@@ -124,16 +145,16 @@ def verify_onnx_integrity(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupt ONNX model (weights do not match their recorded SHA-256)")
 
 
-def _check_parity(path: Path, net, x) -> None:
+def _check_parity(path: Path, graph, names: list[str], x) -> None:
     import onnxruntime as ort
     import torch
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    got = sess.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x.numpy()})
+    got = sess.run(names, {ONNX_INPUT: x.numpy()})
     with torch.inference_mode():
-        want = [t.numpy() for t in net(x)]
+        want = [t.numpy() for t in graph(x)]
     # Non-finite outputs are compared by position (a NaN model exports as a NaN model; predict then
     # refuses a verdict per image), finite ones by value.
     same_nan = all(np.array_equal(~np.isfinite(g), ~np.isfinite(w)) for g, w in zip(got, want))

@@ -41,7 +41,7 @@ from ..errors import BonexrayError, ImageReadError
 from .inputs import InputItem, InputPlan, collect_inputs
 from .predictor import (ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS, TTA_MODES, Ensemble, Predictor, is_onnx_file,
                         resolve_device, sigmoid, softmax)
-from .results import ImageResult, image_record, study_records
+from .results import ImageResult, box_records, image_record, original_boxes, study_records
 from .writers import Writer
 
 # Re-exported: the names other modules and notebooks import from here.
@@ -121,16 +121,16 @@ def run_predict(
 
 def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int) -> int:
     """Decode, predict and write ``items`` batch by batch; returns the number of failed files."""
-    from ..data.preprocess import load_for_model
+    from ..data.preprocess import read_for_model
 
     failed = 0
     size = predictor.image_size
     results: list[ImageResult] = []
     for chunk in _batches(items, batch_size):
-        arrays, ok_items, truncated = [], [], []
+        arrays, ok_items, truncated, geometry = [], [], [], []
         for item in chunk:
             try:
-                arr, trunc = load_for_model(item.path, size)
+                m = read_for_model(item.path, size)
             except ImageReadError as err:
                 _error(str(item.path), err.reason)
                 failed += 1
@@ -139,13 +139,16 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
                 _error(str(item.path), f"{type(err).__name__}: {err}")
                 failed += 1
                 continue
-            arrays.append(arr)
+            arrays.append(m.tile)
             ok_items.append(item)
-            truncated.append(trunc)
+            truncated.append(m.truncated)
+            geometry.append(m.geometry)
         if not arrays:
             continue
         batch = np.stack(arrays)
-        probs, bp_probs = predictor.predict_arrays(batch)
+        pred = predictor.predict_batch(batch)
+        probs, bp_probs = pred.prob, pred.parts
+        boxes = [original_boxes(b, g) for b, g in zip(pred.boxes, geometry)] if pred.boxes is not None else [None] * len(arrays)
         finite = np.isfinite(probs) & np.isfinite(bp_probs).all(axis=1)
         if not finite.all():
             # A NaN probability compares False with the threshold: it would read "normal". No verdict.
@@ -155,14 +158,15 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
                 failed += 1
             keep = np.flatnonzero(finite)
             ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]
+            boxes, geometry = [boxes[i] for i in keep], [geometry[i] for i in keep]
             batch, probs, bp_probs = batch[keep], probs[keep], bp_probs[keep]
             if not ok_items:
                 continue
         cams: list[str | None] = [None] * len(ok_items)
         if cam_writer is not None:
-            cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs)
-        for item, p, bp, trunc, cam_path in zip(ok_items, probs, bp_probs, truncated, cams):
-            res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path)
+            cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs, boxes=boxes, geometry=geometry)
+        for item, p, bp, trunc, cam_path, bx in zip(ok_items, probs, bp_probs, truncated, cams, boxes):
+            res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx))
             results.append(res)
             writer.write(image_record(res, predictor.body_parts, predictor.threshold))
         writer.flush()

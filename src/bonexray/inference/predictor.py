@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BonexrayError, CheckpointError
 
+BOX_MAPS = ("box_logits", "box_ltrb", "box_centerness")
+
 ONNX_CARD_KEY = "bonexray_model_card"
 ONNX_INPUT = "image"
+#: Outputs every bonexray ONNX file has; newer exports add ``embedding`` and, with a box head, the
+#: box maps (model/detection.py BOX_OUTPUTS), all read by name.
 ONNX_OUTPUTS = ("abnormal_logit", "body_part_logits")
 TTA_MODES = ("none", "flip")  # test-time augmentation: "flip" averages the image and its mirror
 
@@ -46,6 +51,31 @@ def resolve_device(device: str | None) -> str:
 
 def is_onnx_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".onnx"
+
+
+@dataclass
+class BatchPrediction:
+    """What a model says about a batch of tiles: ``prob`` (N,), ``parts`` (N, K), ``embedding`` (N, C)
+    or None (ONNX files exported before bonexray had it), and ``boxes``: per image an (n, 5) array
+    [x0, y0, x1, y1, score] in *tile* pixels at the card's operating point, or None for a model
+    without a box head (callers map tiles back to the original image: data/preprocess.py Letterbox)."""
+
+    prob: np.ndarray
+    parts: np.ndarray
+    embedding: np.ndarray | None = None
+    boxes: list[np.ndarray] | None = None
+    #: The network's raw outputs by name (logits and box maps) for the batch as given.
+    outputs: dict[str, np.ndarray] | None = None
+
+
+def decode_output_boxes(out: dict[str, np.ndarray], settings, threshold: float | None = None) -> list[np.ndarray]:
+    """The box maps of a batch (numpy, from either engine) -> per image (n, 5) boxes in tile pixels."""
+    import torch
+
+    from ..model.detection import decode_boxes
+
+    maps = [torch.from_numpy(np.ascontiguousarray(out[k], dtype=np.float32)) for k in BOX_MAPS]
+    return [b.numpy().astype(np.float64) for b in decode_boxes(*maps, settings, threshold=threshold)]
 
 
 # --------------------------------------------------------------------------- predictor
@@ -139,27 +169,62 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
         return x.to(self.device).float().div_(255.0).unsqueeze(1)
 
-    def logits(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def has_boxes(self) -> bool:
+        """The model has a box head (its card says how boxes are reported)."""
+        return self.card.boxes is not None and (self.session is None or BOX_MAPS[0] in self._onnx_outputs)
+
+    @property
+    def box_settings(self):
+        from ..model.detection import BoxSettings
+
+        return BoxSettings.from_card(self.card.boxes) if self.has_boxes else None
+
+    @property
+    def _onnx_outputs(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the network for a uint8 (N, S, S) batch, by name (logits, embedding, box maps)."""
         batch = self._check(batch)
         if self.session is not None:
             x = (batch.astype(np.float32) / np.float32(255.0))[:, None]
-            abn, bp = self.session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x})
-            return np.asarray(abn).reshape(-1), np.asarray(bp)
-        import torch
+            names = self._onnx_outputs
+            out = dict(zip(names, self.session.run(names, {ONNX_INPUT: x})))
+        else:
+            import torch
 
-        with torch.inference_mode():
-            abn, bp = self._net(self.to_tensor(batch))
-        return abn.float().cpu().numpy(), bp.float().cpu().numpy()
+            with torch.inference_mode():
+                out = {k: v.float().cpu().numpy() for k, v in self._net.forward_outputs(self.to_tensor(batch)).items()}
+        out["abnormal_logit"] = np.asarray(out["abnormal_logit"]).reshape(-1)
+        return out
+
+    def logits(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.outputs(batch)
+        return out["abnormal_logit"], np.asarray(out["body_part_logits"])
 
     def predict_arrays(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        abn, bp = self.logits(batch)
-        prob, parts = sigmoid(abn), softmax(bp)
+        pred = self.predict_batch(batch, boxes=False)
+        return pred.prob, pred.parts
+
+    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_threshold: float | None = None) -> BatchPrediction:
+        """Probabilities, embedding and (with a box head, when ``boxes``) boxes for a uint8 (N, S, S) batch.
+
+        ``box_threshold`` overrides the card's operating point (evaluation traces FROC and AP from a
+        low one). With ``tta="flip"`` the probabilities average the image and its mirror; boxes and
+        the embedding come from the image as given.
+        """
+        out = self.outputs(batch)
+        prob, parts = sigmoid(out["abnormal_logit"]), softmax(out["body_part_logits"])
         if self.tta == "flip":
             # Mirror images are equally plausible radiographs (left and right limbs); average the
             # probabilities of both views.
             abn_f, bp_f = self.logits(np.ascontiguousarray(np.asarray(batch)[:, :, ::-1]))
             prob, parts = (prob + sigmoid(abn_f)) / 2, (parts + softmax(bp_f)) / 2
-        return prob, parts
+        found = None
+        if boxes and self.has_boxes:
+            found = decode_output_boxes(out, self.box_settings, threshold=box_threshold)
+        return BatchPrediction(prob, parts, out.get("embedding"), found, out)
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch)
@@ -202,9 +267,36 @@ class Ensemble:
     def threshold(self) -> float:
         return float(np.mean([m.threshold for m in self.members]))
 
+    @property
+    def has_boxes(self) -> bool:
+        return all(m.has_boxes for m in self.members)
+
+    @property
+    def box_settings(self):
+        return self.members[0].box_settings if self.has_boxes else None
+
     def predict_arrays(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outs = [m.predict_arrays(batch) for m in self.members]
-        return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
+        pred = self.predict_batch(batch, boxes=False)
+        return pred.prob, pred.parts
+
+    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_threshold: float | None = None) -> BatchPrediction:
+        """Members' probabilities averaged; boxes decoded from the members' averaged box maps (score and
+        centre-ness probabilities and distances averaged cell by cell: every member has the same grid).
+        The embedding is the first member's (the members' feature spaces differ)."""
+        preds = [m.predict_batch(batch, boxes=False) for m in self.members]
+        outs = [p.outputs for p in preds]
+        found = None
+        if boxes and self.has_boxes:
+            def logit(p):
+                p = np.clip(p, 1e-7, 1 - 1e-7)
+                return np.log(p) - np.log1p(-p)
+
+            mean = {k: np.mean([sigmoid(o[k]) for o in outs], axis=0) for k in ("box_logits", "box_centerness")}
+            avg = {"box_logits": logit(mean["box_logits"]), "box_centerness": logit(mean["box_centerness"]),
+                   "box_ltrb": np.mean([o["box_ltrb"] for o in outs], axis=0)}
+            found = decode_output_boxes(avg, self.box_settings, threshold=box_threshold)
+        return BatchPrediction(np.mean([p.prob for p in preds], axis=0), np.mean([p.parts for p in preds], axis=0),
+                               preds[0].embedding, found)
 
 
 def _load_onnx(path: Path, device: str):

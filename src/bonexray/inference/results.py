@@ -23,6 +23,24 @@ class ImageResult:
     truncated: bool
     study: str | None = None
     cam: str | None = None
+    #: Fracture boxes in the original image's pixels, best first; None for a model without a box head.
+    boxes: list[dict[str, float]] | None = None
+
+
+def original_boxes(tile_boxes: np.ndarray, geometry) -> np.ndarray:
+    """(n, 5) boxes in letterbox-tile pixels -> (n, 5) in the original image's pixels (``geometry``:
+    data/preprocess.py Letterbox of that image); scores and order unchanged."""
+    b = np.asarray(tile_boxes, dtype=np.float64).reshape(-1, 5)
+    return np.concatenate([geometry.to_original(b[:, :4]), b[:, 4:5]], 1)
+
+
+def box_records(boxes_xyxys: np.ndarray | None) -> list[dict[str, float]] | None:
+    """(n, 5) [x0, y0, x1, y1, score] in original pixels -> the ``boxes`` field: a list of
+    {x0, y0, x1, y1, score} (pixels rounded to 0.1, scores to 6 places), in the given (score) order."""
+    if boxes_xyxys is None:
+        return None
+    return [{"x0": round(float(b[0]), 1), "y0": round(float(b[1]), 1), "x1": round(float(b[2]), 1),
+             "y1": round(float(b[3]), 1), "score": _r(b[4])} for b in np.asarray(boxes_xyxys).reshape(-1, 5)]
 
 
 def image_record(res: ImageResult, body_parts: Sequence[str], threshold: float) -> dict[str, Any]:
@@ -35,6 +53,7 @@ def image_record(res: ImageResult, body_parts: Sequence[str], threshold: float) 
     }
     rec.update({f"prob_{b}": _r(p) for b, p in zip(body_parts, res.body_part_probs)})
     rec["truncated"] = bool(res.truncated)
+    rec["boxes"] = res.boxes
     if res.study is not None:
         rec["study"] = res.study
     if res.cam is not None:

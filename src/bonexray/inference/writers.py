@@ -18,7 +18,7 @@ class Writer:
         self.fmt = fmt
         self.stream = stream
         self.columns = ["type", "path", "study", "n_images", "prob_abnormal", "abnormal", "body_part",
-                        *[f"prob_{b}" for b in body_parts], "truncated"] + (["cam"] if with_cam else [])
+                        *[f"prob_{b}" for b in body_parts], "truncated", "boxes"] + (["cam"] if with_cam else [])
         self._csv = None
         if fmt == "csv":
             self._csv = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
@@ -28,10 +28,18 @@ class Writer:
         if self._csv is None:
             self.stream.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: never a bare NaN
         else:
-            self._csv.writerow({k: (int(v) if isinstance(v, bool) else v) for k, v in rec.items()})
+            self._csv.writerow({k: _csv_value(v) for k, v in rec.items()})
 
     def flush(self) -> None:
         try:
             self.stream.flush()
         except (BrokenPipeError, ValueError):
             pass
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, list):  # boxes: one JSON cell, e.g. [{"x0": 12.0, ..., "score": 0.81}]
+        return json.dumps(v, allow_nan=False)
+    return "" if v is None else v

@@ -60,6 +60,9 @@ class ModelCard:
     split: dict | None = None
     #: SHA-256 of the network weights (:func:`weights_sha256`), written with the checkpoint.
     weights_sha256: str | None = None
+    #: Box head settings (model/detection.py BoxSettings: threshold, nms_iou, max_detections, stride,
+    #: threshold_source); None for models without a box head.
+    boxes: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
@@ -202,6 +205,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[Bone
         net = BoneXrayNet(
             card.backbone, num_body_parts=len(card.body_parts), pretrained=None,
             mean=card.mean, std=card.std, localization_head=any(k.startswith("localization_head.") for k in net_state),
+            box_head=any(k.startswith("box_head.") for k in net_state),
         )
     except BonexrayError as err:
         raise CheckpointError(f"{p}: cannot build the network of this checkpoint: {err}") from err

@@ -41,6 +41,7 @@ class BoneXrayNet(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         localization_head: bool = False,
+        box_head: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_body_parts, int) or num_body_parts < 1:
@@ -63,6 +64,17 @@ class BoneXrayNet(nn.Module):
         # Fracture map, present in models trained with the localisation loss (--localization-weight):
         # a 1x1 conv on the last feature map. Not part of ``forward``, so ONNX and predict outputs stay two.
         self.localization_head = nn.Conv2d(self.num_features, 1, 1) if localization_head else None
+        # Fracture boxes (model/detection.py), present in models trained with --box-weight: an FCOS-style
+        # head on the stride-8/16 intermediate features and the final map. ``forward`` never runs it;
+        # ``forward_outputs`` (predict, ONNX) does.
+        self.box_head = None
+        if box_head:
+            from .detection import BoxHead
+
+            self.box_feature_indices = _stride_indices(self.backbone, (8, 16))
+            info = self.backbone.feature_info
+            chans = tuple(int(info[i]["num_chs"]) for i in self.box_feature_indices)
+            self.box_head = BoxHead((chans[0], chans[1], self.num_features))
 
         # Shape (1, 3, 1, 1): broadcasting a (B, 1, H, W) input against them replicates the
         # gray channel to 3 and normalises in one op. Not persistent: they follow from the
@@ -90,6 +102,32 @@ class BoneXrayNet(nn.Module):
         # Index instead of squeeze: keeps shape (B,) for B == 1 too.
         return self.abnormal_head(pooled)[:, 0], self.body_part_head(pooled)
 
+    def forward_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output of one forward pass, by name (the ONNX export's outputs, in this order):
+        ``abnormal_logit`` (B,), ``body_part_logits`` (B, K), ``embedding`` (B, C) (the pooled features
+        both heads read), and with a box head ``box_logits`` (B,1,h,w), ``box_ltrb`` (B,4,h,w),
+        ``box_centerness`` (B,1,h,w) on the stride-8 grid (see model/detection.py)."""
+        normed = (x - self.pixel_mean) / self.pixel_std
+        if self.box_head is None:
+            feature_map, inter = self.backbone.forward_features(normed), None
+        else:
+            feature_map, inter = self.backbone.forward_intermediates(normed, indices=list(self.box_feature_indices), norm=False)
+        pooled = self.backbone.forward_head(feature_map, pre_logits=True)
+        out = {"abnormal_logit": self.abnormal_head(self.dropout(pooled))[:, 0],
+               "body_part_logits": self.body_part_head(self.dropout(pooled)), "embedding": pooled}
+        if inter is not None:
+            out["box_logits"], out["box_ltrb"], out["box_centerness"] = self.box_head(inter[0], inter[1], feature_map)
+        return out
+
+    def forward_with_boxes(self, x: torch.Tensor):
+        """Training: (feature_map, abnormal_logit, body_part_logits, (box maps) or None) in one pass."""
+        normed = (x - self.pixel_mean) / self.pixel_std
+        if self.box_head is None:
+            feature_map = self.backbone.forward_features(normed)
+            return (feature_map, *self.forward_heads(feature_map), None)
+        feature_map, inter = self.backbone.forward_intermediates(normed, indices=list(self.box_feature_indices), norm=False)
+        return (feature_map, *self.forward_heads(feature_map), self.box_head(inter[0], inter[1], feature_map))
+
     def localization_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in [0, 1] -> fracture probability per feature-grid cell (B, 1, h, w)."""
         if self.localization_head is None:
@@ -104,5 +142,25 @@ class BoneXrayNet(nn.Module):
         """Load a local state_dict (``--weights FILE``): see :func:`bonexray.model.weights.load_weights_file`."""
         _weights.load_weights_file(self, path)
 
+    def output_names(self) -> tuple[str, ...]:
+        from .detection import BOX_OUTPUTS
+
+        return ("abnormal_logit", "body_part_logits", "embedding") + (BOX_OUTPUTS if self.box_head is not None else ())
+
     def extra_repr(self) -> str:
         return f"backbone={self.backbone_name!r}, num_body_parts={self.num_body_parts}"
+
+
+def _stride_indices(backbone: nn.Module, strides: Sequence[int]) -> tuple[int, ...]:
+    """Indices into timm's ``feature_info`` (as ``forward_intermediates`` takes them) of the last stage
+    at each stride."""
+    info = list(backbone.feature_info)
+    if not hasattr(backbone, "forward_intermediates"):
+        raise BonexrayError(f"{type(backbone).__name__}: this timm model has no forward_intermediates, so it cannot carry a box head")
+    out = []
+    for stride in strides:
+        hits = [i for i, f in enumerate(info) if int(f["reduction"]) == stride]
+        if not hits:
+            raise BonexrayError(f"{type(backbone).__name__} has no stride-{stride} features for the box head")
+        out.append(hits[-1])
+    return tuple(out)

@@ -2,9 +2,9 @@
 
 Horizontal flip, then one affine warp per image (rotation, scale, shift), then mild gamma, contrast and
 brightness; every image of a batch draws its own parameters. Nothing that changes anatomy: no vertical
-flips or large rotations (body-part cues must survive). A fracture mask, when given, goes through the
-same flip and warp as its image (kornia's ``AugmentationSequential`` with data keys input + mask) and
-skips the intensity steps.
+flips or large rotations (body-part cues must survive). Fracture boxes, when given, go through the
+same flip and warp as their image (kornia's ``AugmentationSequential`` with data keys input +
+bbox_xyxy: a rotated box becomes the axis-aligned box around its corners) and are clipped to the tile.
 """
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ class AugmentConfig:
 
 
 @lru_cache(maxsize=8)
-def _pipeline(cfg: AugmentConfig, with_mask: bool):
+def _pipeline(cfg: AugmentConfig, with_boxes: bool):
     import kornia.augmentation as K
-    from kornia.constants import DataKey, Resample
 
     steps = []
     if cfg.hflip > 0:
@@ -41,24 +40,29 @@ def _pipeline(cfg: AugmentConfig, with_mask: bool):
         steps.append(K.ColorJitter(contrast=cfg.contrast, order=[1], p=1.0))
     if cfg.brightness > 0:
         steps.append(K.RandomBrightness(brightness=(1 - cfg.brightness, 1 + cfg.brightness), p=1.0))
-    if not with_mask:
-        return K.AugmentationSequential(*steps, data_keys=["input"])
-    # Bilinear, not kornia's default nearest, for the mask: it is a float map whose cells count
-    # as fracture above 0.5 after pooling (losses.localization_loss), so edges stay where the image's are.
-    return K.AugmentationSequential(*steps, data_keys=["input", "mask"],
-                                    extra_args={DataKey.MASK: {"resample": Resample.BILINEAR, "align_corners": False}})
+    return K.AugmentationSequential(*steps, data_keys=["input", "bbox_xyxy"] if with_boxes else ["input"])
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None,
-                  mask: torch.Tensor | None = None):
+                  boxes: torch.Tensor | None = None, valid: torch.Tensor | None = None):
     """x: (B,1,H,W) float in [0,1] -> augmented batch, same shape, clamped to [0,1].
 
-    With ``mask`` (B,1,H,W) float, returns (x, mask): the mask gets the same geometric warp (no
-    intensity changes), so fracture boxes stay on the fracture. Random parameters come from the
-    global torch RNG (seeded by training's ``--seed``), or from ``generator`` (a CPU generator) when given.
+    With ``boxes`` (B,M,4) xyxy tile pixels (padded; ``valid`` (B,M) bool says which are real), returns
+    (x, boxes, valid): the boxes get the same flip and warp as their image, clipped to the tile; a box
+    pushed out of the tile (under 2 px on a side after clipping) becomes invalid. Random parameters
+    come from the global torch RNG (seeded by training's ``--seed``), or from ``generator`` (a CPU
+    generator) when given.
     """
-    pipeline = _pipeline(cfg, mask is not None)
-    inputs = (x,) if mask is None else (x, mask.to(x.dtype))
+    pipeline = _pipeline(cfg, boxes is not None)
+    if boxes is not None:
+        # kornia treats xyxy as inclusive pixel corners (width = x1 - x0 + 1); ours are exclusive edges.
+        # Padding rows get a harmless 2-px box: kornia refuses zero-size boxes.
+        pad = torch.tensor([0.0, 0.0, 2.0, 2.0], device=boxes.device, dtype=x.dtype)
+        b = torch.where(valid[..., None], boxes.to(x.dtype), pad)
+        b = b - torch.tensor([0.0, 0.0, 1.0, 1.0], device=b.device, dtype=b.dtype)
+        inputs = (x, b)
+    else:
+        inputs = (x,)
     if generator is None:
         out = pipeline(*inputs)
     else:
@@ -67,6 +71,10 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generat
             torch.set_rng_state(generator.get_state())
             out = pipeline(*inputs)
             generator.set_state(torch.get_rng_state())
-    if mask is None:
+    if boxes is None:
         return out.clamp(0, 1)
-    return out[0].clamp(0, 1), out[1]
+    h, w = x.shape[-2:]
+    b = out[1] + torch.tensor([0.0, 0.0, 1.0, 1.0], device=out[1].device, dtype=out[1].dtype)
+    b = torch.stack([b[..., 0].clamp(0, w), b[..., 1].clamp(0, h), b[..., 2].clamp(0, w), b[..., 3].clamp(0, h)], -1)
+    valid = valid & ((b[..., 2] - b[..., 0]) >= 2) & ((b[..., 3] - b[..., 1]) >= 2)
+    return out[0].clamp(0, 1), b, valid

@@ -58,6 +58,8 @@ class TrainConfig:
     class_weights: str = "per_body_part"
     body_part_weight: float = 1.0
     localization_weight: float = 0.0
+    box_weight: float = 0.0
+    box_threshold: float = 0.3
     ema_decay: float = 0.0
     select: str = "best"
     monitor: str = "valid_auroc"
@@ -141,6 +143,10 @@ class TrainConfig:
             raise BonexrayError("--image-size must be at least 32")
         if not 0 < self.valid_frac < 1 or not 0 <= self.test_frac < 1 or self.valid_frac + self.test_frac >= 1:
             raise BonexrayError("--valid-frac and --test-frac must be fractions summing to less than 1")
+        if not self.box_weight >= 0 or not self.localization_weight >= 0:  # `not >=` also catches NaN
+            raise BonexrayError("--box-weight and --localization-weight must be >= 0")
+        if not 0 < self.box_threshold < 1:
+            raise BonexrayError(f"--box-threshold must be in (0, 1) (got {self.box_threshold})")
         if not 0 <= self.ema_decay < 1:
             raise BonexrayError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
         if self.fit_on == "train+valid" and self.select != "last":

@@ -17,12 +17,17 @@ from ..errors import DatasetError
 from .losses import abnormal_class_weights
 
 
+#: Fracture boxes per training image are padded to this many (FracAtlas images have at most a few).
+MAX_BOXES = 16
+
+
 class CacheDataset(Dataset):
     """Rows of a cache. Items: (uint8 tensor (1,S,S), abnormal int, body-part index).
 
     With ``boxes`` (per item: an (n, 4) array of [x0, y0, x1, y1] in tile pixels, or None) items gain
-    a uint8 (1,S,S) fracture mask and whether that mask is known (``localized``), for the
-    auxiliary localisation loss.
+    the boxes padded to ``MAX_BOXES`` rows (float32 (M, 4)), which rows are real (bool (M,)), and whether
+    the image's fracture boxes are known (``localized``: annotated fractures, and images without a
+    fracture), for the box and fracture-map losses.
     """
 
     def __init__(self, cache_root: str, size: int, n: int, rows: Sequence[int], abnormal: Sequence[int], parts: Sequence[int],
@@ -45,12 +50,13 @@ class CacheDataset(Dataset):
         img = torch.from_numpy(np.array(self._images[self.rows[i]]))[None]
         if self.boxes is None:
             return img, int(self.abnormal[i]), int(self.parts[i])
-        mask = torch.zeros((1, self.size, self.size), dtype=torch.uint8)
-        for x0, y0, x1, y1 in (self.boxes[i] if self.boxes[i] is not None else ()):
-            # At least one pixel, so a tiny box never vanishes.
-            c0, r0 = int(np.floor(x0)), int(np.floor(y0))
-            mask[0, r0:max(r0 + 1, int(np.ceil(y1))), c0:max(c0 + 1, int(np.ceil(x1)))] = 1
-        return img, int(self.abnormal[i]), int(self.parts[i]), mask, bool(self.localized[i])
+        boxes = torch.zeros((MAX_BOXES, 4), dtype=torch.float32)
+        valid = torch.zeros(MAX_BOXES, dtype=torch.bool)
+        own = self.boxes[i] if self.boxes[i] is not None else np.zeros((0, 4), np.float32)
+        own = own[(own[:, 2] > own[:, 0]) & (own[:, 3] > own[:, 1])][:MAX_BOXES]
+        boxes[: len(own)] = torch.from_numpy(np.asarray(own, dtype=np.float32))
+        valid[: len(own)] = True
+        return img, int(self.abnormal[i]), int(self.parts[i]), boxes, valid, bool(self.localized[i])
 
     def __getstate__(self):
         state = dict(self.__dict__)

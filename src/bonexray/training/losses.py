@@ -42,6 +42,20 @@ def multitask_loss(
     return loss_abn + body_part_weight * loss_part, loss_abn, loss_part
 
 
+def boxes_to_mask(boxes: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
+    """Padded boxes (B, M, 4) xyxy tile pixels -> (B, 1, size, size) float mask, 1 inside any real box.
+    A box covers at least one pixel, so a tiny box never vanishes."""
+    idx = torch.arange(size, device=boxes.device, dtype=torch.float32)
+    b = boxes.float()
+    # Pixel i is covered when floor(x0) <= i < max(floor(x0) + 1, ceil(x1)): the data loader's old rule.
+    c0, r0 = b[..., 0].floor(), b[..., 1].floor()
+    c1, r1 = torch.maximum(c0 + 1, b[..., 2].ceil()), torch.maximum(r0 + 1, b[..., 3].ceil())
+    in_x = (idx >= c0[..., None]) & (idx < c1[..., None])  # (B, M, S)
+    in_y = (idx >= r0[..., None]) & (idx < r1[..., None])
+    cover = (in_y[..., :, None] & in_x[..., None, :] & valid[..., None, None]).any(dim=1)  # (B, S, S)
+    return cover[:, None].float()
+
+
 def localization_loss(map_logits: torch.Tensor, mask: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     """Auxiliary fracture-localisation loss on the backbone's feature grid.
 

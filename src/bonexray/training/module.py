@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import lightning as L
 import numpy as np
@@ -13,7 +14,8 @@ from .. import __version__
 from ..model.checkpoint import stamp_weights_sha256
 from ..model.network import BoneXrayNet
 from .augment import AugmentConfig, augment_batch
-from .losses import localization_loss, multitask_loss
+from ..model.detection import BoxSettings, box_loss, decode_boxes
+from .losses import boxes_to_mask, localization_loss, multitask_loss
 
 
 #: Augmentation presets (``--augment``); "flip-rotate" is the plain fine-tune baseline's.
@@ -39,6 +41,8 @@ class BoneXrayModule(L.LightningModule):
         warmup_epochs: float = 1.0,
         body_part_weight: float = 1.0,
         localization_weight: float = 0.0,
+        box_weight: float = 0.0,
+        box_threshold: float = 0.3,
         threshold_method: str = "youden",
         target_sensitivity: float = 0.9,
         augment: str | None = "standard",
@@ -49,11 +53,17 @@ class BoneXrayModule(L.LightningModule):
         self.save_hyperparameters()
         # With a localisation loss the net also gets its fracture-map head (trained here, used by heatmaps).
         self.net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=pretrained, weights=weights,
-                               dropout=dropout, localization_head=localization_weight > 0)
+                               dropout=dropout, localization_head=localization_weight > 0,
+                               box_head=box_weight > 0)
         # Usually None here: the DataModule computes them from the training split in setup() (see setup below).
         # A plain attribute, not a buffer: weight averaging (EMA) copies the module before setup() runs.
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         self.threshold = 0.5
+        # Operating point of the box head: chosen on valid (max F1 of boxes at IoU 0.5) when there is a
+        # valid split, else the stated default (model card ``boxes.threshold_source``).
+        self.box_threshold = float(box_threshold)
+        self.box_threshold_source = "default (no held-out images to choose it on)"
+        self.val_boxes: list = []
         self.aug_cfg = AUGMENT_PRESETS[augment] if augment else None
         # Gathered across DDP processes on compute(): AUROC and the threshold need every image.
         self.val_probs, self.val_labels = CatMetric(), CatMetric()
@@ -68,17 +78,17 @@ class BoneXrayModule(L.LightningModule):
 
     # -- data on device -------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        img, abnormal, part, *loc = batch  # loc: (mask, known) when the data carries fracture boxes
+        img, abnormal, part, *loc = batch  # loc: (boxes, valid, known) when the data carries fracture boxes
         x = img.float().div_(255.0)  # uint8 travels; conversion happens on the device
-        mask = loc[0].float() if loc else None
         if self.trainer.training and self.aug_cfg is not None:
-            if mask is None:
+            if not loc:
                 x = augment_batch(x, self.aug_cfg)
             else:
-                x, mask = augment_batch(x, self.aug_cfg, mask=mask)
+                x, boxes, valid = augment_batch(x, self.aug_cfg, boxes=loc[0], valid=loc[1])
+                loc = [boxes, valid, loc[2]]
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (x, abnormal, part) if mask is None else (x, abnormal, part, mask, loc[1].bool())
+        return (x, abnormal, part) if not loc else (x, abnormal, part, loc[0].float(), loc[1].bool(), loc[2].bool())
 
     def forward(self, x: torch.Tensor):
         return self.net(x)
@@ -86,25 +96,34 @@ class BoneXrayModule(L.LightningModule):
     def _step(self, batch, stage: str):
         x, abnormal, part, *loc = batch
         loc_head = self.net.localization_head
-        if loc_head is not None and loc:
-            feature_map = self.net.forward_features(x)
-            abn_logit, part_logits = self.net.forward_heads(feature_map)
-        else:
-            abn_logit, part_logits = self(x)
+        feature_map, abn_logit, part_logits, box_maps = self.net.forward_with_boxes(x)
         loss, loss_abn, loss_part = multitask_loss(abn_logit, part_logits, abnormal, part, self.class_weights.to(x.device),
                                                    self.hparams.body_part_weight)
+        bs = x.shape[0]
         if loc_head is not None and loc:
-            loss_loc = localization_loss(loc_head(feature_map), loc[0], loc[1])
-            self.log(f"{stage}_loss_localization", loss_loc, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+            mask = boxes_to_mask(loc[0], loc[1], x.shape[-1])
+            loss_loc = localization_loss(loc_head(feature_map), mask, loc[2])
+            self.log(f"{stage}_loss_localization", loss_loc, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             loss = loss + self.hparams.localization_weight * loss_loc
+        if box_maps is not None and loc:
+            loss_box = box_loss(*box_maps, loc[0], loc[1], loc[2])
+            self.log(f"{stage}_loss_boxes", loss_box, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            loss = loss + self.hparams.box_weight * loss_box
+            if stage == "valid":
+                found = decode_boxes(*(m.detach() for m in box_maps), self.box_settings(), threshold=0.05)
+                for i in range(bs):
+                    if bool(loc[2][i]):
+                        self.val_boxes.append((found[i].cpu(), loc[0][i][loc[1][i]].cpu()))
         prob = torch.sigmoid(abn_logit.float())
         acc_abn = ((prob >= (self.threshold if stage == "valid" else 0.5)).long() == abnormal).float().mean()
         acc_part = (part_logits.argmax(1) == part).float().mean()
-        bs = x.shape[0]
         self.log_dict({f"{stage}_loss": loss, f"{stage}_acc_abnormal": acc_abn, f"{stage}_acc_body_part": acc_part,
                        f"{stage}_loss_abnormal": loss_abn, f"{stage}_loss_body_part": loss_part},
                       on_step=False, on_epoch=True, batch_size=bs, sync_dist=True, prog_bar=False)
         return loss, prob, abnormal
+
+    def box_settings(self) -> BoxSettings:
+        return BoxSettings(threshold=self.box_threshold)
 
     def training_step(self, batch, batch_idx: int):
         loss, _, _ = self._step(batch, "train")
@@ -139,6 +158,13 @@ class BoneXrayModule(L.LightningModule):
                 self.threshold = float(choose_threshold(labels, probs, method=self.hparams.threshold_method,
                                                         target=self.hparams.target_sensitivity))
         self.log("threshold", float(self.threshold), prog_bar=False)
+        if self.val_boxes and not self.trainer.sanity_checking and self.trainer.world_size == 1:
+            from ..model.detection import choose_box_threshold
+
+            self.box_threshold = choose_box_threshold(self.val_boxes, default=self.box_threshold)
+            self.box_threshold_source = "valid split (highest F1 of boxes at IoU 0.5)"
+            self.log("box_threshold", float(self.box_threshold), prog_bar=False)
+        self.val_boxes = []
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -174,6 +200,8 @@ class BoneXrayModule(L.LightningModule):
             "version": __version__,
             # Which images it was trained, validated and tested on: evaluate checks it (docs/ARCHITECTURE.md).
             "split": self.hparams.split,
+            **({"boxes": {**asdict(self.box_settings()), "threshold_source": self.box_threshold_source}}
+               if self.net.box_head is not None else {}),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -183,3 +211,6 @@ class BoneXrayModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         card = checkpoint.get("bonexray") or {}
         self.threshold = float(card.get("threshold", 0.5))
+        if card.get("boxes"):
+            self.box_threshold = float(card["boxes"].get("threshold", self.box_threshold))
+            self.box_threshold_source = str(card["boxes"].get("threshold_source", self.box_threshold_source))

@@ -60,6 +60,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--localization-weight", type=float, default=None,
                    help="weight of the auxiliary fracture-localisation loss from the dataset's boxes "
                         f"(FracAtlas COCO annotations); 0 turns it off (default {D.localization_weight:g})")
+    o.add_argument("--box-weight", type=float, default=None,
+                   help="weight of the fracture-box loss (an FCOS-style head on stride-8 features, trained from the "
+                        "dataset's boxes; predictions then carry `boxes`); 0 = no box head "
+                        f"(default {D.box_weight:g})")
+    o.add_argument("--box-threshold", type=float, default=None,
+                   help="score at which a box is reported when no valid split is left to choose it on "
+                        f"(--fit-on train chooses it on valid) (default {D.box_threshold:g})")
     o.add_argument("--ema-decay", type=float, default=None,
                    help="keep an exponential moving average of the weights (validated and saved instead of the raw "
                         f"weights), e.g. 0.995; 0 = off (default {D.ema_decay:g})")

@@ -134,9 +134,9 @@ def run_training(cfg: TrainConfig) -> dict:
     records = limit_records(all_records, cfg.limit, cfg.split_seed)
     records = make_splits(records, cfg.valid_frac, cfg.test_frac, seed=cfg.split_seed)
     check_no_leak(records)
-    with_boxes = cfg.localization_weight > 0
+    with_boxes = cfg.localization_weight > 0 or cfg.box_weight > 0
     if with_boxes and not any(r.extras.get("boxes") for r in records if r.split == "train"):
-        raise DatasetError(f"{data}: --localization-weight needs fracture boxes in the training images "
+        raise DatasetError(f"{data}: --localization-weight and --box-weight need fracture boxes in the training images "
                            f"(FracAtlas ships them in Annotations/COCO JSON); this dataset has none")
 
     on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
@@ -155,7 +155,7 @@ def run_training(cfg: TrainConfig) -> dict:
         pretrained=None if cfg.pretrained == "none" else cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule,
         body_part_weight=cfg.body_part_weight, localization_weight=cfg.localization_weight,
-        threshold_method=cfg.threshold_method, target_sensitivity=cfg.target_sensitivity, augment=cfg.augment,
+        box_weight=cfg.box_weight, box_threshold=cfg.box_threshold, threshold_method=cfg.threshold_method, target_sensitivity=cfg.target_sensitivity, augment=cfg.augment,
         split=split_info(records, cfg),
     )
     if on_gpu:

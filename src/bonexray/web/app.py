@@ -181,16 +181,16 @@ class ModelService:
     def image_size(self) -> int:
         return int(self.predictor.card.image_size)
 
-    def run(self, batch: np.ndarray, heatmap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(probs (N,), body-part probs (N, K), heatmaps (N, S, S) or None); one caller at a time."""
+    def run(self, batch: np.ndarray, heatmap: bool):
+        """(BatchPrediction (probabilities, boxes in tile pixels), heatmaps (N, S, S) or None); one caller at a time."""
         from ..inference.cam import cam_for_batch
 
         with self._lock:
-            probs, parts = self.predictor.predict_arrays(batch)
+            pred = self.predictor.predict_batch(batch)
             maps = None
             if heatmap and self.cam_net is not None:
                 maps = cam_for_batch(self.cam_net, batch, method=self.heatmap_method)
-        return np.asarray(probs), np.asarray(parts), maps
+        return pred, maps
 
     def info(self, limits: UploadLimits) -> ModelInfo:
         card = self.predictor.card
@@ -224,12 +224,12 @@ def _pictures(gray: np.ndarray, heat: np.ndarray | None) -> tuple[str | None, st
 
 
 def _decode_all(uploads, size: int, max_pixels: int):
-    from ..data.preprocess import load_bytes_for_model
+    from ..data.preprocess import read_bytes_for_model
 
-    names, arrays, truncated, problems = [], [], [], []
+    names, arrays, truncated, geometry, problems = [], [], [], [], []
     for up in uploads:
         try:
-            arr, trunc = load_bytes_for_model(up.data, up.name, size, max_pixels=max_pixels)
+            m = read_bytes_for_model(up.data, up.name, size, max_pixels=max_pixels)
         except BonexrayError as err:
             problems.append(FileProblem(file=up.name, reason=getattr(err, "reason", str(err))))
             continue
@@ -237,9 +237,10 @@ def _decode_all(uploads, size: int, max_pixels: int):
             problems.append(FileProblem(file=up.name, reason=f"cannot decode ({type(err).__name__})"))
             continue
         names.append(up.name)
-        arrays.append(arr)
-        truncated.append(trunc)
-    return names, arrays, truncated, problems
+        arrays.append(m.tile)
+        truncated.append(m.truncated)
+        geometry.append(m.geometry)
+    return names, arrays, truncated, geometry, problems
 
 
 # --------------------------------------------------------------------------- the app
@@ -336,7 +337,7 @@ def create_app(
     async def predict(request: Request, heatmap: bool = Query(False, description="add base64 PNG heatmaps")):
         uploads = await read_uploads(request.headers.get("content-type"), request.headers.get("content-length"),
                                      request.stream(), limits)
-        names, arrays, truncated, problems = await anyio.to_thread.run_sync(
+        names, arrays, truncated, geometry, problems = await anyio.to_thread.run_sync(
             _decode_all, uploads, service.image_size, limits.max_pixels, limiter=decode_limiter)
         del uploads  # the bytes are not needed any more
         if problems:
@@ -345,18 +346,20 @@ def create_app(
                       else f"{len(problems)} files could not be read ({bad}); first: {first.file}: {first.reason}")
             return _error(422, detail, problems)
         batch = np.stack(arrays)
-        probs, parts, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
-        return await anyio.to_thread.run_sync(_response, service, names, batch, probs, parts, truncated, maps, heatmap)
+        pred, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
+        return await anyio.to_thread.run_sync(_response, service, names, batch, pred, truncated, geometry, maps, heatmap)
 
     return app
 
 
-def _response(service: ModelService, names, batch, probs, parts, truncated, maps, want_pictures: bool) -> dict[str, Any]:
-    from ..inference.predict import ImageResult, image_record, study_records
+def _response(service: ModelService, names, batch, pred, truncated, geometry, maps, want_pictures: bool) -> dict[str, Any]:
+    from ..inference.results import ImageResult, box_records, image_record, original_boxes, study_records
 
     pr = service.predictor
-    results = [ImageResult(name, float(p), np.asarray(bp), bool(t), STUDY_NAME)
-               for name, p, bp, t in zip(names, probs, parts, truncated)]
+    boxes = ([box_records(original_boxes(b, g)) for b, g in zip(pred.boxes, geometry)] if pred.boxes is not None
+             else [None] * len(names))
+    results = [ImageResult(name, float(p), np.asarray(bp), bool(t), STUDY_NAME, boxes=bx)
+               for name, p, bp, t, bx in zip(names, pred.prob, pred.parts, truncated, boxes)]
     images = [image_record(r, pr.body_parts, pr.threshold) for r in results]
     if want_pictures:
         for i, (rec, gray) in enumerate(zip(images, batch)):

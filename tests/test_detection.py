@@ -1,0 +1,140 @@
+"""The fracture-box head: FCOS targets, decoding, loss, augmentation with boxes, letterbox geometry."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bonexray.data.preprocess import Letterbox, letterbox, letterbox_boxes
+from bonexray.model.detection import (BOX_STRIDE, BoxSettings, box_loss, cell_centres, choose_box_threshold,
+                                      decode_boxes, fcos_targets)
+from bonexray.training.augment import AugmentConfig, augment_batch
+from bonexray.training.losses import boxes_to_mask
+
+
+def _perfect_maps(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int):
+    """Dense maps a perfect head would output for these boxes (logits +-10, exact distances)."""
+    positive, ltrb, ctr = fcos_targets(boxes, valid, h, w)
+    b = boxes.shape[0]
+    logits = torch.where(positive, 10.0, -10.0).reshape(b, 1, h, w)
+    ltrb_map = ltrb.transpose(1, 2).reshape(b, 4, h, w)
+    ctr_logit = torch.logit(ctr.clamp(1e-4, 1 - 1e-4)).reshape(b, 1, h, w)
+    return logits, ltrb_map, ctr_logit
+
+
+def test_targets_then_decoding_give_back_the_boxes():
+    boxes = torch.tensor([[[40.0, 48.0, 120.0, 100.0], [200.0, 180.0, 236.0, 260.0], [0, 0, 0, 0]],
+                          [[10.0, 10.0, 14.0, 13.0], [0, 0, 0, 0], [0, 0, 0, 0]]])  # image 1: a tiny box
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    maps = _perfect_maps(boxes, valid, 40, 40)
+    found = decode_boxes(*maps, BoxSettings(threshold=0.5))
+    assert len(found[0]) == 2 and len(found[1]) == 1
+    got = sorted(found[0][:, :4].tolist())
+    want = sorted(boxes[0, :2].tolist())
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    np.testing.assert_allclose(found[1][0, :4].tolist(), [10, 10, 14, 13], atol=1e-3)  # the nearest cell took it
+    assert (found[0][:-1, 4] >= found[0][1:, 4]).all()  # sorted by score
+
+
+def test_positives_are_inside_boxes_near_their_centres_and_ignore_padding():
+    boxes = torch.tensor([[[0.0, 0.0, 320.0, 320.0], [300, 300, 310, 310]]])
+    positive, _, ctr = fcos_targets(boxes, torch.tensor([[True, False]]), 40, 40)
+    centres = cell_centres(40, 40, BOX_STRIDE)
+    pos = centres[positive[0]]
+    # centre sampling: within 1.5 strides of the box centre (160, 160)
+    # the centre sits on a cell corner: the 4 x 4 cells within 12 px of it
+    assert len(pos) == 16 and ((pos - 160).abs() <= 1.5 * BOX_STRIDE).all()
+    assert ctr[0][positive[0]].min() > 0.85  # (148/172) at the corner cells
+
+
+def test_decoding_keeps_the_operating_point_nms_and_max_detections():
+    h = w = 10
+    logits = torch.full((1, 1, h, w), -10.0)
+    ltrb = torch.full((1, 4, h, w), 16.0)  # 32-px boxes: neighbours overlap by IoU 0.6
+    ctr = torch.full((1, 1, h, w), 10.0)
+    logits[0, 0, 2, 2], logits[0, 0, 2, 3] = 3.0, 2.0  # two overlapping boxes: NMS keeps the better
+    logits[0, 0, 7, 7] = 0.0  # p = 0.5 -> score ~ 0.707
+    found = decode_boxes(logits, ltrb, ctr, BoxSettings(threshold=0.5, nms_iou=0.5))[0]
+    assert len(found) == 2
+    assert math.isclose(float(found[0, 4]), math.sqrt(torch.sigmoid(torch.tensor(3.0)).item() * torch.sigmoid(torch.tensor(10.0)).item()), rel_tol=1e-5)
+    assert len(decode_boxes(logits, ltrb, ctr, BoxSettings(threshold=0.72))[0]) == 1
+    assert len(decode_boxes(logits, ltrb, ctr, BoxSettings(threshold=0.1, nms_iou=0.99, max_detections=1))[0]) == 1
+    nan = logits.clone()
+    nan[0, 0, 2, 2] = float("nan")
+    assert all(torch.isfinite(b).all() for b in decode_boxes(nan, ltrb, ctr, BoxSettings(threshold=0.5)))
+
+
+def test_box_loss_prefers_the_right_maps_and_skips_unknown_images():
+    boxes = torch.tensor([[[40.0, 48.0, 120.0, 100.0]], [[0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True], [False]])
+    known = torch.tensor([True, True])
+    good = _perfect_maps(boxes, valid, 40, 40)
+    bad = (torch.zeros_like(good[0]), torch.full_like(good[1], 8.0), torch.zeros_like(good[2]))
+    assert box_loss(*good, boxes, valid, known) < 0.5 * box_loss(*bad, boxes, valid, known)
+    assert float(box_loss(*bad, boxes, valid, torch.tensor([False, False]))) == 0.0
+    # An unknown image (fractured, not annotated) does not count, whatever the head says on it.
+    noisy = tuple(torch.cat([m[:1], torch.randn_like(m[1:]) * 5], 0) for m in bad)
+    unknown_second = torch.tensor([True, False])
+    torch.testing.assert_close(box_loss(*noisy, boxes, valid, unknown_second), box_loss(*bad, boxes, valid, unknown_second))
+
+
+def test_augmented_boxes_follow_the_image():
+    # A bright square per image; after flip + warp its box must still enclose the bright pixels.
+    s, b = 96, 4
+    x = torch.zeros(b, 1, s, s)
+    boxes = torch.zeros(b, 2, 4)
+    for i in range(b):
+        r, c = 20 + 8 * i, 30 + 5 * i
+        x[i, :, r:r + 16, c:c + 12] = 1.0
+        boxes[i, 0] = torch.tensor([c, r, c + 12, r + 16], dtype=torch.float32)
+    valid = torch.tensor([[True, False]] * b)
+    cfg = AugmentConfig(contrast=0.0, brightness=0.0, gamma=0.0)
+    out, moved, ok = augment_batch(x, cfg, generator=torch.Generator().manual_seed(5), boxes=boxes, valid=valid)
+    assert ok[:, 0].all() and not ok[:, 1].any()
+    for i in range(b):
+        ys, xs = torch.nonzero(out[i, 0] > 0.5, as_tuple=True)
+        x0, y0, x1, y1 = moved[i, 0].tolist()
+        assert xs.min() >= x0 - 1.5 and xs.max() + 1 <= x1 + 1.5 and ys.min() >= y0 - 1.5 and ys.max() + 1 <= y1 + 1.5
+        inside = ((xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0) & (ys + 0.5 <= y1)).float().mean()
+        assert inside > 0.95
+
+
+def test_horizontal_flip_moves_boxes_exactly():
+    cfg = AugmentConfig(hflip=1.0, max_rotation_deg=0.0, scale=(1.0, 1.0), translate=0.0, contrast=0.0, brightness=0.0, gamma=0.0)
+    x = torch.rand(1, 1, 64, 64)
+    boxes = torch.tensor([[[10.0, 20.0, 30.0, 40.0]]])
+    out, moved, ok = augment_batch(x, cfg, boxes=boxes, valid=torch.tensor([[True]]))
+    torch.testing.assert_close(out, x.flip(-1))
+    torch.testing.assert_close(moved, torch.tensor([[[34.0, 20.0, 54.0, 40.0]]]))
+
+
+def test_boxes_to_mask_covers_each_box_and_at_least_one_pixel():
+    boxes = torch.tensor([[[2.0, 3.0, 6.0, 5.0], [10.2, 10.2, 10.4, 10.4]]])
+    mask = boxes_to_mask(boxes, torch.tensor([[True, True]]), 16)
+    assert mask[0, 0, 3:5, 2:6].all() and mask[0, 0, 10, 10] == 1
+    assert mask.sum() == 4 * 2 + 1
+
+
+def test_choose_box_threshold_maximises_f1():
+    truth = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    pairs = [(torch.tensor([[0.0, 0.0, 10.0, 10.0, 0.9], [50, 50, 60, 60, 0.8]]), truth),
+             (torch.tensor([[20.0, 20.0, 30.0, 30.0, 0.85]]), torch.zeros((0, 4)))]
+    assert choose_box_threshold(pairs, default=0.3) == pytest.approx(0.9)
+    assert choose_box_threshold([], default=0.3) == 0.3
+
+
+@pytest.mark.parametrize("w,h,full", [(400, 200, None), (200, 400, None), (200, 100, (800, 400)), (333, 517, None)])
+def test_letterbox_geometry_round_trips_and_matches_the_pixels(w, h, full):
+    size = 128
+    geo = Letterbox(size, w, h, full)
+    ow, oh = geo.original_size
+    boxes = np.array([[0.1 * ow, 0.2 * oh, 0.6 * ow, 0.9 * oh]])
+    np.testing.assert_allclose(geo.to_original(geo.to_tile(boxes)), boxes, rtol=1e-4)
+    # the content rectangle is where letterbox() puts the pixels
+    tile = letterbox(np.full((h, w), 200, np.uint8), size)
+    left, top, nw, nh = geo.content
+    assert (tile[top:top + nh, left:left + nw] == 200).all() and tile.sum() == 200 * nw * nh
+    if full is None:
+        np.testing.assert_allclose(letterbox_boxes([[0.1 * w, 0.2 * h, 0.5 * w, 0.7 * h]], (w, h), size), geo.to_tile(boxes), rtol=1e-5)
