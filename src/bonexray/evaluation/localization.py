@@ -402,15 +402,17 @@ def plot_froc(froc_curve: Mapping[str, Any], path: str | os.PathLike,
     ys = np.r_[se, se[-1]]
     fig, ax = plt.subplots(figsize=(5.8, 4.6))
     ax.step(xs[:-1], ys[:-1], where="post", lw=2, color="C0", label="FROC")
-    ax.plot(xs[-2:], ys[-2:], ":", lw=2, color="C0", label="beyond the last detection")
-    for f in FROC_FP_RATES:
+    if fp[-1] < hi_x:
+        ax.plot(xs[-2:], ys[-2:], ":", lw=2, color="C0", label="beyond the last detection")
+    for n, f in enumerate(FROC_FP_RATES):
+        label = "at 0.5, 1, 2 FP/image" + (" (95% CI)" if ci else "") if n == 0 else None
         s = float(_best_sensitivity(fp[None], se[None], f)[0])
         band = (ci or {}).get(_rate_key(f))
         if band and band[0] is not None and band[1] is not None:
             ax.errorbar([f], [s], yerr=[[s - band[0]], [band[1] - s]], fmt="o", color="C3",
-                        capsize=4, zorder=3)
+                        capsize=4, zorder=3, label=label)
         else:
-            ax.plot([f], [s], "o", color="C3", zorder=3)
+            ax.plot([f], [s], "o", color="C3", zorder=3, label=label)
         ax.annotate(f"{s:.2f}", (f, s), textcoords="offset points", xytext=(6, -14), fontsize=9)
     ax.set_xscale("log", base=2)
     ax.set_xlim(lo_x, hi_x)
@@ -423,7 +425,7 @@ def plot_froc(froc_curve: Mapping[str, Any], path: str | os.PathLike,
     ax.set_title(f"FROC: {froc_curve.get('n_images')} images, "
                  f"{froc_curve.get('n_boxes')} fracture boxes")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
