@@ -23,17 +23,19 @@ Conventions:
   image that no earlier detection hit (it hits the one of those it overlaps most); a detection whose
   only IoU >= 0.5 matches are already-hit boxes is neither TP nor FP; every other detection, and
   every detection on a normal image, is a false positive. Sensitivity = hit boxes / all fracture
-  boxes; FP/image = false positives / all evaluated images (normal ones included). Unlike the
-  DeepLesion script, a detection hits at most one box (it marks every overlapped box). Each
-  operating point is a score threshold (ties enter together). ``froc_sensitivity[f]`` is the **best
+  boxes; FP/image = false positives / all evaluated images (normal ones included). Each operating
+  point is a score threshold (ties enter together). ``froc_sensitivity[f]`` is the **best
   sensitivity among operating points with at most f FP/image** (no interpolation: a point a threshold
-  can reach); past the last detection it stays at the final sensitivity.
+  can reach); past the last detection it stays at the final sensitivity. Two differences from the
+  DeepLesion script (rsummers11/CADLab, MULAN ``detection_eval.py``): there a detection marks every
+  box it overlaps at IoU >= 0.5 (here one box, as in COCO), and sensitivity at f is interpolated
+  linearly between detections.
 * **Pointing**: on images with fracture boxes, is the centre of the top-scoring box inside a
   fracture box (edges included)? An image without a predicted box is a miss.
 * Undefined values (no fracture boxes, no images) are ``None``, never NaN. CIs are 95% percentile
   bootstrap intervals over groups; a resample where a value is undefined is skipped for that value.
-  AP is recomputed by torchmetrics for every resample, which is slow (about 0.2 s per resample for
-  500 images on one CPU core), so AP uses ``n_bootstrap_ap`` resamples (the first ones of the same
+  AP is recomputed by torchmetrics for every resample, which is slow (0.2-0.3 s per resample for
+  523 images with 10 boxes each on one CPU core), so AP uses ``n_bootstrap_ap`` resamples (the first ones of the same
   draws); ``ci95_resamples`` says how many each CI used.
 """
 from __future__ import annotations
