@@ -7,7 +7,8 @@ at model resolution on exactly what predict sees (``read_image`` + ``letterbox``
 ``load_for_model``). Its peak is searched inside the image content only, never in the letterbox
 padding, and it is a hit when the peak pixel's centre lies inside any fracture box (grown by
 ``--tolerance`` original pixels on each side) mapped into the model tile by ``letterbox_boxes``, the
-mapping training uses for the same boxes. Reported with a 95% percentile-bootstrap CI over images, next
+mapping training uses for the same boxes (the hit test is ``bonexray.evaluation.localization.pointing_hits``,
+the one ``bonexray evaluate`` uses for box centres). Reported with a 95% percentile-bootstrap CI over images, next
 to baselines from the same images:
 
 * ``random point``: one uniform point inside each image (seeded), and ``random (expected)``: its
@@ -34,6 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+from bonexray.evaluation.localization import pointing_hits  # noqa: E402  (the package's one hit test)
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "FracAtlas"
 COCO_REL = Path("Annotations") / "COCO JSON"
 
@@ -74,13 +77,15 @@ def peak_of(cam: np.ndarray, content: np.ndarray) -> tuple[int, int]:
 
 
 def pixel_in_boxes(row: int, col: int, tboxes: np.ndarray) -> bool:
-    """Is the centre of tile pixel (row, col) inside any of the tile boxes?"""
-    x, y = col + 0.5, row + 0.5
-    return bool(((tboxes[:, 0] <= x) & (x <= tboxes[:, 2]) & (tboxes[:, 1] <= y) & (y <= tboxes[:, 3])).any())
+    """Is the centre of tile pixel (row, col) inside any of the tile boxes (xyxy)?"""
+    return bool(pointing_hits([[col + 0.5, row + 0.5]], [tboxes])[0])
 
 
 def inside_any(x: float, y: float, boxes: list[list[float]], tol: float) -> bool:
-    return any(bx - tol <= x <= bx + bw + tol and by - tol <= y <= by + bh + tol for bx, by, bw, bh in boxes)
+    """Is (x, y) inside any of the [x, y, w, h] boxes, grown by ``tol`` on each side?"""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    grown = np.c_[b[:, :2] - tol, b[:, :2] + b[:, 2:] + tol]
+    return bool(pointing_hits([[x, y]], [grown])[0])
 
 
 def covered_fraction(boxes: list[list[float]], w: int, h: int, tol: float) -> float:
