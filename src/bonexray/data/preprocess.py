@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError
-from .imageio import read_image, read_image_bytes, to_uint8
+from .imageio import DecodedImage, read_image, read_image_bytes, to_uint8
 from .records import RECORD_COLUMNS, Record, RecordSet
 
 #: Bump when decoding/resizing changes, so old caches are rebuilt instead of silently reused.
@@ -76,8 +76,16 @@ def load_for_model(path: str | os.PathLike, size: int) -> tuple[np.ndarray, bool
 
 def load_bytes_for_model(data: bytes, name: str, size: int, max_pixels: int = 120_000_000) -> tuple[np.ndarray, bool]:
     """:func:`load_for_model` for a file held in memory (serve's uploads); ``name`` labels errors."""
+    decoded, tile = decode_bytes_for_model(data, name, size, max_pixels=max_pixels)
+    return tile, decoded.truncated
+
+
+def decode_bytes_for_model(data: bytes, name: str, size: int,
+                           max_pixels: int = 120_000_000) -> tuple[DecodedImage, np.ndarray]:
+    """(the decoded image, its uint8 size x size tile): :func:`load_bytes_for_model` keeping the
+    decoded image too, for front ends that draw on it (``pacs``' secondary captures)."""
     decoded = read_image_bytes(data, name, draft_size=size, max_pixels=max_pixels)
-    return letterbox(decoded.pixels, size), decoded.truncated
+    return decoded, letterbox(decoded.pixels, size)
 
 
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:

@@ -352,15 +352,13 @@ def create_app(
 
 
 def _response(service: ModelService, names, batch, probs, parts, truncated, maps, want_pictures: bool) -> dict[str, Any]:
-    from ..inference.predict import ImageResult, image_record, study_records
+    from ..inference.results import records_from_outputs
 
     pr = service.predictor
-    results = [ImageResult(name, float(p), np.asarray(bp), bool(t), STUDY_NAME)
-               for name, p, bp, t in zip(names, probs, parts, truncated)]
-    images = [image_record(r, pr.body_parts, pr.threshold) for r in results]
+    images, study = records_from_outputs(names, probs, parts, truncated, STUDY_NAME, pr.body_parts, pr.threshold)
     if want_pictures:
         for i, (rec, gray) in enumerate(zip(images, batch)):
             rec["heatmap_png"], rec["image_png"] = _pictures(gray, None if maps is None else maps[i])
-    return {"images": images, "study": study_records(results, pr.body_parts, pr.threshold)[0],
+    return {"images": images, "study": study,
             "threshold": pr.threshold,
             "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}
