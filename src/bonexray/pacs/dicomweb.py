@@ -155,7 +155,7 @@ def _analyze_study(server: PacsServer, predictor, identity: ModelIdentity, study
             ok, missing = False, missing + 1
             continue
         instances.append(Instance(sop, ds))
-    if missing and missing == len(sources) and server.instances(study) is None:
+    if missing and missing == len(sources) and not server.instances(study):
         _line(err, f"study {study}: removed from the server while it was read; nothing stored")
         return False
     analysis = analyse_study(predictor, study, instances)
