@@ -456,3 +456,27 @@ def test_listen_analyses_a_pushed_study_and_stores_results_in_orthanc(orthanc, p
     assert refs == {d.SOPInstanceUID for d in pushed[:2]}
     assert sr.PatientID == "PID-23" and sr.StudyInstanceUID == study
 
+
+
+@pytest.mark.slow
+def test_listen_command_stops_cleanly_on_sigterm(pacs_model, tmp_path):
+    """`bonexray pacs listen` as a service: it says where it listens, and SIGTERM ends it with status 0."""
+    import os
+    import signal
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "bonexray.cli", "pacs", "listen", "--model", str(pacs_model),
+                             "--port", str(port), "--dest", "ORTHANC@127.0.0.1:1", "--backend", "torch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        assert f"listening on 127.0.0.1:{port}" in first, first
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest
+    assert "stopping (SIGTERM)" in rest and "Traceback" not in rest

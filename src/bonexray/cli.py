@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=cmd_pacs)
     li = pas.add_parser("listen", help="DICOM storage SCP: analyse each study pushed to it, C-STORE the results on",
                         description="Receive instances by C-STORE, analyse a study once no instance of it has "
-                                    "arrived for --quiet-seconds, send its results by C-STORE to --dest. Ctrl-C stops.")
+                                    "arrived for --quiet-seconds, send its results by C-STORE to --dest. Ctrl-C or SIGTERM stops.")
     li.add_argument("--model", required=True, help="checkpoint (.ckpt) or exported model (.onnx)")
     li.add_argument("--port", type=int, required=True, help="port to listen on")
     li.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

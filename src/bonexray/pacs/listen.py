@@ -117,12 +117,22 @@ class Listener:
             self._worker.join(timeout=60)
 
     def run_forever(self) -> int:
+        """Serve until Ctrl-C or SIGTERM (a service manager's stop); a study being analysed is finished first."""
+        import signal
+
+        def request_stop(signum, frame) -> None:
+            self._line(self.out, f"stopping ({signal.Signals(signum).name})")
+            self._stop.set()
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.start()
         try:
             while not self._stop.wait(0.5):
                 pass
         finally:
             self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return 0
 
     # ------------------------------------------------------------------ analysing
