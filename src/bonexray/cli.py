@@ -105,6 +105,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pacs(args: argparse.Namespace) -> int:
+    import os
+
+    if args.pacs_command == "analyze":
+        from .pacs.dicomweb import run_analyze
+
+        return run_analyze(args.model, args.url, studies=args.study, date=args.date, modality=args.modality,
+                           user=args.user, password=args.password or os.environ.get("BONEXRAY_PACS_PASSWORD"),
+                           device=args.device, backend=args.backend, dry_run=args.dry_run)
+    from .pacs.listen import run_listen
+
+    return run_listen(args.model, port=args.port, dest=args.dest, host=args.host, ae_title=args.ae_title,
+                      quiet_seconds=args.quiet_seconds, device=args.device, backend=args.backend)
+
+
 BACKEND_HELP = ("engine for a checkpoint: 'auto' (default) runs it through onnxruntime on CPU (exported once, "
                 "cached beside the checkpoint as NAME.<sha256>.onnx) and through PyTorch on a GPU; 'torch' or 'onnx' "
                 "choose explicitly. --cam always uses the PyTorch network")
@@ -205,6 +220,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="pixels of one image, checked before decoding (default 40,000,000)")
     s.set_defaults(func=cmd_serve)
+
+    pa = sub.add_parser("pacs", help="analyse studies on a PACS (DICOMweb or DICOM C-STORE); results back as DICOM SR "
+                                     "and secondary captures",
+                        description="Results go back into the same study as a Comprehensive SR (TID 1500) and one "
+                                    "secondary capture per image, in new series, NOT FOR DIAGNOSTIC USE.")
+    pas = pa.add_subparsers(dest="pacs_command", metavar="PACS_COMMAND", required=True)
+    an = pas.add_parser("analyze", help="query (QIDO-RS), retrieve (WADO-RS), predict, store (STOW-RS)",
+                        description="Analyse studies on a DICOMweb server and store the results in each study. "
+                                    "A study that already holds this model's results for the same images is left "
+                                    "alone (nothing stored twice).")
+    an.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    an.add_argument("--model", required=True, help="checkpoint (.ckpt) or exported model (.onnx)")
+    an.add_argument("--study", action="append", default=[], metavar="UID", help="Study Instance UID (repeatable)")
+    an.add_argument("--date", default=None, metavar="YYYYMMDD[-YYYYMMDD]", help="every study of this date or range")
+    an.add_argument("--modality", default=None, help="every study with this modality, e.g. CR or DX")
+    an.add_argument("--user", default=None, help="HTTP basic-auth user")
+    an.add_argument("--password", default=None, help="its password (default: $BONEXRAY_PACS_PASSWORD)")
+    an.add_argument("--dry-run", action="store_true", help="analyse and build the results, store nothing")
+    an.add_argument("--device", default="auto")
+    an.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
+    an.set_defaults(func=cmd_pacs)
+    li = pas.add_parser("listen", help="DICOM storage SCP: analyse each study pushed to it, C-STORE the results on",
+                        description="Receive instances by C-STORE, analyse a study once no instance of it has "
+                                    "arrived for --quiet-seconds, send its results by C-STORE to --dest. Ctrl-C or SIGTERM stops.")
+    li.add_argument("--model", required=True, help="checkpoint (.ckpt) or exported model (.onnx)")
+    li.add_argument("--port", type=int, required=True, help="port to listen on")
+    li.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    li.add_argument("--ae-title", default="BONEXRAY", help="this listener's AE title (default BONEXRAY)")
+    li.add_argument("--dest", required=True, metavar="AET@HOST:PORT", help="where results are sent, e.g. ORTHANC@127.0.0.1:4242")
+    li.add_argument("--quiet-seconds", type=float, default=5.0,
+                    help="a study is complete when nothing of it arrived for this long (default 5)")
+    li.add_argument("--device", default="auto")
+    li.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
+    li.set_defaults(func=cmd_pacs)
     return p
 
 

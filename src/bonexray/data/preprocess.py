@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError
-from .imageio import read_image, read_image_bytes, to_uint8
+from .imageio import DecodedImage, read_image, read_image_bytes, to_uint8
 from .records import RECORD_COLUMNS, Record, RecordSet
 
 #: Bump when decoding/resizing changes, so old caches are rebuilt instead of silently reused.
@@ -88,6 +88,8 @@ class ModelInput:
     tile: np.ndarray
     truncated: bool
     geometry: Letterbox
+    #: The decoded image the tile was made from (front ends that draw on it: pacs' secondary captures).
+    decoded: DecodedImage | None = None
 
 
 def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
@@ -113,7 +115,8 @@ def letterbox_boxes(boxes_xywh, image_wh: tuple[int, int], size: int) -> np.ndar
 
 def _model_input(decoded, size: int) -> ModelInput:
     h, w = decoded.pixels.shape[:2]
-    return ModelInput(letterbox(decoded.pixels, size), decoded.truncated, Letterbox(size, int(w), int(h), decoded.original_size))
+    return ModelInput(letterbox(decoded.pixels, size), decoded.truncated, Letterbox(size, int(w), int(h), decoded.original_size),
+                      decoded)
 
 
 def read_for_model(path: str | os.PathLike, size: int) -> ModelInput:

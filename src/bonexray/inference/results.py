@@ -86,3 +86,22 @@ def study_records(results: Iterable[ImageResult], body_parts: Sequence[str], thr
         rec.update({f"prob_{b}": _r(p) for b, p in zip(body_parts, mean_bp)})
         out.append(rec)
     return out
+
+
+def records_from_outputs(names: Sequence[str], probs, body_part_probs, truncated: Sequence[bool], study: str,
+                         body_parts: Sequence[str], threshold: float,
+                         boxes: Sequence[list[dict[str, float]] | None] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(image records, study record) for images predicted together in memory as one study.
+
+    The in-memory front ends (``serve``'s uploads, ``pacs`` studies) use this so their records are
+    the ones ``predict --study`` writes for the same images. ``boxes``: per image its ``boxes`` field
+    (:func:`box_records` of boxes in original pixels), or None for a model without a box head.
+    Needs at least one image.
+    """
+    boxes = list(boxes) if boxes is not None else [None] * len(names)
+    results = [ImageResult(str(n), float(p), np.asarray(bp), bool(t), study, boxes=bx)
+               for n, p, bp, t, bx in zip(names, probs, body_part_probs, truncated, boxes)]
+    if not results:
+        raise ValueError("records_from_outputs needs at least one image")
+    images = [image_record(r, body_parts, threshold) for r in results]
+    return images, study_records(results, body_parts, threshold)[0]

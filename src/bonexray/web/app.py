@@ -353,17 +353,16 @@ def create_app(
 
 
 def _response(service: ModelService, names, batch, pred, truncated, geometry, maps, want_pictures: bool) -> dict[str, Any]:
-    from ..inference.results import ImageResult, box_records, image_record, original_boxes, study_records
+    from ..inference.results import box_records, original_boxes, records_from_outputs
 
     pr = service.predictor
     boxes = ([box_records(original_boxes(b, g)) for b, g in zip(pred.boxes, geometry)] if pred.boxes is not None
-             else [None] * len(names))
-    results = [ImageResult(name, float(p), np.asarray(bp), bool(t), STUDY_NAME, boxes=bx)
-               for name, p, bp, t, bx in zip(names, pred.prob, pred.parts, truncated, boxes)]
-    images = [image_record(r, pr.body_parts, pr.threshold) for r in results]
+             else None)
+    images, study = records_from_outputs(names, pred.prob, pred.parts, truncated, STUDY_NAME, pr.body_parts, pr.threshold,
+                                         boxes=boxes)
     if want_pictures:
         for i, (rec, gray) in enumerate(zip(images, batch)):
             rec["heatmap_png"], rec["image_png"] = _pictures(gray, None if maps is None else maps[i])
-    return {"images": images, "study": study_records(results, pr.body_parts, pr.threshold)[0],
+    return {"images": images, "study": study,
             "threshold": pr.threshold,
             "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}
