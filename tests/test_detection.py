@@ -138,3 +138,94 @@ def test_letterbox_geometry_round_trips_and_matches_the_pixels(w, h, full):
     assert (tile[top:top + nh, left:left + nw] == 200).all() and tile.sum() == 200 * nw * nh
     if full is None:
         np.testing.assert_allclose(letterbox_boxes([[0.1 * w, 0.2 * h, 0.5 * w, 0.7 * h]], (w, h), size), geo.to_tile(boxes), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def box_run(tmp_path_factory):
+    """A tiny model with a box head, trained for 2 epochs on a synthetic FracAtlas tree (64 px)."""
+    from builders import make_fracatlas_tree
+    from conftest import tiny_train_args
+
+    from bonexray.training.train import TrainConfig, run_training
+
+    base = tmp_path_factory.mktemp("boxes")
+    root = make_fracatlas_tree(base / "data", n_groups=16)
+    result = run_training(TrainConfig.from_args(tiny_train_args(root, base / "run", box_weight=1.0, fit_on="train",
+                                                                  split_seed=0)))
+    result["root"] = root
+    result["base"] = base
+    return result
+
+
+@pytest.mark.slow
+def test_box_model_trains_evaluates_predicts_and_exports_the_same_boxes(box_run, capsys):
+    import csv
+    import json
+
+    from bonexray.cli import main
+    from bonexray.inference.export import export_onnx
+    from bonexray.inference.predictor import Predictor
+    from bonexray.model.checkpoint import load_model
+
+    ckpt, base, root = box_run["best_checkpoint"], box_run["base"], box_run["root"]
+    rows = list(csv.DictReader(open(base / "run" / "metrics.csv")))
+    assert any(r.get("train_loss_boxes") for r in rows) and any(r.get("valid_loss_boxes") for r in rows)
+    net, card = load_model(ckpt)
+    assert net.box_head is not None and card.boxes["threshold_source"].startswith("valid split")
+    assert 0 < card.boxes["threshold"] < 1
+
+    # evaluate writes the localisation keys, their CIs and froc.png
+    out = base / "results"
+    assert main(["evaluate", ckpt, "--data", str(root), "--split", "test", "--out", str(out), "--bootstrap", "50"]) == 0
+    loc = json.loads((out / "metrics.json").read_text())["localization"]
+    for key in ("ap50", "ap50_95", "pointing", "n_images", "n_boxes"):
+        assert key in loc
+    assert set(loc["froc_sensitivity"]) == {"0.5", "1", "2"} and "ci95" in loc and loc["n_boxes"] >= 1
+    assert (out / "froc.png").is_file() and "Localization" in (out / "report.md").read_text()
+
+    # predict: boxes in the original image's pixels; the ONNX export gives the same boxes
+    img = next((root / "images" / "Fractured").glob("*.jpg"))
+    capsys.readouterr()
+    assert main(["predict", ckpt, str(img), "--backend", "torch"]) == 0
+    rec = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert isinstance(rec["boxes"], list)
+    onnx_path = export_onnx(ckpt, base / "m.onnx")
+    assert main(["predict", str(onnx_path), str(img)]) == 0
+    rec_onnx = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert len(rec_onnx["boxes"]) == len(rec["boxes"])
+    for a, b in zip(rec["boxes"], rec_onnx["boxes"]):
+        assert all(abs(a[k] - b[k]) <= 0.2 for k in ("x0", "y0", "x1", "y1")) and abs(a["score"] - b["score"]) < 1e-3
+    # With a low operating point both engines find boxes, in original pixels (the image is 80 x 96).
+    from dataclasses import replace
+
+    from bonexray.data.preprocess import read_for_model
+    from bonexray.inference.results import original_boxes
+
+    m = read_for_model(img, card.image_size)
+    for engine in (Predictor(ckpt, backend="torch"), Predictor(onnx_path)):
+        low = replace(engine.box_settings, threshold=0.01)
+        found = engine.predict_batch(m.tile[None], box_settings=low).boxes[0]
+        assert len(found) >= 1
+        orig = original_boxes(found, m.geometry)
+        assert (orig[:, [0, 2]] <= 80 + 1e-6).all() and (orig[:, [1, 3]] <= 96 + 1e-6).all()
+        assert (orig[:, 4] >= 0.01).all() and (np.diff(orig[:, 4]) <= 1e-9).all()
+
+
+def test_predict_maps_boxes_to_original_pixels_of_a_draft_decoded_jpeg(tmp_path):
+    """A big JPEG is decoded at reduced scale (draft); boxes still come back in its full pixels."""
+    from PIL import Image
+
+    from bonexray.data.preprocess import read_for_model
+
+    arr = np.zeros((1200, 800), np.uint8)
+    arr[300:500, 200:400] = 255
+    Image.fromarray(arr).save(tmp_path / "big.jpg", quality=95)
+    m = read_for_model(tmp_path / "big.jpg", 64)
+    assert m.decoded.pixels.shape[0] < 1200 and m.geometry.original_size == (800, 1200)
+    tile_box = m.geometry.to_tile([[200, 300, 400, 500]])
+    ys, xs = np.nonzero(m.tile > 127)
+    assert abs(xs.min() - tile_box[0, 0]) <= 1 and abs(ys.max() + 1 - tile_box[0, 3]) <= 1
+    np.testing.assert_allclose(m.geometry.to_original(tile_box), [[200, 300, 400, 500]], atol=1e-3)

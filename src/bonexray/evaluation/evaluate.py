@@ -21,6 +21,7 @@ from ..data.preprocess import build_cache, check_output_folder, default_cache_di
 from ..data.records import RecordSet
 from ..data.splits import make_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
+from .localization import localization_metrics, plot_froc
 from .metrics import choose_threshold, compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
 
@@ -91,22 +92,35 @@ def assign_eval_splits(records: RecordSet, card_split: dict | None, run_dir: Pat
         "image (only for data the model never saw)")
 
 
-def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, progress: bool):
+#: Boxes scored for AP and FROC: everything down to this score, up to COCO's 100 per image.
+EVAL_BOX_THRESHOLD, EVAL_MAX_DETECTIONS = 0.01, 100
+
+
+def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, progress: bool, boxes: bool = False):
+    """(probs, body-part probs) of cache rows, plus with ``boxes`` every box down to ``EVAL_BOX_THRESHOLD``
+    (per row an (n, 5) array in tile pixels), else None."""
+    from dataclasses import replace
+
     rows = np.asarray(rows)
     probs = np.zeros(len(rows), np.float32)
     part_probs = np.zeros((len(rows), len(predictor.body_parts)), np.float32)
+    found: list[np.ndarray] | None = [] if boxes else None
+    settings = (replace(predictor.box_settings, threshold=EVAL_BOX_THRESHOLD, max_detections=EVAL_MAX_DETECTIONS)
+                if boxes else None)
     with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
         for i in range(0, len(rows), batch_size):
             batch_rows = rows[i : i + batch_size]
-            probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = predictor.predict_arrays(
-                np.asarray(image_cache.images[batch_rows]))
+            pred = predictor.predict_batch(np.asarray(image_cache.images[batch_rows]), boxes=boxes, box_settings=settings)
+            probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = pred.prob, pred.parts
+            if found is not None:
+                found.extend(pred.boxes)
             bar.update(len(batch_rows))
     bad = rows[~(np.isfinite(probs) & np.isfinite(part_probs).all(axis=1))]
     if len(bad):  # NaN would score as "normal": refuse instead of computing metrics from it
         raise CheckpointError(f"{predictor.path}: the model's output is not a finite number (NaN/inf) for {len(bad)} of "
                               f"{len(rows)} images (first: {image_cache.index['path'].iloc[int(bad[0])]}); no metrics "
                               "computed (is the model file damaged, or did training diverge?)")
-    return probs, part_probs
+    return (probs, part_probs, found) if boxes else (probs, part_probs)
 
 
 def _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of, status, batch_size, progress):
@@ -183,8 +197,11 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     if not chosen:
         raise DatasetError(f"{data}: no labelled, readable images in split {split!r} ({how})")
 
-    probs, part_probs = _predict_rows(predictor, image_cache, [row_of[r.path] for r in chosen], batch_size,
-                                      f"evaluate {split}", progress)
+    # Localisation is scored where the data says where fractures are (FracAtlas' COCO boxes) and the
+    # model has a box head.
+    with_boxes = predictor.has_boxes and any("localized" in r.extras for r in chosen)
+    probs, part_probs, *found = _predict_rows(predictor, image_cache, [row_of[r.path] for r in chosen], batch_size,
+                                              f"evaluate {split}", progress, boxes=with_boxes)
     threshold, threshold_source = predictor.threshold, "model card (chosen on valid during training)"
     if fit_on_valid:
         threshold_source = ("model card (a train+valid fit keeps 0.5, the operating point of its class-balanced loss; "
@@ -214,6 +231,8 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
         studies = study_table(table)
     metrics["studies_with_mixed_labels"] = mixed
+    if with_boxes:
+        metrics["localization"] = _localization(chosen, found[0], predictor.image_size, n_bootstrap)
     info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
             "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
             "image_size": predictor.image_size, "skipped_unreadable": len(skipped)}
@@ -226,6 +245,9 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                    "Abnormality (image level)")
     plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")
     plot_roc(table["abnormal"], table["prob_abnormal"], studies["abnormal"], studies["prob_abnormal"], results / "roc.png")
+    if "localization" in metrics:
+        loc = metrics["localization"]
+        plot_froc(loc["froc_curve"], results / "froc.png", ci=loc["ci95"]["froc_sensitivity"])
     if run_dir is not None and (run_dir / "metrics.csv").is_file():
         plot_curves(run_dir / "metrics.csv", results / "curves.png")
     write_metrics_json(results / "metrics.json", metrics)
@@ -241,7 +263,40 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             f"sens {f(m_img['recall'])}  spec {f(m_img['specificity'])}  kappa {f(m_img['kappa'])}\n"
             f"  abnormality study: AUROC {f(m_study['auroc'])}  kappa {f(m_study['kappa'])}\n"
             f"  body part: acc {f(metrics['body_part']['accuracy'])}  macro-F1 {f(metrics['body_part']['macro_f1'])}\n"
+            + (_localization_line(metrics["localization"]) if "localization" in metrics else "")
             + (f"  skipped {len(skipped)} unreadable image(s)\n" if skipped else "")
             + (f"  {mixed} stud(y/ies) have views with different labels; each counts as abnormal (any view)\n"
                if mixed else "")
             + f"  report: {report}")
+
+
+def _localization(chosen, found: list[np.ndarray], size: int, n_bootstrap: int) -> dict:
+    """Box metrics against the dataset's fracture boxes, both in tile pixels (the letterbox is a uniform
+    scale plus a shift, so IoU, hits and counts are those of the original pixels). Images whose fracture
+    nobody annotated are left out."""
+    from ..data.preprocess import letterbox_boxes
+
+    truth = []
+    for r in chosen:
+        if not r.extras.get("localized", False):
+            truth.append(None)
+        elif r.extras.get("boxes"):
+            truth.append(letterbox_boxes(r.extras["boxes"], r.extras["annotated_size"], size))
+        else:
+            truth.append(np.zeros((0, 4), np.float32))
+    loc = localization_metrics(found, truth, [r.study_id for r in chosen], n_bootstrap=n_bootstrap)
+    loc["protocol"] = (f"boxes down to score {EVAL_BOX_THRESHOLD} (at most {EVAL_MAX_DETECTIONS} per image) against the "
+                       "dataset's fracture boxes; AP: COCO (torchmetrics), every evaluated image counted; FROC: "
+                       "sensitivity per fracture box at IoU >= 0.5; pointing: top box centre inside a fracture box; "
+                       "CIs: bootstrap over exam groups")
+    return loc
+
+
+def _localization_line(loc: dict) -> str:
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    froc = loc.get("froc_sensitivity") or {}
+    return (f"  boxes: AP50 {f(loc.get('ap50'))}  AP50:95 {f(loc.get('ap50_95'))}  pointing {f(loc.get('pointing'))}  "
+            f"FROC sens @0.5/1/2 FP {f(froc.get('0.5'))}/{f(froc.get('1'))}/{f(froc.get('2'))}  "
+            f"({loc.get('n_images')} images, {loc.get('n_boxes')} boxes)\n")

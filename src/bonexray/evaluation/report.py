@@ -279,6 +279,12 @@ def write_report(results_dir: str | os.PathLike, metrics: Mapping[str, Any],
     out += ["", f"Accuracy: **{_fmt(bp.get('accuracy'))}**, macro F1: "
             f"**{_fmt(bp.get('macro_f1'))}**.", ""]
 
+    if metrics.get("localization"):
+        from .localization import report_section
+
+        froc = "froc.png" if (results_dir / "froc.png").is_file() else None
+        out += [report_section(metrics["localization"], froc_png=froc), ""]
+
     figures = [("confusion_abnormality", "Abnormality confusion matrix (image level)"),
                ("confusion_body_part", "Body-part confusion matrix"),
                ("roc", "ROC curves"), ("curves", "Training curves")]

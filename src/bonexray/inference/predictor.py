@@ -68,14 +68,14 @@ class BatchPrediction:
     outputs: dict[str, np.ndarray] | None = None
 
 
-def decode_output_boxes(out: dict[str, np.ndarray], settings, threshold: float | None = None) -> list[np.ndarray]:
+def decode_output_boxes(out: dict[str, np.ndarray], settings) -> list[np.ndarray]:
     """The box maps of a batch (numpy, from either engine) -> per image (n, 5) boxes in tile pixels."""
     import torch
 
     from ..model.detection import decode_boxes
 
     maps = [torch.from_numpy(np.ascontiguousarray(out[k], dtype=np.float32)) for k in BOX_MAPS]
-    return [b.numpy().astype(np.float64) for b in decode_boxes(*maps, settings, threshold=threshold)]
+    return [b.numpy().astype(np.float64) for b in decode_boxes(*maps, settings)]
 
 
 # --------------------------------------------------------------------------- predictor
@@ -207,11 +207,11 @@ class Predictor:
         pred = self.predict_batch(batch, boxes=False)
         return pred.prob, pred.parts
 
-    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_threshold: float | None = None) -> BatchPrediction:
+    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_settings=None) -> BatchPrediction:
         """Probabilities, embedding and (with a box head, when ``boxes``) boxes for a uint8 (N, S, S) batch.
 
-        ``box_threshold`` overrides the card's operating point (evaluation traces FROC and AP from a
-        low one). With ``tta="flip"`` the probabilities average the image and its mirror; boxes and
+        ``box_settings`` (model/detection.py BoxSettings) overrides the card's operating point
+        (evaluation traces FROC and AP from a low threshold and more detections per image). With ``tta="flip"`` the probabilities average the image and its mirror; boxes and
         the embedding come from the image as given.
         """
         out = self.outputs(batch)
@@ -223,7 +223,7 @@ class Predictor:
             prob, parts = (prob + sigmoid(abn_f)) / 2, (parts + softmax(bp_f)) / 2
         found = None
         if boxes and self.has_boxes:
-            found = decode_output_boxes(out, self.box_settings, threshold=box_threshold)
+            found = decode_output_boxes(out, box_settings or self.box_settings)
         return BatchPrediction(prob, parts, out.get("embedding"), found, out)
 
     def _check(self, batch: np.ndarray) -> np.ndarray:
@@ -279,7 +279,7 @@ class Ensemble:
         pred = self.predict_batch(batch, boxes=False)
         return pred.prob, pred.parts
 
-    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_threshold: float | None = None) -> BatchPrediction:
+    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_settings=None) -> BatchPrediction:
         """Members' probabilities averaged; boxes decoded from the members' averaged box maps (score and
         centre-ness probabilities and distances averaged cell by cell: every member has the same grid).
         The embedding is the first member's (the members' feature spaces differ)."""
@@ -294,7 +294,7 @@ class Ensemble:
             mean = {k: np.mean([sigmoid(o[k]) for o in outs], axis=0) for k in ("box_logits", "box_centerness")}
             avg = {"box_logits": logit(mean["box_logits"]), "box_centerness": logit(mean["box_centerness"]),
                    "box_ltrb": np.mean([o["box_ltrb"] for o in outs], axis=0)}
-            found = decode_output_boxes(avg, self.box_settings, threshold=box_threshold)
+            found = decode_output_boxes(avg, box_settings or self.box_settings)
         return BatchPrediction(np.mean([p.prob for p in preds], axis=0), np.mean([p.parts for p in preds], axis=0),
                                preds[0].embedding, found)
 
