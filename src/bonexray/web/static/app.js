@@ -460,7 +460,8 @@ function drawBase() {
   const { values, out, wc, ww } = viewer;
   const lut = new Uint8ClampedArray(256);
   const lo = wc - ww / 2;
-  for (let v = 0; v < 256; v++) lut[v] = ((v - lo) / ww) * 255;
+  // 256 levels over the window width: the file window (L 128, W 256) is the identity.
+  for (let v = 0; v < 256; v++) lut[v] = Math.floor(((v - lo) / ww) * 256);
   const d = out.data;
   for (let i = 0, j = 0; i < values.length; i++, j += 4) {
     const g = lut[values[i]];
