@@ -11,8 +11,8 @@
 * ``GET /api/model``: the model card; ``GET /healthz``; ``/docs``: the OpenAPI page, served
   from the ``fastapi-offline`` package (no CDN).
 
-Decoding goes through :func:`bonexray.data.preprocess.load_bytes_for_model` (the decode path of
-training and predict, from memory), prediction through :class:`Predictor`, heatmaps through
+Decoding goes through ``read_image_bytes`` + ``letterbox`` (the decode path of training and predict,
+``load_bytes_for_model``, from memory), prediction through :class:`Predictor`, heatmaps through
 ``inference.cam``. One model is shared by all requests; model calls take a lock (Grad-CAM hooks
 the network, so two at once would mix their activations), decoding runs in parallel beside it.
 """
