@@ -121,8 +121,10 @@ def make_fracatlas_tree(base: Path, n_groups: int = 12, per_group: int = 3, h: i
 
 def make_checkpoint(path: Path, body_parts=("hand", "leg", "shoulder"), image_size: int = 64,
                     backbone: str = "efficientnet_lite0", localization_head: bool = False, threshold: float = 0.5,
-                    seed: int = 0) -> Path:
-    """An untrained bonexray checkpoint (random weights, seeded): enough to exercise every consumer."""
+                    seed: int = 0, split: dict | None = None) -> Path:
+    """An untrained bonexray checkpoint (random weights, seeded): enough to exercise every consumer.
+
+    ``split``: the model card's training-split record (e.g. ``{"fit_on": "train+valid"}``)."""
     import torch
 
     from bonexray.model.checkpoint import ModelCard, save_model
@@ -131,7 +133,7 @@ def make_checkpoint(path: Path, body_parts=("hand", "leg", "shoulder"), image_si
     torch.manual_seed(seed)
     net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=None, localization_head=localization_head)
     card = ModelCard(backbone=backbone, image_size=image_size, mean=net.mean, std=net.std,
-                     body_parts=list(body_parts), threshold=threshold)
+                     body_parts=list(body_parts), threshold=threshold, split=split)
     return save_model(path, net, card)
 
 

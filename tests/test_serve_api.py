@@ -176,8 +176,8 @@ def test_openapi_schema_matches_the_api(client):
     post = schema["paths"]["/api/predict"]["post"]
     files = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
     assert files == {"type": "array", "items": {"type": "string", "format": "binary"},
-                     "description": "PNG, JPEG or DICOM files of one study"}
-    assert [p["name"] for p in post["parameters"]] == ["heatmap"]
+                     "description": "PNG, JPEG or DICOM files"}
+    assert [p["name"] for p in post["parameters"]] == ["heatmap", "studies"]
     assert {"200", "400", "413", "415", "422"} <= set(post["responses"])
     components = schema["components"]["schemas"]
     assert {"images", "study", "threshold"} <= set(components["PredictResponse"]["properties"])
@@ -210,7 +210,7 @@ def test_garbage_and_corrupt_bytes(client):
                          422, "random.jpg", "not an image")
     assert body["errors"] == [{"file": "random.jpg", "reason": body["errors"][0]["reason"]}]
     corrupt = _png(5)[:60] + b"\0" * 200  # a PNG header followed by nonsense
-    _assert_error(client.post("/api/predict", files=_files(("ok.png", _png(1)), ("bad.png", corrupt))), 422, "bad.png")
+    _assert_error(client.post("/api/predict", files=_files(("bad.png", corrupt))), 422, "bad.png")
     fake_dicom = b"\0" * 128 + b"DICM" + b"\xff" * 64
     _assert_error(client.post("/api/predict", files=_files(("x.dcm", fake_dicom))), 422, "x.dcm", "DICOM")
     assert client.get("/healthz").status_code == 200  # still up
@@ -239,6 +239,109 @@ def test_too_many_files_and_too_large(checkpoint):
     assert c.post("/api/predict", files=_files(("ok.png", _png(0)))).status_code == 200
 
 
+def test_mixed_batch_gives_the_good_results_and_names_the_bad_files(client):
+    # Defect 4: one unreadable file used to discard every good image of the request (422).
+    corrupt = _png(5)[:60] + b"\0" * 200
+    r = client.post("/api/predict?heatmap=1", files=_files(("ok.png", _png(1)), ("bad.png", corrupt),
+                                                           ("ok2.png", _png(2)), ("empty.png", b"")))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [i["path"] for i in body["images"]] == ["ok.png", "ok2.png"]
+    assert [e["file"] for e in body["errors"]] == ["bad.png", "empty.png"]
+    assert "empty file" in body["errors"][1]["reason"]
+    assert body["study"]["n_images"] == 2  # the study is made of the good images only
+    # None good: still a 422 naming each file.
+    both = _assert_error(client.post("/api/predict", files=_files(("bad.png", corrupt), ("empty.png", b""))),
+                         422, "2 files", "bad.png")
+    assert [e["file"] for e in both["errors"]] == ["bad.png", "empty.png"]
+
+
+def test_sizes_are_in_mib(checkpoint):
+    # Defect 6: the limit said "32 MB" and meant 32 MiB.
+    c = TestClient(create_app(checkpoint, limits=UploadLimits(max_file_bytes=1024 * 1024)))
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (1024 * 1024 + 10)
+    body = _assert_error(c.post("/api/predict", files=_files(("big.png", big))), 413, "1 MiB")
+    assert " MB" not in body["detail"]
+
+
+def test_original_image_and_heatmap_in_original_coordinates(client):
+    # The page gets the radiograph at its own size, and a heatmap cut to the image (no letterbox padding).
+    data = _png(4, h=150, w=90)
+    img = client.post("/api/predict?heatmap=1", files=_files(("tall.png", data))).json()["images"][0]
+    assert (img["original_width"], img["original_height"]) == (90, 150)
+    original = Image.open(io.BytesIO(base64.b64decode(img["original_png"])))
+    assert original.size == (90, 150) and original.mode == "L"
+    assert np.array_equal(np.asarray(original), np.asarray(Image.open(io.BytesIO(data))))
+    heat = Image.open(io.BytesIO(base64.b64decode(img["heatmap_gray_png"])))
+    # The 64-px tile holds the image at 64 x 38 (letterbox: long side 64); the map is that part only.
+    assert heat.mode == "L" and heat.size == (round(90 * 64 / 150), 64)
+
+
+def test_heatmap_crop_follows_letterbox():
+    from bonexray.data.preprocess import letterbox
+    from bonexray.web.app import heatmap_on_original
+
+    # A map that is 1 exactly where letterbox put the image and 0 on the padding.
+    for w, h in ((90, 150), (300, 120), (64, 64)):
+        tile = letterbox(np.full((h, w), 255, np.uint8), 64)
+        crop = heatmap_on_original(tile.astype(np.float32) / 255.0, (w, h))
+        assert crop.min() == 255 and crop.size == np.count_nonzero(tile), (w, h)
+
+
+def test_studies_one_each_and_by_dicom_study_uid(client, tmp_path):
+    # Defect 8: every set of files was one study.
+    files = _files(("a.png", _png(1)), ("b.png", _png(2)), ("c.png", _png(3)))
+    one = client.post("/api/predict", files=files).json()
+    assert len(one["studies"]) == 1 and one["studies"][0]["n_images"] == 3
+    each = client.post("/api/predict?studies=each", files=files).json()
+    assert [s["n_images"] for s in each["studies"]] == [1, 1, 1]
+    assert len({i["study"] for i in each["images"]}) == 3
+    _assert_error(client.post("/api/predict?studies=some", files=files), 422, "studies")
+
+
+@requires_shared_data
+def test_dicoms_of_different_studies_are_separate_studies(client):
+    import pydicom
+
+    src = SHARED_DATA / "dicom" / "RG3_UNCR.dcm"
+    ds = pydicom.dcmread(src)
+    buf = io.BytesIO()
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.save_as(buf)
+    r = client.post("/api/predict", files=_files(("a.dcm", src.read_bytes()), ("b.dcm", buf.getvalue()),
+                                                 ("c.dcm", src.read_bytes())))
+    body = r.json()
+    assert [s["n_images"] for s in body["studies"]] == [2, 1]
+    assert body["images"][0]["study"] == body["images"][2]["study"] != body["images"][1]["study"]
+
+
+def test_model_card_says_where_the_threshold_came_from(tmp_path):
+    # Defect 2: a train+valid fit keeps 0.5; the card said "chosen on the validation split".
+    tv = make_checkpoint(tmp_path / "tv.ckpt", split={"fit_on": "train+valid", "seed": 0})
+    card = TestClient(create_app(tv)).get("/api/model").json()
+    assert "0.5 by design" in card["threshold_source"] and "validation" not in card["threshold_source"]
+    tr = make_checkpoint(tmp_path / "tr.ckpt", split={"fit_on": "train", "seed": 0}, threshold=0.31)
+    card = TestClient(create_app(tr)).get("/api/model").json()
+    assert card["threshold"] == pytest.approx(0.31) and "validation split" in card["threshold_source"]
+    assert card["classes"][:2] == ["normal", "abnormal"] and card["evaluation"] is None
+
+
+def test_model_card_shows_test_results_from_metrics(checkpoint, tmp_path):
+    import json
+
+    m = {"split": "test", "n_images": 500, "n_studies": 120,
+         "abnormality": {"image": {"auroc": 0.87, "sensitivity": 0.8, "specificity": 0.75},
+                         "ci95": {"image_auroc": [0.83, 0.9]}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    ev = TestClient(create_app(checkpoint, metrics=tmp_path / "metrics.json")).get("/api/model").json()["evaluation"]
+    assert ev == {"split": "test", "n_images": 500, "n_studies": 120, "auroc": 0.87, "auroc_ci95": [0.83, 0.9],
+                  "sensitivity": 0.8, "specificity": 0.75, "source_file": "metrics.json"}
+    (tmp_path / "bad.json").write_text("{}")
+    from bonexray.errors import BonexrayError
+    with pytest.raises(BonexrayError, match="bad.json: not a metrics.json"):
+        create_app(checkpoint, metrics=tmp_path / "bad.json")
+
+
 def test_bad_query_value(client):
     _assert_error(client.post("/api/predict?heatmap=maybe", files=_files(("a.png", _png()))), 422, "heatmap")
 
@@ -246,8 +349,8 @@ def test_bad_query_value(client):
 def test_api_key(checkpoint):
     c = TestClient(create_app(checkpoint, api_key=KEY))
     files = _files(("a.png", _png()))
-    _assert_error(c.post("/api/predict", files=files), 401, "X-API-Key")
-    _assert_error(c.post("/api/predict", files=files, headers={"X-API-Key": "wrong-key-000"}), 401, "API key")
+    _assert_error(c.post("/api/predict", files=files), 401, "needs an API key", "X-API-Key")
+    _assert_error(c.post("/api/predict", files=files, headers={"X-API-Key": "wrong-key-000"}), 401, "wrong API key")
     _assert_error(c.get("/api/model"), 401)
     assert c.post("/api/predict", files=files, headers={"X-API-Key": KEY}).status_code == 200
     assert c.get("/api/model", headers={"X-API-Key": KEY}).status_code == 200

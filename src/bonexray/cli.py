@@ -101,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = UploadLimits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * 1024 * 1024),
                           max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels)
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,
+          metrics=args.metrics)
     return 0
 
 
@@ -215,10 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require header X-API-Key: KEY on every /api/ call (default: $BONEXRAY_API_KEY)")
     s.add_argument("--device", default="auto")
     s.add_argument("--max-files", type=int, default=16, help="images per request (default 16)")
-    s.add_argument("--max-file-mb", type=float, default=32, help="size of one file in MB (default 32)")
-    s.add_argument("--max-request-mb", type=float, default=100, help="size of one request in MB (default 100)")
+    s.add_argument("--max-file-mb", type=float, default=32, help="size of one file in MiB (default 32)")
+    s.add_argument("--max-request-mb", type=float, default=100, help="size of one request in MiB (default 100)")
     s.add_argument("--max-pixels", type=int, default=40_000_000,
                    help="pixels of one image, checked before decoding (default 40,000,000)")
+    s.add_argument("--metrics", default=None, metavar="FILE",
+                   help="metrics.json of `bonexray evaluate` on this model: the page's model card shows its test "
+                        "AUROC (95%% CI), sensitivity and specificity")
     s.set_defaults(func=cmd_serve)
 
     pa = sub.add_parser("pacs", help="analyse studies on a PACS (DICOMweb or DICOM C-STORE); results back as DICOM SR "

@@ -1,14 +1,18 @@
 """The FastAPI app behind ``bonexray serve``: one static page and a small JSON API.
 
 * ``GET /``: the page (``static/``: plain HTML, CSS and JS, no build step, nothing from outside).
-* ``POST /api/predict``: multipart field ``files`` (one or more images of one study) -> the
-  records of ``bonexray predict`` (one per image) plus the study record; ``?heatmap=1`` adds
-  base64 PNGs of the heatmap overlay and of the radiograph as the model saw it.
+* ``POST /api/predict``: multipart field ``files`` (one or more images) -> the records of
+  ``bonexray predict`` (one per image) plus one record per study: all images are one study unless
+  ``?studies=each`` or their DICOM StudyInstanceUIDs differ. Files that cannot be read are named in
+  ``errors`` beside the results of the good ones (422 only when none is good). ``?heatmap=1`` adds,
+  per image, the original radiograph at full resolution (8-bit PNG after the file's own VOI
+  window, MONOCHROME1 inverted) with its size, the heatmap mapped from the letterboxed tile back
+  onto the original's pixels (8-bit gray PNG, 0..255 = 0..1), and the older 512-px pictures.
 * ``GET /api/model``: the model card; ``GET /healthz``; ``/docs``: the OpenAPI page, served
   from the ``fastapi-offline`` package (no CDN).
 
-Decoding goes through :func:`bonexray.data.preprocess.load_bytes_for_model` (the decode path of
-training and predict, from memory), prediction through :class:`Predictor`, heatmaps through
+Decoding goes through ``read_image_bytes`` + ``letterbox`` (the decode path of training and predict,
+``load_bytes_for_model``, from memory), prediction through :class:`Predictor`, heatmaps through
 ``inference.cam``. One model is shared by all requests; model calls take a lock (Grad-CAM hooks
 the network, so two at once would mix their activations), decoding runs in parallel beside it.
 """
@@ -20,7 +24,7 @@ import logging
 import os
 import secrets
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +46,7 @@ log = logging.getLogger("bonexray.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "BONEXRAY_API_KEY"
-STUDY_NAME = "upload"  # every request is one study: the images a person dropped together
+STUDY_NAME = "upload"  # by default a request is one study: the images a person dropped together
 INTENDED_USE = ("Not a medical device: research and teaching software, not for diagnosis or treatment "
                 "decisions. Every result must be checked by a qualified reader.")
 HEATMAP_NAMES = {"localization": "learned fracture map", "gradcam++": "Grad-CAM++"}
@@ -73,6 +77,13 @@ class ImagePrediction(BaseModel):
     study: str
     heatmap_png: str | None = Field(None, description="with ?heatmap=1 and a checkpoint: base64 PNG, radiograph with the heatmap")
     image_png: str | None = Field(None, description="with ?heatmap=1: base64 PNG, the radiograph as the model saw it")
+    original_png: str | None = Field(None, description="with ?heatmap=1: base64 8-bit PNG, the radiograph at its own "
+                                     "resolution (DICOM: after its VOI LUT/window, MONOCHROME1 inverted)")
+    original_width: int | None = Field(None, description="with ?heatmap=1: width of the original in pixels")
+    original_height: int | None = Field(None, description="with ?heatmap=1: height of the original in pixels")
+    heatmap_gray_png: str | None = Field(None, description="with ?heatmap=1 and a checkpoint: base64 8-bit gray PNG, "
+                                         "the heatmap (0..255 = 0..1) covering exactly the original image, padding cut "
+                                         "off; stretch it to original_width x original_height")
 
 
 class StudyPrediction(BaseModel):
@@ -87,21 +98,37 @@ class StudyPrediction(BaseModel):
     body_part: str
 
 
-class PredictResponse(BaseModel):
-    images: list[ImagePrediction]
-    study: StudyPrediction
-    threshold: float
-    heatmap: str | None = Field(None, description="what the heatmaps show (with ?heatmap=1)")
-
-
 class FileProblem(BaseModel):
     file: str
     reason: str
 
 
+class PredictResponse(BaseModel):
+    images: list[ImagePrediction]
+    study: StudyPrediction = Field(description="the first study (the only one unless ?studies=each or DICOM "
+                                               "StudyInstanceUIDs differ)")
+    studies: list[StudyPrediction] = Field(description="one record per study, in order of first appearance")
+    threshold: float
+    heatmap: str | None = Field(None, description="what the heatmaps show (with ?heatmap=1)")
+    errors: list[FileProblem] | None = Field(None, description="files that could not be read; the others were analysed")
+
+
 class ErrorResponse(BaseModel):
     detail: str = Field(description="one line saying what was wrong")
     errors: list[FileProblem] | None = Field(None, description="per file, when files could not be read")
+
+
+class Evaluation(BaseModel):
+    """Test results of the model, from the ``metrics.json`` of ``bonexray evaluate`` given to ``serve --metrics``."""
+
+    split: str | None = None
+    n_images: int | None = None
+    n_studies: int | None = None
+    auroc: float | None = Field(None, description="image-level AUROC for abnormality")
+    auroc_ci95: list[float] | None = Field(None, description="95% bootstrap interval of the AUROC")
+    sensitivity: float | None = Field(None, description="at the model's threshold, image level")
+    specificity: float | None = Field(None, description="at the model's threshold, image level")
+    source_file: str = Field(description="name of the metrics file")
 
 
 class TrainingData(BaseModel):
@@ -118,6 +145,9 @@ class ModelInfo(BaseModel):
     image_size: int
     body_parts: list[str]
     threshold: float
+    threshold_source: str = Field(description="where the threshold came from")
+    classes: list[str] = Field(description="what the model tells apart: abnormality and body parts")
+    evaluation: Evaluation | None = Field(None, description="test results (serve --metrics), or null")
     version: str = Field(description="bonexray version that wrote the model")
     heatmap: str | None = Field(description="the heatmap this model gives, or null (ONNX models have none)")
     heatmap_note: str
@@ -155,10 +185,38 @@ def _training_data(model_path: Path) -> TrainingData | None:
         return None
 
 
+def threshold_source(card) -> str:
+    """Where the card's threshold came from, in words (a train+valid fit keeps 0.5 by design)."""
+    fit_on = (card.split or {}).get("fit_on")
+    if fit_on == "train+valid":
+        return ("0.5 by design: fitted on train+valid, so no split was left to choose it on "
+                "(0.5 is the operating point of its class-balanced loss)")
+    if card.split is None:
+        return "stored in the model file (this model does not record how it was chosen)"
+    return "chosen on the validation split during training"
+
+
+def read_evaluation(path: str | os.PathLike) -> Evaluation:
+    """The headline test numbers from a ``bonexray evaluate`` metrics.json; a bad file is one clear error."""
+    import json
+
+    p = Path(path)
+    try:
+        m = json.loads(p.read_text())
+        img = m["abnormality"]["image"]
+        ci = (m["abnormality"].get("ci95") or {}).get("image_auroc")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BonexrayError(f"{p}: not a metrics.json of bonexray evaluate ({type(err).__name__}: {err})") from None
+    return Evaluation(split=m.get("split"), n_images=m.get("n_images"), n_studies=m.get("n_studies"),
+                      auroc=img.get("auroc"), auroc_ci95=list(ci) if ci else None,
+                      sensitivity=img.get("sensitivity"), specificity=img.get("specificity"), source_file=p.name)
+
+
 class ModelService:
     """One loaded model shared by every request."""
 
-    def __init__(self, model_path: str | os.PathLike, device: str = "auto") -> None:
+    def __init__(self, model_path: str | os.PathLike, device: str = "auto",
+                 metrics: str | os.PathLike | None = None) -> None:
         from ..inference.predict import Predictor, is_onnx_file, resolve_device
 
         self.path = Path(model_path)
@@ -175,6 +233,7 @@ class ModelService:
             has_head = getattr(self.cam_net, "localization_head", None) is not None
             self.heatmap_method = "localization" if has_head else "gradcam++"
         self.training_data = _training_data(self.path) if self.format == "checkpoint" else None
+        self.evaluation = read_evaluation(metrics) if metrics else None
         self._lock = threading.Lock()
 
     @property
@@ -198,6 +257,9 @@ class ModelService:
         return ModelInfo(
             model_file=self.path.name, format=self.format, backbone=card.backbone, image_size=int(card.image_size),
             body_parts=list(self.predictor.body_parts), threshold=float(self.predictor.threshold),
+            threshold_source=threshold_source(card),
+            classes=["normal", "abnormal"] + [f"body part: {b}" for b in self.predictor.body_parts],
+            evaluation=self.evaluation,
             version=str(card.version), heatmap=HEATMAP_NAMES.get(method) if method else None,
             heatmap_note=HEATMAP_NOTES[method] if method else
             "an exported ONNX model has no heatmaps (they need the network's gradients); serve the checkpoint for them",
@@ -223,24 +285,84 @@ def _pictures(gray: np.ndarray, heat: np.ndarray | None) -> tuple[str | None, st
     return (None if heat is None else _png_b64(render_overlay(gray, heat, display_size=size))), plain
 
 
-def _decode_all(uploads, size: int, max_pixels: int):
+def heatmap_on_original(heat: np.ndarray, geometry) -> np.ndarray:
+    """The part of a heatmap over the letterboxed tile that covers the image (padding cut off).
+
+    ``geometry`` (data/preprocess.py Letterbox) says where the original sits in the tile; the crop,
+    stretched to the original's size, lies exactly on its pixels. Returned as uint8 (0..255 = 0..1).
+    """
+    left, top, nw, nh = geometry.content
+    crop = np.clip(heat[top : top + nh, left : left + nw], 0.0, 1.0)
+    return np.rint(crop * 255.0).astype(np.uint8)
+
+
+def _dicom_study_uid(data: bytes) -> str | None:
+    """StudyInstanceUID from a DICOM header (pixels untouched), or None for other files."""
+    if data[128:132] != b"DICM":
+        return None
+    try:
+        import warnings
+
+        import pydicom
+
+        with warnings.catch_warnings():  # a damaged header is reported by the pixel decoder, once
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        uid = ds.get("StudyInstanceUID")
+        return str(uid).strip() or None if uid is not None else None
+    except Exception:  # noqa: BLE001 - no UID is no grouping hint, not an error
+        return None
+
+
+@dataclass
+class Decoded:
+    name: str
+    tile: np.ndarray  # uint8 (S, S): what the model sees
+    truncated: bool
+    original: np.ndarray | None  # uint8 (H, W) at full resolution, when pictures are wanted
+    geometry: Any  # data/preprocess.py Letterbox: tile <-> original pixels (boxes, heatmap)
+    study_uid: str | None
+
+    @property
+    def original_wh(self) -> tuple[int, int]:
+        return self.geometry.original_size
+
+
+def _decode_one(up, size: int, max_pixels: int, want_original: bool) -> Decoded:
+    """One upload through the decode path of training and predict (data.preprocess.read_bytes_for_model)."""
+    from ..data.imageio import read_image_bytes, to_uint8
     from ..data.preprocess import read_bytes_for_model
 
-    names, arrays, truncated, geometry, problems = [], [], [], [], []
+    m = read_bytes_for_model(up.data, up.name, size, max_pixels=max_pixels)
+    full = m.decoded
+    if want_original and full.pixels.shape[::-1] != tuple(m.geometry.original_size):  # a JPEG decoded at 1/2..1/8 scale
+        full = read_image_bytes(up.data, up.name, max_pixels=max_pixels)
+    original = to_uint8(full.pixels) if want_original else None
+    return Decoded(up.name, m.tile, m.truncated, original, m.geometry, _dicom_study_uid(up.data))
+
+
+def _decode_all(uploads, size: int, max_pixels: int, want_original: bool = False):
+    good, problems = [], []
     for up in uploads:
         try:
-            m = read_bytes_for_model(up.data, up.name, size, max_pixels=max_pixels)
+            good.append(_decode_one(up, size, max_pixels, want_original))
         except BonexrayError as err:
             problems.append(FileProblem(file=up.name, reason=getattr(err, "reason", str(err))))
-            continue
         except Exception as err:  # noqa: BLE001 - whatever a decoder throws, the client gets a 4xx
             problems.append(FileProblem(file=up.name, reason=f"cannot decode ({type(err).__name__})"))
-            continue
-        names.append(up.name)
-        arrays.append(m.tile)
-        truncated.append(m.truncated)
-        geometry.append(m.geometry)
-    return names, arrays, truncated, geometry, problems
+    return good, problems
+
+
+def study_names(decoded: list[Decoded], each: bool) -> list[str]:
+    """One study for all images, unless asked (``each``) or the DICOM StudyInstanceUIDs differ."""
+    if each:
+        return [f"image {i + 1}" for i in range(len(decoded))]
+    uids = {d.study_uid for d in decoded if d.study_uid}
+    if len(uids) <= 1:
+        return [STUDY_NAME] * len(decoded)
+    # Files without a UID go with the first study; every distinct UID is its own study.
+    first = next(d.study_uid for d in decoded if d.study_uid)
+    return [d.study_uid or first for d in decoded]
 
 
 # --------------------------------------------------------------------------- the app
@@ -260,12 +382,14 @@ def create_app(
     limits: UploadLimits | None = None,
     device: str = "auto",
     decode_workers: int | None = None,
+    metrics: str | os.PathLike | None = None,
 ) -> FastAPI:
-    """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``."""
+    """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``;
+    ``metrics``: a ``bonexray evaluate`` metrics.json whose test numbers the model card shows."""
     from fastapi_offline import FastAPIOffline
 
     limits = limits or UploadLimits()
-    service = ModelService(model_path, device=device)
+    service = ModelService(model_path, device=device, metrics=metrics)
     # Decoding a large image holds a few times its pixels in memory: bound how many run at once.
     decode_limiter = anyio.CapacityLimiter(decode_workers or max(2, os.cpu_count() or 2))
     app = FastAPIOffline(
@@ -278,8 +402,10 @@ def create_app(
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the key given to `bonexray serve`")
 
     async def require_key(key: str | None = Depends(key_header)) -> None:
-        if not key or not secrets.compare_digest(key.encode(), api_key.encode()):
-            raise UploadError(401, f"missing or wrong API key (send it in the {API_KEY_HEADER} header)")
+        if not key:
+            raise UploadError(401, f"this server needs an API key (send it in the {API_KEY_HEADER} header)")
+        if not secrets.compare_digest(key.encode(), api_key.encode()):
+            raise UploadError(401, "wrong API key: the server did not accept it")
 
     api_deps = [Depends(require_key)] if api_key else []
 
@@ -328,41 +454,58 @@ def create_app(
 
     @app.post(
         "/api/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=_ERRORS,
-        dependencies=api_deps, tags=["model"], summary="Predict on one image or the images of one study",
+        dependencies=api_deps, tags=["model"], summary="Predict on one image or several (one study by default)",
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [FIELD],
             "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
-                                   "description": "PNG, JPEG or DICOM files of one study"}}}}}}},
+                                   "description": "PNG, JPEG or DICOM files"}}}}}}},
     )
-    async def predict(request: Request, heatmap: bool = Query(False, description="add base64 PNG heatmaps")):
+    async def predict(request: Request, heatmap: bool = Query(False, description="add the original image and "
+                                                              "heatmaps as base64 PNGs"),
+                      studies: Literal["one", "each"] = Query("one", description="'one': all images are one study "
+                                                               "(split only where DICOM StudyInstanceUIDs differ); "
+                                                               "'each': every image is its own study")):
         uploads = await read_uploads(request.headers.get("content-type"), request.headers.get("content-length"),
                                      request.stream(), limits)
-        names, arrays, truncated, geometry, problems = await anyio.to_thread.run_sync(
-            _decode_all, uploads, service.image_size, limits.max_pixels, limiter=decode_limiter)
+        good, problems = await anyio.to_thread.run_sync(
+            _decode_all, uploads, service.image_size, limits.max_pixels, heatmap, limiter=decode_limiter)
         del uploads  # the bytes are not needed any more
-        if problems:
+        if not good:  # nothing to analyse: the request fails, naming every file
             bad, first = ", ".join(p.file for p in problems), problems[0]
             detail = (f"{first.file}: {first.reason}" if len(problems) == 1
                       else f"{len(problems)} files could not be read ({bad}); first: {first.file}: {first.reason}")
             return _error(422, detail, problems)
-        batch = np.stack(arrays)
+        batch = np.stack([d.tile for d in good])
         pred, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
-        return await anyio.to_thread.run_sync(_response, service, names, batch, pred, truncated, geometry, maps, heatmap)
+        body = await anyio.to_thread.run_sync(_response, service, good, study_names(good, studies == "each"),
+                                              pred, maps, heatmap)
+        if problems:  # the good files were analysed; the bad ones are named beside them
+            body["errors"] = [p.model_dump() for p in problems]
+        return body
 
     return app
 
 
-def _response(service: ModelService, names, batch, pred, truncated, geometry, maps, want_pictures: bool) -> dict[str, Any]:
-    from ..inference.results import box_records, original_boxes, records_from_outputs
+def _response(service: ModelService, good: list[Decoded], studies: list[str], pred, maps,
+              want_pictures: bool) -> dict[str, Any]:
+    from PIL import Image
+
+    from ..inference.results import ImageResult, box_records, image_record, original_boxes, study_records
 
     pr = service.predictor
-    boxes = ([box_records(original_boxes(b, g)) for b, g in zip(pred.boxes, geometry)] if pred.boxes is not None
-             else None)
-    images, study = records_from_outputs(names, pred.prob, pred.parts, truncated, STUDY_NAME, pr.body_parts, pr.threshold,
-                                         boxes=boxes)
+    boxes = ([box_records(original_boxes(b, d.geometry)) for b, d in zip(pred.boxes, good)] if pred.boxes is not None
+             else [None] * len(good))
+    results = [ImageResult(d.name, float(p), np.asarray(bp), bool(d.truncated), st, boxes=bx)
+               for d, p, bp, st, bx in zip(good, pred.prob, pred.parts, studies, boxes)]
+    images = [image_record(r, pr.body_parts, pr.threshold) for r in results]
     if want_pictures:
-        for i, (rec, gray) in enumerate(zip(images, batch)):
-            rec["heatmap_png"], rec["image_png"] = _pictures(gray, None if maps is None else maps[i])
-    return {"images": images, "study": study,
-            "threshold": pr.threshold,
+        for i, (rec, d) in enumerate(zip(images, good)):
+            heat = None if maps is None else maps[i]
+            rec["heatmap_png"], rec["image_png"] = _pictures(d.tile, heat)
+            rec["original_png"] = _png_b64(Image.fromarray(d.original))
+            rec["original_width"], rec["original_height"] = d.original_wh
+            if heat is not None:
+                rec["heatmap_gray_png"] = _png_b64(Image.fromarray(heatmap_on_original(heat, d.geometry)))
+    study_list = study_records(results, pr.body_parts, pr.threshold)
+    return {"images": images, "study": study_list[0], "studies": study_list, "threshold": pr.threshold,
             "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}

@@ -35,7 +35,7 @@ def resolve_api_key(host: str, api_key: str | None) -> str | None:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "auto", limits: UploadLimits | None = None) -> None:
+          device: str = "auto", limits: UploadLimits | None = None, metrics: str | None = None) -> None:
     import uvicorn
 
     from .app import create_app
@@ -43,7 +43,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if not 0 < port < 65536:
         raise BonexrayError(f"--port {port}: not a TCP port (1-65535)")
     key = resolve_api_key(host, api_key)
-    app = create_app(model, api_key=key, limits=limits, device=device)
+    app = create_app(model, api_key=key, limits=limits, device=device, metrics=metrics)
     shown = f"[{host}]" if ":" in host else host
     print(f"bonexray serve: {model} on http://{shown}:{port}/ (API key {'required' if key else 'off'}; Ctrl+C stops)",
           flush=True)

@@ -59,7 +59,7 @@ def display_name(raw: str, index: int) -> str:
 
 
 def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):g} MB"
+    return f"{n / (1024 * 1024):g} MiB"  # binary units: the limits are multiples of 1024 * 1024 bytes
 
 
 async def read_uploads(content_type: str | None, content_length: str | None, body: AsyncIterator[bytes],
