@@ -22,7 +22,7 @@ from PIL import Image
 
 from bonexray.cli import main
 from bonexray.data.mura import read_mura
-from bonexray.data.preprocess import ImageCache
+from bonexray.data.preprocess import LOCK_NAME, ImageCache
 from bonexray.errors import DatasetError
 from bonexray.model.checkpoint import ModelCard, save_model
 from bonexray.model.network import BoneXrayNet
@@ -51,7 +51,9 @@ def strict_json_lines(out: str) -> list[dict]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith((".tmp", ".part", ".partial")))
+    """Temporary files left behind (the cache folder's lock file is meant to stay)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME and (
+        p.name.startswith(".") or p.name.endswith((".tmp", ".part", ".partial"))))
 
 
 def tiny_net(seed: int = 0) -> BoneXrayNet:

@@ -21,6 +21,7 @@ from ..data.preprocess import build_cache, check_output_folder, default_cache_di
 from ..data.records import RecordSet
 from ..data.splits import make_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
+from ..inference.results import finite_rows
 from .metrics import choose_threshold, compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
 
@@ -101,7 +102,7 @@ def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, prog
             probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = predictor.predict_arrays(
                 np.asarray(image_cache.images[batch_rows]))
             bar.update(len(batch_rows))
-    bad = rows[~(np.isfinite(probs) & np.isfinite(part_probs).all(axis=1))]
+    bad = rows[~finite_rows(probs, part_probs)]  # the one NaN policy (inference/results.py)
     if len(bad):  # NaN would score as "normal": refuse instead of computing metrics from it
         raise CheckpointError(f"{predictor.path}: the model's output is not a finite number (NaN/inf) for {len(bad)} of "
                               f"{len(rows)} images (first: {image_cache.index['path'].iloc[int(bad[0])]}); no metrics "

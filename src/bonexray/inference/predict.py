@@ -41,7 +41,7 @@ from ..errors import BonexrayError, ImageReadError
 from .inputs import InputItem, InputPlan, collect_inputs
 from .predictor import (ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS, TTA_MODES, Ensemble, Predictor, is_onnx_file,
                         resolve_device, sigmoid, softmax)
-from .results import ImageResult, image_record, study_records
+from .results import ImageResult, finite_rows, image_record, nonfinite_reason, study_records
 from .writers import Writer
 
 # Re-exported: the names other modules and notebooks import from here.
@@ -146,12 +146,10 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
             continue
         batch = np.stack(arrays)
         probs, bp_probs = predictor.predict_arrays(batch)
-        finite = np.isfinite(probs) & np.isfinite(bp_probs).all(axis=1)
+        finite = finite_rows(probs, bp_probs)
         if not finite.all():
-            # A NaN probability compares False with the threshold: it would read "normal". No verdict.
             for item in (it for it, ok in zip(ok_items, finite) if not ok):
-                _error(str(item.path), "the model's output is not a finite number (NaN/inf); no verdict given "
-                                       f"(is {predictor.path} damaged?)")
+                _error(str(item.path), nonfinite_reason(predictor.path))
                 failed += 1
             keep = np.flatnonzero(finite)
             ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..errors import BonexrayError
+from ..inference.results import finite_rows, nonfinite_reason
 from .uploads import FIELD, UploadError, UploadLimits, read_uploads
 
 log = logging.getLogger("bonexray.serve")
@@ -131,7 +132,7 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500)}
 
 
 # --------------------------------------------------------------------------- the model
@@ -346,6 +347,11 @@ def create_app(
             return _error(422, detail, problems)
         batch = np.stack(arrays)
         probs, parts, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
+        finite = finite_rows(probs, parts)
+        if not finite.all():  # the one NaN policy (inference/results.py): no verdict, say why
+            reason = nonfinite_reason(service.path.name)
+            bad = [FileProblem(file=n, reason=reason) for n, ok in zip(names, finite) if not ok]
+            return _error(500, f"{bad[0].file}: {reason}", bad)
         return await anyio.to_thread.run_sync(_response, service, names, batch, probs, parts, truncated, maps, heatmap)
 
     return app
