@@ -124,7 +124,7 @@ def _damage(kind: str, good: Path, bad: Path, marker: Path) -> str:
         key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 100)
         ckpt["state_dict"][key].view(-1)[0] += 1.0
         torch.save(ckpt, bad)
-        return "weights do not match their recorded SHA-256"
+        return "weights or model card do not match their recorded SHA-256"
     if kind == "truncated":
         bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
         return "corrupt or truncated checkpoint"

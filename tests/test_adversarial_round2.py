@@ -23,6 +23,7 @@ from bonexray.errors import BonexrayError, CheckpointError
 from bonexray.model.checkpoint import ModelCard, save_model, stamp_weights_sha256
 from bonexray.model.network import BoneXrayNet
 from builders import make_manifest, radiograph_like
+from conftest import SHARED_DATA, requires_shared_data
 
 PARTS = ["hand", "wrist"]
 SIZE = 64
@@ -366,3 +367,197 @@ def test_api_skips_hidden_files_like_predict(good_ckpt, images):
     with pytest.warns(UserWarning, match="skipped"):
         preds = model.predict(folder)
     assert [p.path for p in preds] == [str(p) for p in images]
+
+
+# --------------------------------------------------------------------------- 10: dataset readers and --limit
+
+
+def test_fracatlas_duplicate_rows_and_odd_flags(tmp_path):
+    from bonexray.data.fracatlas import read_fracatlas
+    from bonexray.errors import DatasetError
+    from builders import make_fracatlas_tree
+
+    root = make_fracatlas_tree(tmp_path, n_groups=4, per_group=2)
+    n = len(read_fracatlas(root))
+    with open(root / "dataset.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows.append(dict(rows[0]))  # the same image listed twice, same flags
+    odd = dict(rows[1])
+    odd["hardware"] = "2"
+    rows[1] = odd
+
+    def write(rows):
+        with open(root / "dataset.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    write(rows)
+    rs = read_fracatlas(root)
+    assert len(rs) == n - 1  # the duplicate merged, the row with flag 2 left out
+    assert any("repeats line 2; merged" in p for p in rs.problems)
+    assert any("flag hardware=2 is not 0 or 1; row skipped" in p for p in rs.problems)
+    clash = dict(rows[0])
+    clash["fractured"] = str(1 - int(clash["fractured"]))
+    write(rows[:-1] + [clash])
+    with pytest.raises(DatasetError, match="listed on lines 2 and .* with different fractured"):
+        read_fracatlas(root)
+
+
+@pytest.mark.parametrize("limit", [-5, 0])
+def test_preprocess_limit_below_one_is_refused(limit, tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "data", n=6)
+    rc, out, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "cache", "--limit", limit, "--quiet")
+    assert rc == 2 and lines(err) == [f"bonexray preprocess: error: --limit {limit}: give a number of images >= 1 "
+                                      "(leave it out for all)"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_train_limit_below_one_is_refused(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "data", n=6)
+    rc, _, err = run(capsys, "train", "--data", manifest, "--out", tmp_path / "run", "--limit", 0)
+    assert rc == 2 and "--limit 0: give a number of images >= 1" in err and len(lines(err)) == 1
+
+
+def test_manifest_paths_outside_its_folder_get_a_note(tmp_path):
+    from bonexray.data.manifest import read_manifest
+
+    manifest = make_manifest(tmp_path / "data", n=4)
+    Image.fromarray(radiograph_like(7)).save(tmp_path / "elsewhere.png")
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f).writerow(["../elsewhere.png", "hand", 0, "s9"])
+    rs = read_manifest(manifest)
+    assert len(rs) == 5
+    assert [p for p in rs.problems if "outside the manifest's folder" in p and "../elsewhere.png" in p]
+    assert not [p for p in read_manifest(make_manifest(tmp_path / "clean", n=4)).problems if "outside" in p]
+
+
+# --------------------------------------------------------------------------- 12, 13: the server
+
+
+def test_idle_sockets_do_not_lock_other_clients_out(good_ckpt):
+    import httpx
+
+    from bonexray.web.app import create_app
+    from bonexray.web.server import uvicorn_settings
+    from builders import LiveServer, png_bytes
+
+    app = create_app(good_ckpt, device="cpu")
+    with LiveServer(app, **uvicorn_settings(header_timeout=2.0)) as live:
+        idle = [socket.create_connection(("127.0.0.1", live.port)) for _ in range(80)]  # nothing sent
+        try:
+            r = httpx.post(f"{live.url}/api/predict", timeout=30,
+                           files=[("files", ("x.png", png_bytes(radiograph_like(0)), "image/png"))])
+            assert r.status_code == 200, r.text
+            assert httpx.get(f"{live.url}/healthz", timeout=30).status_code == 200
+            # The server closes a connection that never sends its headers: recv sees the end.
+            for s in idle[:3]:
+                s.settimeout(30)
+                assert s.recv(1) == b""
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_requests_beyond_the_limit_get_503_not_a_hang(good_ckpt):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+
+    client = TestClient(create_app(good_ckpt, device="cpu", max_requests=0))
+    r = client.get("/healthz")
+    assert r.status_code == 503 and "server busy" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("flag,value", [("--max-file-mb", "nan"), ("--max-file-mb", "inf"), ("--max-request-mb", "-1")])
+def test_serve_size_limits_must_be_finite(flag, value, good_ckpt, capsys):
+    rc, _, err = run(capsys, "serve", good_ckpt, flag, value)
+    assert rc == 2 and lines(err) == [f"bonexray serve: error: {flag} {float(value)}: give a size in MB above 0"]
+
+
+# --------------------------------------------------------------------------- 14, 15: training refusals
+
+
+def test_training_data_with_one_label_is_refused_before_training(tmp_path, capsys):
+    from conftest import tiny_train_args
+
+    base = tmp_path / "data"
+    base.mkdir()
+    with open(base / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "body_part", "abnormal", "study_id"])
+        for i in range(16):
+            Image.fromarray(radiograph_like(i)).save(base / f"i{i}.png")
+            w.writerow([f"i{i}.png", ("hand", "wrist")[i % 2], 0, f"s{i}"])
+    args = tiny_train_args(base / "manifest.csv", tmp_path / "run")
+    rc, _, err = run(capsys, "train", "--data", args["data"], "--out", args["out"], "--cache", args["cache"],
+                     "--pretrained", "none", "--image-size", 64, "--epochs", 1, "--quiet")
+    assert rc == 2 and "the training images are all normal" in err and len(lines(err)) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_with_other_epochs_is_refused_before_training(tmp_path, capsys):
+    import yaml
+
+    from bonexray.training.config import TrainConfig
+    from bonexray.training.train import _check_resume_plan
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = TrainConfig.from_args({"data": "x", "epochs": 1, "schedule": "onecycle"}).to_dict()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resume_plan(TrainConfig.from_args({"data": "x", "epochs": 1, "schedule": "onecycle"}), run_dir / "config.yaml")
+    with pytest.raises(BonexrayError, match=r"--epochs 2 \(the run has 1\)"):
+        _check_resume_plan(TrainConfig.from_args({"data": "x", "epochs": 2, "schedule": "onecycle"}),
+                           run_dir / "config.yaml")
+
+
+# --------------------------------------------------------------------------- 16, 17, 18: messages
+
+
+def test_preprocess_into_a_closed_pipe_is_quiet(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n=4)
+    proc = subprocess.Popen(bonexray_cmd("preprocess", manifest, "--out", tmp_path / "cache", "--workers", 1, "--quiet"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    proc.stdout.close()  # `| head -0`: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 0 and ImageCache.open(tmp_path / "cache").summary()["images"] == 4
+
+
+def test_csv_output_never_starts_a_cell_with_a_formula(good_ckpt, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@x.png", "plain.png"]
+    for i, name in enumerate(names):
+        Image.fromarray(radiograph_like(i)).save(folder / name)
+    monkeypatch.chdir(folder)  # relative paths, as a user in that folder types them
+    rc, out, _ = run(capsys, "predict", "--format", "csv", good_ckpt, "--", *names)
+    assert rc == 0
+    paths = [row["path"] for row in csv.DictReader(out.splitlines())]
+    assert paths == ["'=HYPERLINK(1).png", "'+1.png", "'-2.png", "'@x.png", "plain.png"]
+    from bonexray.inference.writers import csv_safe
+
+    assert csv_safe("=1+1") == "'=1+1" and csv_safe("a=b") == "a=b" and csv_safe(0.5) == 0.5
+
+
+@requires_shared_data
+def test_pydicom_warnings_name_the_file(tmp_path, monkeypatch):
+    import warnings
+
+    import pydicom
+
+    from bonexray.data.imageio import read_image
+    from bonexray.errors import BonexrayWarning
+
+    real = pydicom.dcmread
+
+    def noisy(*a, **k):
+        warnings.warn("Invalid value for VR UI: '1.2.abc'", UserWarning)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pydicom, "dcmread", noisy)
+    dicom = SHARED_DATA / "dicom" / "RG3_UNCR.dcm"
+    with pytest.warns(BonexrayWarning, match=f"{dicom}: pydicom: Invalid value for VR UI"):
+        read_image(dicom)

@@ -22,6 +22,7 @@ from ..data.records import RecordSet
 from ..data.splits import make_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
 from ..inference.results import finite_rows
+from ..inference.writers import csv_safe
 from .metrics import choose_threshold, compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
 
@@ -222,7 +223,9 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                                          "skipped_unreadable")})
 
     results.mkdir(parents=True, exist_ok=True)
-    table.to_csv(results / "predictions.csv", index=False, float_format="%.6f")
+    text_cols = [c for c in table.columns if table[c].dtype == object]
+    table.assign(**{c: table[c].map(csv_safe) for c in text_cols}).to_csv(  # no spreadsheet formulas
+        results / "predictions.csv", index=False, float_format="%.6f")
     plot_confusion(metrics["confusion"]["abnormality"], ["normal", "abnormal"], results / "confusion_abnormality.png",
                    "Abnormality (image level)")
     plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")

@@ -9,6 +9,18 @@ from typing import Any, TextIO
 from ..errors import BonexrayError
 
 
+#: A spreadsheet reads a cell starting with one of these as a formula (CSV injection; OWASP).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (a file named ``=HYPERLINK(...).png``) gets a
+    leading ``'``, which spreadsheets show as text; numbers and other text pass unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class Writer:
     """JSON lines or one CSV table (with a ``type`` column) on ``stream``, flushed per batch."""
 
@@ -28,7 +40,7 @@ class Writer:
         if self._csv is None:
             self.stream.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: never a bare NaN
         else:
-            self._csv.writerow({k: (int(v) if isinstance(v, bool) else v) for k, v in rec.items()})
+            self._csv.writerow({k: (int(v) if isinstance(v, bool) else csv_safe(v)) for k, v in rec.items()})
 
     def flush(self) -> None:
         try:

@@ -260,8 +260,12 @@ def create_app(
     limits: UploadLimits | None = None,
     device: str = "auto",
     decode_workers: int | None = None,
+    max_requests: int = 64,
 ) -> FastAPI:
-    """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``."""
+    """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``.
+
+    ``max_requests``: requests in progress at once; more get 503 (idle connections do not count).
+    """
     from fastapi_offline import FastAPIOffline
 
     limits = limits or UploadLimits()
@@ -298,9 +302,17 @@ def create_app(
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error(500, "internal error; the server log has the details")
 
+    in_progress = [0]  # requests being handled now (one event loop: no lock needed)
+
     @app.middleware("http")
     async def _headers(request: Request, call_next):
-        response = await call_next(request)
+        if in_progress[0] >= max_requests:
+            return _error(503, f"server busy ({max_requests} requests in progress); try again shortly")
+        in_progress[0] += 1
+        try:
+            response = await call_next(request)
+        finally:
+            in_progress[0] -= 1
         h = response.headers
         h.setdefault("X-Content-Type-Options", "nosniff")
         h.setdefault("Referrer-Policy", "no-referrer")
