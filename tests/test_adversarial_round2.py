@@ -12,13 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import lightning  # noqa: F401 - imported here, not first inside a test: its log handler keeps the stderr it finds
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from bonexray.cli import main
-from bonexray.data.preprocess import ImageCache, build_cache, cache_lock, load_for_model
+from bonexray.data.preprocess import ImageCache, build_cache, load_for_model
 from bonexray.errors import BonexrayError, CheckpointError
 from bonexray.model.checkpoint import ModelCard, save_model, stamp_weights_sha256
 from bonexray.model.network import BoneXrayNet
@@ -114,6 +115,8 @@ def test_two_preprocess_processes_into_one_cache_folder(tmp_path):
 
 
 def test_second_run_waits_for_the_lock_then_reuses(tmp_path):
+    from bonexray.data.preprocess import cache_lock
+
     manifest = _dataset(tmp_path / "A", 8, invert=False)
     cache = tmp_path / "cache"
     with cache_lock(cache):  # another run is building this cache

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--size", type=int, default=320, help="square side in pixels (default 320)")
     pp.add_argument("--workers", type=int, default=None, help="decoder processes (default: all cores)")
     pp.add_argument("--source", choices=["mura", "fracatlas", "manifest"], default=None, help="skip auto-detection")
-    pp.add_argument("--limit", type=int, default=None, help="only the first N images (quick trials)")
+    pp.add_argument("--limit", type=int, default=None, help="only the first N images, N >= 1 (quick trials)")
     pp.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     pp.add_argument("--quiet", action="store_true")
     pp.set_defaults(func=cmd_preprocess)
