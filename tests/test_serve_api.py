@@ -278,13 +278,13 @@ def test_original_image_and_heatmap_in_original_coordinates(client):
 
 
 def test_heatmap_crop_follows_letterbox():
-    from bonexray.data.preprocess import letterbox
+    from bonexray.data.preprocess import Letterbox, letterbox
     from bonexray.web.app import heatmap_on_original
 
     # A map that is 1 exactly where letterbox put the image and 0 on the padding.
     for w, h in ((90, 150), (300, 120), (64, 64)):
         tile = letterbox(np.full((h, w), 255, np.uint8), 64)
-        crop = heatmap_on_original(tile.astype(np.float32) / 255.0, (w, h))
+        crop = heatmap_on_original(tile.astype(np.float32) / 255.0, Letterbox(64, w, h))
         assert crop.min() == 255 and crop.size == np.count_nonzero(tile), (w, h)
 
 

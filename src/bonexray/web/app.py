@@ -75,6 +75,9 @@ class ImagePrediction(BaseModel):
     abnormal: bool = Field(description="prob_abnormal >= the model's threshold")
     body_part: str
     truncated: bool = Field(description="the file ended early; what was there was decoded")
+    boxes: list[dict[str, float]] | None = Field(description="fracture boxes {x0, y0, x1, y1, score} in the original "
+                                                 "image's pixels, best first, at the model's box threshold; null for a "
+                                                 "model without a box head")
     study: str
     heatmap_png: str | None = Field(None, description="with ?heatmap=1 and a checkpoint: base64 PNG, radiograph with the heatmap")
     image_png: str | None = Field(None, description="with ?heatmap=1: base64 PNG, the radiograph as the model saw it")
@@ -466,7 +469,7 @@ def create_app(
         return service.info(limits)
 
     @app.post(
-        "/api/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=_ERRORS,
+        "/api/predict", response_model=PredictResponse, response_model_exclude_unset=True, responses=_ERRORS,
         dependencies=api_deps, tags=["model"], summary="Predict on one image or several (one study by default)",
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [FIELD],
@@ -525,7 +528,9 @@ def _response(service: ModelService, good: list[Decoded], studies: list[str], pr
     if want_pictures:
         for i, (rec, d) in enumerate(zip(images, good)):
             heat = None if maps is None else maps[i]
-            rec["heatmap_png"], rec["image_png"] = _pictures(d.tile, heat)
+            overlay, rec["image_png"] = _pictures(d.tile, heat)
+            if overlay is not None:  # unset, not null, when there is no heatmap (fields are sent only when set)
+                rec["heatmap_png"] = overlay
             rec["original_png"] = _png_b64(Image.fromarray(d.original))
             rec["original_width"], rec["original_height"] = d.original_wh
             if heat is not None:
