@@ -125,7 +125,7 @@ def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, prog
     with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress or known is not None) as bar:
         for i in range(rows_done, len(rows), batch_size):
             batch_rows = rows[i : i + batch_size]
-            pred = predictor.predict_batch(np.asarray(image_cache.images[batch_rows]), boxes=boxes, box_settings=settings)
+            pred = predictor.predict_batch(image_cache.read_rows(batch_rows), boxes=boxes, box_settings=settings)
             probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = pred.prob, pred.parts
             if found is not None:
                 found.extend(pred.boxes)
@@ -249,7 +249,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         wanted = sorted({row_of[r.path] for r in chosen}
                         | ({row_of[r.path] for r in _valid_for_threshold(records, status)} if rechoose else set()))
         outcomes = predict_distributed(
-            predictor, len(wanted), lambda i: (np.asarray(image_cache.images[wanted[i]]), False, None),
+            predictor, len(wanted), lambda i: (image_cache.read_rows([wanted[i]])[0], False, None),
             batch_size=batch_size, devices=devices, num_nodes=num_nodes, strategy=strategy, boxes=with_boxes,
             box_settings=_eval_box_settings(predictor) if with_boxes else None)
         if outcomes is None:  # not global rank 0: rank 0 computes and writes the results
