@@ -288,8 +288,13 @@ def judge(rows: list[dict]) -> list[dict]:
         worst = max(abs(r["s_per_image"] / first["s_per_image"] - 1) for r in mine[1:])
         v = {"stage": name, "n_from": first["n"], "n_to": last["n"],
              "time_per_image_change": worst, "time_target_met": worst <= TIME_TOLERANCE,
-             # Between the two largest sizes: the cost of one more image, free of start-up time.
-             "marginal_s_per_image": (last["seconds"] - mine[-2]["seconds"]) / max(1, last["items"] - mine[-2]["items"])}
+             "marginal_s_per_image": None, "startup_s": None}
+        more = last["items"] - mine[-2]["items"]
+        if more > 0:  # training runs a fixed number of steps at every N: no marginal cost to compute
+            # Between the two largest sizes, t = start-up + N x marginal: the cost of one more image, free
+            # of the start-up (imports, model load) that dominates small runs.
+            v["marginal_s_per_image"] = (last["seconds"] - mine[-2]["seconds"]) / more
+            v["startup_s"] = last["seconds"] - v["marginal_s_per_image"] * last["items"]
         if name in FLAT_RSS_STAGES:
             grow = last["peak_rss_mb"] - first["peak_rss_mb"]
             # Flat: grows by at most 10% of the smallest run's peak (or 50 MB, whichever is larger).
@@ -318,16 +323,20 @@ def print_table(rows: list[dict], verdicts: list[dict], file=sys.stdout) -> None
         print(f"| {r['n']} | {r['stage']} | {r['items']} | {r['seconds']:.1f} | {1000 * r['s_per_image']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {r['peak_tree_rss_mb']:.0f} | {r['peak_tree_anon_mb']:.0f} | {cache} |", file=file)
     print("", file=file)
-    print("| stage | time/image change (target <= 20%) | marginal ms/image | RSS growth MB | RSS flat | "
+    print("| stage | time/image change (target <= 20%) | marginal ms/image | start-up s | RSS growth MB | RSS flat | "
           "< 2 GB at largest N | holds all images |", file=file)
-    print("|---|---|---|---|---|---|---|", file=file)
+    print("|---|---|---|---|---|---|---|---|", file=file)
     for v in verdicts:
         growth = f"{v['rss_growth_mb']:+.0f}" if "rss_growth_mb" in v else "(not required)"
         held = v.get("holds_all_images")
         print(f"| {v['stage']} (N {v['n_from']} -> {v['n_to']}) | {100 * v['time_per_image_change']:.0f}%: "
-              f"{mark(v['time_target_met'])} | {1000 * v['marginal_s_per_image']:.2f} | {growth} | "
+              f"{mark(v['time_target_met'])} | {_num(v['marginal_s_per_image'], 1000)} | {_num(v['startup_s'])} | {growth} | "
               f"{mark(v.get('rss_flat'))} | {mark(v.get('rss_under_2gb'))} | "
               f"{'n/a' if held is None else ('yes' if held else 'no')} |", file=file)
+
+
+def _num(x: float | None, scale: float = 1.0) -> str:
+    return "n/a" if x is None else f"{scale * x:.2f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -97,3 +97,21 @@ def test_predict_launched_by_torchrun(tmp_path):
     # The damaged file: exit 1 from rank 0, which torchrun passes on.
     assert one.returncode == 1 and two.returncode == 1, two.stderr[-3000:]
     assert two.stdout == one.stdout and one.stdout.count('"type": "image"') == 9, two.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_launched_by_torchrun_waits_for_one_cache(tmp_path):
+    """torchrun starts both ranks at once: local rank 0 builds the missing cache, rank 1 waits for it."""
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", body_parts=("hand", "leg"))
+    manifest = make_manifest(tmp_path / "d", n=14, parts=("hand", "leg"))
+    common = [ckpt, "--data", manifest, "--split", "all", "--bootstrap", "10", "--batch-size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "bonexray.cli", "evaluate", *map(str, common), "--cache", str(tmp_path / "c2"),
+           "--out", str(tmp_path / "two"), "--devices", "2"]
+    two = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert not (tmp_path / "c2" / ".images.u8.partial").exists() and (tmp_path / "c2" / "meta.json").is_file()
+    one = _cli("evaluate", *common, "--cache", tmp_path / "c1", "--out", tmp_path / "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert (tmp_path / "two" / "predictions.csv").read_text() == (tmp_path / "one" / "predictions.csv").read_text()
+    assert two.stdout.count("evaluated 14 images") == 1
