@@ -115,3 +115,49 @@ def test_evaluate_launched_by_torchrun_waits_for_one_cache(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     assert (tmp_path / "two" / "predictions.csv").read_text() == (tmp_path / "one" / "predictions.csv").read_text()
     assert two.stdout.count("evaluated 14 images") == 1
+
+
+def test_a_waiting_rank_gives_up_when_rank_zero_builds_nothing(tmp_path):
+    from bonexray.data.datasets import load_dataset
+    from bonexray.errors import DatasetError
+    from bonexray.evaluation.evaluate import _wait_for_cache
+
+    records = load_dataset(make_manifest(tmp_path / "d", n=4))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DatasetError, match="did rank 0 fail"):
+        _wait_for_cache(records, tmp_path / "c", 32, stall_s=1.5)
+
+
+def _box_checkpoint(path: Path) -> Path:
+    """An untrained model with a box head (random weights) and a low operating point, so it reports boxes."""
+    import torch
+
+    from bonexray.model.checkpoint import ModelCard, save_model
+    from bonexray.model.network import BoneXrayNet
+
+    torch.manual_seed(0)
+    net = BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None, box_head=True)
+    card = ModelCard(backbone="efficientnet_lite0", image_size=64, mean=net.mean, std=net.std, body_parts=["hand", "leg"],
+                     threshold=0.5, boxes={"threshold": 0.05, "max_detections": 3})
+    return save_model(path, net, card)
+
+
+@pytest.mark.slow
+def test_box_model_across_two_processes_writes_what_one_process_writes(tmp_path):
+    """Boxes (predict, in original pixels) and localisation metrics (evaluate) with --devices 2."""
+    from builders import make_fracatlas_tree
+
+    ckpt = _box_checkpoint(tmp_path / "box.ckpt")
+    root = make_fracatlas_tree(tmp_path / "data", n_groups=6)
+    images = root / "images" / "Fractured"
+    one = _cli("predict", ckpt, images, "--batch-size", "4", cwd=tmp_path)
+    two = _cli("predict", ckpt, images, "--batch-size", "4", "--devices", "2", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout
+    assert any(json.loads(line)["boxes"] for line in one.stdout.splitlines())
+    for devices in ("1", "2"):
+        run = _cli("evaluate", ckpt, "--data", root, "--split", "all", "--out", tmp_path / f"e{devices}",
+                   "--bootstrap", "10", "--cache", tmp_path / "cache", "--devices", devices, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / f"e{d}" / "metrics.json").read_text()) for d in ("1", "2"))
+    assert "localization" in m1 and m2 == m1

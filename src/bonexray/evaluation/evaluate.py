@@ -325,12 +325,26 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             + f"  report: {report}")
 
 
-def _wait_for_cache(records, cache_dir: Path, size: int):
-    """Ranks other than a node's local rank 0 wait for the cache it builds (torchrun starts all at once)."""
+#: A waiting rank gives up when the cache folder has not changed for this long (rank 0 died, e.g. under srun).
+CACHE_WAIT_STALL_S = 900.0
+
+
+def _wait_for_cache(records, cache_dir: Path, size: int, stall_s: float = CACHE_WAIT_STALL_S):
+    """Ranks other than a node's local rank 0 wait for the cache it builds (torchrun and srun start all at once)."""
     from ..data.preprocess import ImageCache, cache_is_current, fingerprint
 
     fp = fingerprint(records.records, size)
+    last_change, seen = time.monotonic(), None
     while not cache_is_current(cache_dir, fp):
+        try:
+            state = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in cache_dir.iterdir())
+        except OSError:
+            state = None
+        if state != seen:
+            last_change, seen = time.monotonic(), state
+        elif time.monotonic() - last_change > stall_s:
+            raise DatasetError(f"{cache_dir}: waited {stall_s:.0f} s for local rank 0 to build this cache and nothing "
+                               "changed; did rank 0 fail? Run `bonexray preprocess` first, then evaluate again")
         time.sleep(1.0)
     return ImageCache.open(cache_dir)
 

@@ -117,7 +117,7 @@ def run_predict(
             return m.tile, m.truncated, m.geometry
 
         outcomes = predict_distributed(predictor, len(plan.items), load, batch_size=batch_size, devices=devices,
-                                       num_nodes=num_nodes, strategy=strategy)
+                                       num_nodes=num_nodes, strategy=strategy, boxes=predictor.has_boxes)
         if outcomes is None:  # not global rank 0: rank 0 writes everything
             return 0
     failed = 0
