@@ -161,3 +161,15 @@ def test_box_model_across_two_processes_writes_what_one_process_writes(tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
     m1, m2 = (json.loads((tmp_path / f"e{d}" / "metrics.json").read_text()) for d in ("1", "2"))
     assert "localization" in m1 and m2 == m1
+
+
+@pytest.mark.slow
+def test_fewer_images_than_processes(tmp_path):
+    """Rank 1 gets no image at all: it must still hand its (empty) share to rank 0, not hang or crash."""
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", body_parts=("hand", "leg"))
+    png = tmp_path / "only.png"
+    Image.fromarray(radiograph_like(3)).save(png)
+    one = _cli("predict", ckpt, png, cwd=tmp_path)
+    two = _cli("predict", ckpt, png, "--devices", "2", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and one.stdout.count("\n") == 1

@@ -4,7 +4,7 @@ which starts the other processes itself, or ``torchrun`` / ``srun`` starting one
 
 Every rank builds the same item list (deterministic), reads its share of it (Lightning's
 distributed sampler, no repeats), predicts with its own :class:`Predictor` and keeps plain results;
-at the end the results are gathered on global rank 0 (``torch.distributed.gather_object``) and
+after ``Trainer.predict`` the results are gathered on global rank 0 (``torch.distributed.gather_object``) and
 ordered by input index, so rank 0 writes them once, in input order, exactly as a one-process run
 does. Other ranks get ``None`` and write nothing.
 """
@@ -97,7 +97,8 @@ def _quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for msg in (r".*LeafSpec.*is deprecated.*", r".*litlogger.*", r".*does not have many workers.*",
-                r".*predict returned None.*"):  # by design: results are gathered in on_predict_epoch_end
+                r".*predict returned None.*",  # by design: results are gathered after predict
+                r".*Total length of .* across ranks is zero.*"):  # fewer items than processes
         warnings.filterwarnings("ignore", message=msg)
 
 
@@ -139,16 +140,6 @@ def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.
                                                  pred.boxes[j] if pred.boxes is not None else None, bool(truncated), extra))
             return None
 
-        def on_predict_epoch_end(self) -> None:
-            import torch.distributed as dist
-
-            if not (dist.is_available() and dist.is_initialized()):
-                self.gathered = [self.found]
-                return
-            everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-            dist.gather_object(self.found, everyone, dst=0)
-            self.gathered = everyone
-
     _quiet_lightning()
     on_gpu = str(predictor.device).startswith("cuda")
     if not on_gpu:
@@ -160,10 +151,20 @@ def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.
                         enable_checkpointing=False, use_distributed_sampler=True)
     loader = DataLoader(_Items(n_items, load), batch_size=batch_size, shuffle=False, collate_fn=_as_list)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
+    # Gathered here, after predict, not in a hook: a rank whose share is empty (fewer items than ranks)
+    # runs no predict epoch at all, and a collective in a hook would wait for it forever. Lightning
+    # keeps the process group until the process exits.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(module.found, gathered, dst=0)
+    else:
+        gathered = [module.found]
     if not trainer.is_global_zero:
         return None
     by_index: dict[int, ItemResult] = {}
-    for part in module.gathered:
+    for part in gathered:
         for res in part or []:
             by_index.setdefault(res.index, res)
     missing = [i for i in range(n_items) if i not in by_index]
