@@ -2,8 +2,8 @@
 ``Trainer.predict`` under DDP, launched the same ways (``--devices N [--num-nodes M]`` on one command,
 which starts the other processes itself, or ``torchrun`` / ``srun`` starting one process per device).
 
-Every rank builds the same item list (deterministic), reads its share of it (Lightning's
-distributed sampler, no repeats), predicts with its own :class:`Predictor` and keeps plain results;
+Every rank builds the same item list (deterministic), reads its share of it (torch's
+``DistributedSampler``; shares padded with repeats, dropped again by index), predicts with its own :class:`Predictor` and keeps plain results;
 after ``Trainer.predict`` the results are gathered on global rank 0 (``torch.distributed.gather_object``) and
 ordered by input index, so rank 0 writes them once, in input order, exactly as a one-process run
 does. Other ranks get ``None`` and write nothing.
@@ -127,6 +127,18 @@ def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.
             self._engine = [predictor]
             self.found: list[ItemResult] = []
 
+        def predict_dataloader(self):
+            from torch.utils.data.distributed import DistributedSampler
+
+            # torch's sampler pads every share to the same length with repeated items (dropped again
+            # below by index), so no rank is left without a batch when there are fewer items than ranks;
+            # Lightning's own predict sampler would give such a rank nothing, and it would not join the
+            # collective calls of the others.
+            items = _Items(n_items, load)
+            sampler = DistributedSampler(items, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                         shuffle=False)
+            return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=_as_list)
+
         def transfer_batch_to_device(self, batch, device, dataloader_idx):
             return batch  # numpy tiles and Python objects: the Predictor moves what it runs
 
@@ -148,9 +160,8 @@ def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.
     module = PredictModule()
     trainer = L.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=parse_devices(devices), num_nodes=num_nodes,
                         strategy=strategy, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, use_distributed_sampler=True)
-    loader = DataLoader(_Items(n_items, load), batch_size=batch_size, shuffle=False, collate_fn=_as_list)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+                        enable_checkpointing=False, use_distributed_sampler=False)
+    trainer.predict(module, return_predictions=False)
     # Gathered here, after predict, not in a hook: a rank whose share is empty (fewer items than ranks)
     # runs no predict epoch at all, and a collective in a hook would wait for it forever. Lightning
     # keeps the process group until the process exits.
@@ -159,6 +170,9 @@ def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(module.found, gathered, dst=0)
+        # Done with the other ranks: what rank 0 computes next (e.g. torchmetrics' detection AP in
+        # evaluate) must not try to synchronise with processes that have moved on.
+        dist.destroy_process_group()
     else:
         gathered = [module.found]
     if not trainer.is_global_zero:
