@@ -42,7 +42,7 @@ def example_dir(tmp_path, monkeypatch) -> Path:
 
 def test_readme_example_runs_verbatim_and_matches_the_cli(example_dir, capsys):
     code = readme_example()
-    assert len([ln for ln in code.splitlines() if ln.strip()]) == 5
+    assert len([ln for ln in code.splitlines() if ln.strip()]) == 6
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - the README's own example
     printed = capsys.readouterr().out.splitlines()
@@ -53,7 +53,8 @@ def test_readme_example_runs_verbatim_and_matches_the_cli(example_dir, capsys):
     assert list(result.body_part_probs) == ["hand", "leg"] and sum(result.body_part_probs.values()) == pytest.approx(1.0)
     assert result.body_part == max(result.body_part_probs, key=result.body_part_probs.get)
     assert printed[0].startswith(f"{result.prob_abnormal} {result.abnormal} {result.body_part}")
-    assert "'images': 8" in printed[1]  # the dataset summary
+    assert printed[1] == "None"  # this model has no box head: boxes are None, not an empty list
+    assert "'images': 8" in printed[2]  # the dataset summary
 
     # Same numbers as `bonexray predict` on the same file.
     assert main(["predict", "runs/fa/checkpoints/best.ckpt", "xray.png"]) == 0

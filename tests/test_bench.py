@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -106,3 +107,52 @@ def test_results_row_names_a_folder_without_metrics(tmp_path):
     (tmp_path / "other" / "metrics.json").write_text('{"accuracy": 0.9}')
     with pytest.raises(SystemExit, match="other/metrics.json: not a bonexray evaluate metrics.json"):
         _load("results_row").main([str(tmp_path / "other")])
+
+
+def test_scale_bench_tree_is_mura_layout_with_distinct_images(tmp_path):
+    """bench/scale.py's trees: MURA-v1.1's folders and CSVs, read by the MURA reader without a problem,
+    no two image files identical although 40 images come from 4 sources, labels by the stated rule."""
+    import csv
+    import hashlib
+
+    from PIL import Image
+
+    from bonexray.data.datasets import load_dataset
+    from builders import radiograph_like
+
+    scale = _load("scale")
+    src = tmp_path / "FracAtlas" / "images" / "Fractured"
+    src.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(radiograph_like(i, 120, 100)).save(src / f"IMG{i:07d}.jpg")
+    root = scale.build_tree(tmp_path / "t", 40, tmp_path / "FracAtlas", seed=0)
+    records = load_dataset(root)
+    assert records.source == "mura" and len(records.records) == 40 and records.problems == []
+    files = sorted(root.rglob("*.png"))
+    assert len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == 40
+    assert {r.split for r in records.records} == {"train", "valid"}
+    layout = scale.tree_layout(40)
+    for r in records.records:  # label and body part follow the rule, and the CSV agrees with the folder name
+        split, part, patient, study, label, number = next(x for x in layout if
+                                                          r.path.endswith(f"XR_{x[1]}/{x[2]}/{x[3]}_"
+                                                                          f"{'positive' if x[4] else 'negative'}/image{x[5]}.png"))
+        assert (r.split, r.body_part, r.abnormal) == (split, part.lower(), label)
+    with open(root / "train_labeled_studies.csv") as f:
+        rows = list(csv.reader(f))
+    assert all(row[0].startswith("MURA-v1.1/train/XR_") and row[0].endswith("/") and row[1] in "01" for row in rows)
+    # Reused, not rebuilt, when asked again with the same rule.
+    stamp = (root / ".scale-bench.json").stat().st_mtime_ns
+    scale.build_tree(tmp_path / "t", 40, tmp_path / "FracAtlas", seed=0)
+    assert (root / ".scale-bench.json").stat().st_mtime_ns == stamp
+
+
+def test_scale_bench_judges_the_targets():
+    scale = _load("scale")
+    rows = [{"n": n, "stage": "predict", "items": n, "seconds": s, "s_per_image": s / n, "peak_rss_mb": rss,
+             "peak_tree_rss_mb": rss, "peak_tree_anon_mb": rss} for n, s, rss in ((1000, 10.0, 800), (4000, 52.0, 1900))]
+    rows += [{"n": n, "stage": "preprocess", "items": n, "seconds": 1.0, "s_per_image": 1.0 / n, "peak_rss_mb": 100,
+              "peak_tree_rss_mb": 100, "peak_tree_anon_mb": 50, "cache_mb": c} for n, c in ((1000, 100), (4000, 400))]
+    v = {x["stage"]: x for x in scale.judge(rows)}["predict"]
+    assert v["time_per_image_change"] == pytest.approx(0.30) and not v["time_target_met"]
+    assert v["rss_growth_mb"] == 1100 and not v["rss_flat"] and v["rss_under_2gb"] and v["holds_all_images"]
+    assert v["marginal_s_per_image"] == pytest.approx(42.0 / 3000) and v["startup_s"] == pytest.approx(10 - 14.0)

@@ -103,3 +103,47 @@ def test_fracatlas_subset_with_truncated_jpeg(tmp_path):
     assert cache.index["status"].iloc[-1] == "truncated"
     assert (cache.index["status"].iloc[:-1] == "ok").all()
     assert cache.images[-1].std() > 5  # decoded content, not an empty frame
+
+
+def test_read_rows_gives_the_memmap_rows(tmp_path):
+    cache, _ = build_cache(load_dataset(make_manifest(tmp_path / "d", n=6)), tmp_path / "c", size=32, workers=1,
+                           progress=False)
+    rows = [4, 0, 5, 5]
+    assert np.array_equal(cache.read_rows(rows), np.asarray(cache.images[rows]))
+    assert cache.read_rows([]).shape == (0, 32, 32)
+    with pytest.raises(IndexError):
+        cache.read_rows([6])
+
+
+_RSS_PROBE = r"""
+import json, resource, sys
+import numpy as np
+from bonexray.data.datasets import load_dataset
+from bonexray.data.preprocess import build_cache
+
+def rss_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+
+records = load_dataset(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cache, _ = build_cache(records, sys.argv[2], size=512, workers=1, progress=False)
+build_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+now = rss_kb()
+for i in range(0, len(cache.index), 16):  # what evaluate does: every row, batch by batch
+    cache.read_rows(np.arange(i, min(i + 16, len(cache.index))))
+print(json.dumps({"build_kb": build_growth, "read_kb": rss_kb() - now, "cache_kb": cache.images.nbytes // 1024}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
+def test_building_and_reading_a_cache_does_not_keep_it_resident(tmp_path):
+    """Pages written or read through a memory map stay in the process's RSS: preprocess and evaluate
+    would hold the whole cache (4 GB for MURA at 320 px). Neither may grow by more than a third of it."""
+    manifest = make_manifest(tmp_path / "d", n=160)
+    proc = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(manifest), str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["cache_kb"] > 30_000
+    assert got["build_kb"] < got["cache_kb"] / 3, got
+    assert got["read_kb"] < got["cache_kb"] / 3, got

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from .data.datasets import load_dataset
-from .data.imageio import is_image_file
 from .data.preprocess import Letterbox, ModelInput, letterbox, read_for_model
 from .errors import BonexrayError, BonexrayWarning, ImageReadError
 from .inference.results import finite_rows, nonfinite_reason

@@ -78,8 +78,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = run_evaluation(args.checkpoint, args.data, split=args.split, out=args.out,
                              batch_size=args.batch_size, device=args.device, n_bootstrap=args.bootstrap,
                              body_part_map=args.map_body_part, cache=args.cache, tta=args.tta, splits=args.splits,
-                             backend=args.backend)
-    print(summary)
+                             backend=args.backend, devices=args.devices, num_nodes=args.num_nodes,
+                             strategy=args.strategy)
+    if summary is not None:  # None: not global rank 0 of a run across processes
+        print(summary)
     return 0
 
 
@@ -88,7 +90,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
                        device=args.device, batch_size=args.batch_size, tta=args.tta,
-                       cam_method=args.cam_method, backend=args.backend)
+                       cam_method=args.cam_method, backend=args.backend, devices=args.devices,
+                       num_nodes=args.num_nodes, strategy=args.strategy)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -132,6 +135,15 @@ def cmd_pacs(args: argparse.Namespace) -> int:
 BACKEND_HELP = ("engine for a checkpoint: 'auto' (default) runs it through onnxruntime on CPU (exported once, "
                 "cached beside the checkpoint as NAME.<sha256>.onnx) and through PyTorch on a GPU; 'torch' or 'onnx' "
                 "choose explicitly. --cam always uses the PyTorch network")
+
+
+def _add_process_arguments(p: argparse.ArgumentParser) -> None:
+    """--devices / --num-nodes / --strategy, as for training (Lightning DDP; torchrun and srun too)."""
+    p.add_argument("--devices", default="1",
+                   help="processes (CPU) or GPUs per node sharing the images (Lightning syntax; default 1). With more "
+                        "than one, rank 0 writes every result, in input order, as one process would")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes, for runs across machines (torchrun, srun; default 1)")
+    p.add_argument("--strategy", default="ddp", help="Lightning strategy for several processes (default ddp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
     e.add_argument("--map-body-part", action="append", default=[], metavar="DATA=MODEL",
                    help="map a dataset body part onto a model class (repeatable)")
+    _add_process_arguments(e)
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict on images, folders, studies or DICOM files")
@@ -205,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'flip' averages each image with its mirror (twice the compute); decisions still use "
                          "the checkpoint's threshold")
     pr.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
+    _add_process_arguments(pr)
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX with its model card")

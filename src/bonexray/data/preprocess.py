@@ -310,6 +310,26 @@ class ImageCache:
         images = np.memmap(images_path, dtype=np.uint8, mode="r", shape=(n, size, size)) if n else np.zeros((0, size, size), np.uint8)
         return cls(root, images, index, size, meta)
 
+    def read_rows(self, rows) -> np.ndarray:
+        """Tiles of ``rows`` (uint8 (k, S, S)) read with positioned reads, not through the memmap: pages
+        read through a mapping stay in this process's resident set, so a pass over the whole cache
+        (evaluate) would hold all of it (bench/scale.py). The reads still go through the page cache."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.size, self.size), np.uint8)
+        tile = self.size * self.size
+        fd = os.open(self.root / "images.u8", os.O_RDONLY)
+        try:
+            for j, row in enumerate(rows):
+                if not 0 <= row < len(self.images):
+                    raise IndexError(f"row {row} is outside the cache's {len(self.images)} rows")
+                view = memoryview(out[j]).cast("B")
+                got = os.preadv(fd, [view], int(row) * tile)
+                if got != tile:
+                    raise _damaged(self.root, f"images.u8 ends inside row {row}")
+        finally:
+            os.close(fd)
+        return out
+
     def summary(self) -> dict:
         idx = self.index
         return {
@@ -412,19 +432,23 @@ def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers
     jobs = [(r.path, size) for r in records]
     t0 = time.perf_counter()
     try:
-        mm = np.memmap(tmp_images, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size))
-        with tqdm(total=n, desc=f"preprocess {size}px", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            if workers <= 1:
-                _store_results(map(_decode_one, jobs), records, mm, statuses, reasons, bar)
-            else:
-                with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-                    try:
-                        _store_results(pool.map(_decode_one, jobs, chunksize=16), records, mm, statuses, reasons, bar)
-                    except BaseException:
-                        pool.shutdown(wait=True, cancel_futures=True)  # no queued work runs on after an error
-                        raise
-        mm.flush()
-        del mm
+        # Plain positioned writes, not a writable memmap: every page written through a mapping stays
+        # in this process's resident set until it is unmapped, so peak RSS grew with the dataset
+        # (by the whole cache: 4 GB for MURA at 320 px; bench/scale.py). Unwritten rows read as zeros.
+        with open(tmp_images, "wb") as tiles:
+            tiles.truncate(max(n, 1) * size * size)
+            with tqdm(total=n, desc=f"preprocess {size}px", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+                if workers <= 1:
+                    _store_results(map(_decode_one, jobs), records, tiles, statuses, reasons, bar)
+                else:
+                    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+                        try:
+                            _store_results(pool.map(_decode_one, jobs, chunksize=16), records, tiles, statuses,
+                                           reasons, bar)
+                        except BaseException:
+                            pool.shutdown(wait=True, cancel_futures=True)  # no queued work runs on after an error
+                            raise
+            os.fsync(tiles.fileno())  # on disk before meta.json says the cache is complete (as msync did)
     except BaseException:
         tmp_images.unlink(missing_ok=True)  # nothing half-written stays behind
         if created:
@@ -458,11 +482,12 @@ def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers
     return ImageCache.open(out), False
 
 
-def _store_results(results, records, mm, statuses, reasons, bar) -> None:
+def _store_results(results, records, tiles, statuses, reasons, bar) -> None:
     for i, (arr, status, reason) in enumerate(results):
         _raise_for_worker_failure(records[i].path, status, reason)
         if arr is not None:
-            mm[i] = arr
+            tile = np.ascontiguousarray(arr, dtype=np.uint8)
+            os.pwrite(tiles.fileno(), tile.data, i * tile.nbytes)
         statuses[i], reasons[i] = status, reason
         bar.update(1)
 

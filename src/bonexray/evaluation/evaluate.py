@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -98,21 +99,35 @@ def assign_eval_splits(records: RecordSet, card_split: dict | None, run_dir: Pat
 EVAL_BOX_THRESHOLD, EVAL_MAX_DETECTIONS = 0.01, 100
 
 
-def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, progress: bool, boxes: bool = False):
-    """(probs, body-part probs) of cache rows, plus with ``boxes`` every box down to ``EVAL_BOX_THRESHOLD``
-    (per row an (n, 5) array in tile pixels), else None."""
+def _eval_box_settings(predictor):
     from dataclasses import replace
 
+    return replace(predictor.box_settings, threshold=EVAL_BOX_THRESHOLD, max_detections=EVAL_MAX_DETECTIONS)
+
+
+def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, progress: bool, boxes: bool = False,
+                  known: dict | None = None):
+    """(probs, body-part probs) of cache rows, plus with ``boxes`` every box down to ``EVAL_BOX_THRESHOLD``
+    (per row an (n, 5) array in tile pixels), else None. ``known``: cache row -> ItemResult already
+    predicted across processes (inference/distributed.py), read instead of running the model."""
     rows = np.asarray(rows)
     probs = np.zeros(len(rows), np.float32)
     part_probs = np.zeros((len(rows), len(predictor.body_parts)), np.float32)
     found: list[np.ndarray] | None = [] if boxes else None
-    settings = (replace(predictor.box_settings, threshold=EVAL_BOX_THRESHOLD, max_detections=EVAL_MAX_DETECTIONS)
-                if boxes else None)
-    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
-        for i in range(0, len(rows), batch_size):
+    settings = _eval_box_settings(predictor) if boxes else None
+    if known is not None:
+        for j, row in enumerate(rows):
+            res = known[int(row)]
+            probs[j], part_probs[j] = res.prob, res.parts
+            if found is not None:
+                found.append(res.boxes)
+        rows_done = len(rows)
+    else:
+        rows_done = 0
+    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress or known is not None) as bar:
+        for i in range(rows_done, len(rows), batch_size):
             batch_rows = rows[i : i + batch_size]
-            pred = predictor.predict_batch(np.asarray(image_cache.images[batch_rows]), boxes=boxes, box_settings=settings)
+            pred = predictor.predict_batch(image_cache.read_rows(batch_rows), boxes=boxes, box_settings=settings)
             probs[i : i + len(batch_rows)], part_probs[i : i + len(batch_rows)] = pred.prob, pred.parts
             if found is not None:
                 found.extend(pred.boxes)
@@ -125,8 +140,13 @@ def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, prog
     return (probs, part_probs, found) if boxes else (probs, part_probs)
 
 
-def _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of, status, batch_size, progress):
-    valid = [r for r in records if r.split == "valid" and r.abnormal in (0, 1) and status.get(r.path) in ("ok", "truncated")]
+def _valid_for_threshold(records, status) -> list:
+    return [r for r in records if r.split == "valid" and r.abnormal in (0, 1) and status.get(r.path) in ("ok", "truncated")]
+
+
+def _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of, status, batch_size, progress,
+                                 known=None):
+    valid = _valid_for_threshold(records, status)
     if run_dir is None or len({r.abnormal for r in valid}) < 2:
         return predictor.threshold, "model card (no valid split of the run with both labels to re-choose it on)"
     cfg = {}
@@ -136,7 +156,7 @@ def _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_o
     valid = sorted(valid, key=lambda r: row_of[r.path])  # near-sequential memmap reads
     labels = np.array([r.abnormal for r in valid])
     probs, _ = _predict_rows(predictor, image_cache, [row_of[r.path] for r in valid], batch_size,
-                             "valid threshold", progress)
+                             "valid threshold", progress, known=known)
     t = float(choose_threshold(labels, probs, method=method, target=target))
     what = f"{len(getattr(predictor, 'members', [None]))} model(s), TTA '{predictor.tta}'"
     return t, f"re-chosen on the run's valid split for {what} ({method}, {len(valid)} images)"
@@ -156,15 +176,31 @@ def _same_split(predictor, checkpoints: Sequence[Path]) -> Path | None:
 def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "test", out: str = "results",
                    batch_size: int = 64, device: str = "auto", n_bootstrap: int = 1000,
                    body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
-                   tta: str = "none", splits: str | None = None, backend: str = "auto") -> str:
-    """Evaluate one checkpoint, or several as an ensemble (probabilities averaged)."""
+                   tta: str = "none", splits: str | None = None, backend: str = "auto", devices: str | int = 1,
+                   num_nodes: int = 1, strategy: str = "ddp") -> str | None:
+    """Evaluate one checkpoint, or several as an ensemble (probabilities averaged).
+
+    With ``devices`` other than 1 or several ``num_nodes``, the images are predicted across processes
+    (inference/distributed.py; the cache is built by local rank 0 of each node) and global rank 0
+    computes and writes everything; the other ranks return None.
+    """
+    from ..inference.distributed import local_world_size, rank_device, wants_distributed
     from ..inference.predict import Ensemble, Predictor
 
     t0 = time.perf_counter()
     results = check_output_folder(out, "--out")  # before the work, not after it
     ckpts = [Path(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
-    predictor = (Predictor(ckpts[0], device=device, tta=tta, backend=backend) if len(ckpts) == 1
-                 else Ensemble(ckpts, device=device, tta=tta, backend=backend))
+    distributed = wants_distributed(devices, num_nodes)
+    if distributed:
+        from ..inference.backends import physical_cores
+
+        device = rank_device(device)
+        threads = max(1, physical_cores() // local_world_size(devices))
+        predictor = (Predictor(ckpts[0], device=device, tta=tta, backend=backend, threads=threads) if len(ckpts) == 1
+                     else Ensemble(ckpts, device=device, tta=tta, backend=backend, threads=threads))
+    else:
+        predictor = (Predictor(ckpts[0], device=device, tta=tta, backend=backend) if len(ckpts) == 1
+                     else Ensemble(ckpts, device=device, tta=tta, backend=backend))
     body_parts = predictor.body_parts
     run_dir = _same_split(predictor, ckpts)
     # A final fit (train --fit-on train+valid) trained on the valid split: no score or threshold may come from it.
@@ -176,7 +212,10 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     records = load_dataset(data)
     # The cache is keyed by the dataset as read (the same one training built), before any remapping.
     cache_dir = Path(cache) if cache else default_cache_dir(records.root, predictor.image_size)
-    image_cache, _ = build_cache(records, cache_dir, size=predictor.image_size, progress=progress)
+    if distributed and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        image_cache = _wait_for_cache(records, cache_dir, predictor.image_size)  # local rank 0 builds it
+    else:
+        image_cache, _ = build_cache(records, cache_dir, size=predictor.image_size, progress=progress)
     if split == "all":
         how = "all images"
     else:  # before any body-part remapping: the split is stratified by the dataset's own body parts
@@ -202,17 +241,33 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     # Localisation is scored where the data says where fractures are (FracAtlas' COCO boxes) and the
     # model has a box head.
     with_boxes = predictor.has_boxes and any("localized" in r.extras for r in chosen)
+    rechoose = not fit_on_valid and (tta != "none" or len(ckpts) > 1)
+    known = None
+    if distributed:
+        from ..inference.distributed import predict_distributed
+
+        # One pass over every row this evaluation reads (the threshold's valid rows too): each
+        # Trainer.predict call would start the processes again.
+        wanted = sorted({row_of[r.path] for r in chosen}
+                        | ({row_of[r.path] for r in _valid_for_threshold(records, status)} if rechoose else set()))
+        outcomes = predict_distributed(
+            predictor, len(wanted), lambda i: (image_cache.read_rows([wanted[i]])[0], False, None),
+            batch_size=batch_size, devices=devices, num_nodes=num_nodes, strategy=strategy, boxes=with_boxes,
+            box_settings=_eval_box_settings(predictor) if with_boxes else None)
+        if outcomes is None:  # not global rank 0: rank 0 computes and writes the results
+            return None
+        known = {wanted[o.index]: o for o in outcomes}
     probs, part_probs, *found = _predict_rows(predictor, image_cache, [row_of[r.path] for r in chosen], batch_size,
-                                              f"evaluate {split}", progress, boxes=with_boxes)
+                                              f"evaluate {split}", progress, boxes=with_boxes, known=known)
     threshold, threshold_source = predictor.threshold, "model card (chosen on valid during training)"
     if fit_on_valid:
         threshold_source = ("model card (a train+valid fit keeps 0.5, the operating point of its class-balanced loss; "
                             "no split was left to choose it on)")
-    elif tta != "none" or len(ckpts) > 1:
+    elif rechoose:
         # The stored threshold was chosen on valid for one model without TTA; choose it again, on the
         # valid split only, for what is evaluated here.
         threshold, threshold_source = _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of,
-                                                                 status, batch_size, progress)
+                                                                 status, batch_size, progress, known=known)
 
     table = pd.DataFrame({
         "path": [r.path for r in chosen],
@@ -272,6 +327,30 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             + (f"  {mixed} stud(y/ies) have views with different labels; each counts as abnormal (any view)\n"
                if mixed else "")
             + f"  report: {report}")
+
+
+#: A waiting rank gives up when the cache folder has not changed for this long (rank 0 died, e.g. under srun).
+CACHE_WAIT_STALL_S = 900.0
+
+
+def _wait_for_cache(records, cache_dir: Path, size: int, stall_s: float = CACHE_WAIT_STALL_S):
+    """Ranks other than a node's local rank 0 wait for the cache it builds (torchrun and srun start all at once)."""
+    from ..data.preprocess import ImageCache, cache_is_current, fingerprint
+
+    fp = fingerprint(records.records, size)
+    last_change, seen = time.monotonic(), None
+    while not cache_is_current(cache_dir, fp):
+        try:
+            state = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in cache_dir.iterdir())
+        except OSError:
+            state = None
+        if state != seen:
+            last_change, seen = time.monotonic(), state
+        elif time.monotonic() - last_change > stall_s:
+            raise DatasetError(f"{cache_dir}: waited {stall_s:.0f} s for local rank 0 to build this cache and nothing "
+                               "changed; did rank 0 fail? Run `bonexray preprocess` first, then evaluate again")
+        time.sleep(1.0)
+    return ImageCache.open(cache_dir)
 
 
 def _localization(chosen, found: list[np.ndarray], size: int, n_bootstrap: int) -> dict:

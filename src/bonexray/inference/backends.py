@@ -40,13 +40,13 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def ort_session_options():
-    """onnxruntime session options: one intra-op thread per physical core, quiet logs."""
+def ort_session_options(threads: int | None = None):
+    """onnxruntime session options: ``threads`` intra-op threads (default one per physical core), quiet logs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: no provider chatter on stderr
-    opts.intra_op_num_threads = physical_cores()
+    opts.intra_op_num_threads = threads or physical_cores()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return opts
 

@@ -76,11 +76,19 @@ def run_predict(
     tta: str = "none",
     cam_method: str = "gradcam++",
     backend: str = "auto",
+    devices: str | int = 1,
+    num_nodes: int = 1,
+    strategy: str = "ddp",
 ) -> int:
     """Predict every image under ``paths``; returns the exit status (0 ok, 1 some input failed).
 
+    With ``devices`` other than 1 or several ``num_nodes``, the images are shared among processes
+    (:mod:`bonexray.inference.distributed`) and global rank 0 writes every record, in input order,
+    as one process would; the other ranks write nothing and return 0.
     A bad model file raises :class:`CheckpointError` (the CLI turns it into exit status 2).
     """
+    from .distributed import local_world_size, rank_device, wants_distributed
+
     if batch_size < 1:
         raise BonexrayError(f"--batch-size must be >= 1, got {batch_size}")
     if fmt not in ("json", "csv"):
@@ -90,9 +98,28 @@ def run_predict(
             "--cam needs the checkpoint (.ckpt): Grad-CAM takes gradients of the torch network, "
             "which an exported ONNX model does not provide"
         )
+    distributed = wants_distributed(devices, num_nodes)
+    if distributed and cam_dir is not None:
+        raise BonexrayError("--cam runs in one process: drop --devices/--num-nodes, or write heatmaps in a second run")
     stream = stream or sys.stdout
-    predictor = Predictor(model, device=device, tta=tta, backend=backend)
+    if distributed:
+        predictor = Predictor(model, device=rank_device(device), tta=tta, backend=backend,
+                              threads=max(1, _cores() // local_world_size(devices)))
+    else:
+        predictor = Predictor(model, device=device, tta=tta, backend=backend)
     plan = collect_inputs(paths, study=study)
+    if distributed:
+        from ..data.preprocess import read_for_model
+        from .distributed import predict_distributed
+
+        def load(i: int):
+            m = read_for_model(plan.items[i].path, predictor.image_size)
+            return m.tile, m.truncated, m.geometry
+
+        outcomes = predict_distributed(predictor, len(plan.items), load, batch_size=batch_size, devices=devices,
+                                       num_nodes=num_nodes, strategy=strategy, boxes=predictor.has_boxes)
+        if outcomes is None:  # not global rank 0: rank 0 writes everything
+            return 0
     failed = 0
     for path, reason in plan.errors:
         _error(path, reason)
@@ -108,7 +135,10 @@ def run_predict(
 
     try:
         writer = Writer(fmt, predictor.body_parts, stream, with_cam=cam_writer is not None)
-        failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size)
+        if distributed:
+            failed += _write_outcomes(predictor, plan.items, outcomes, writer, batch_size)
+        else:
+            failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size)
     except BrokenPipeError:
         # `bonexray predict ... | head`: the reader is gone; stop quietly like other CLI tools.
         try:
@@ -119,13 +149,19 @@ def run_predict(
     return 1 if failed else 0
 
 
+def _cores() -> int:
+    from .backends import physical_cores
+
+    return physical_cores()
+
+
 def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int) -> int:
     """Decode, predict and write ``items`` batch by batch; returns the number of failed files."""
     from ..data.preprocess import read_for_model
 
     failed = 0
     size = predictor.image_size
-    results: list[ImageResult] = []
+    studies = _StudyAccumulator()
     for chunk in _batches(items, batch_size):
         arrays, ok_items, truncated, geometry = [], [], [], []
         for item in chunk:
@@ -147,28 +183,76 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
             continue
         batch = np.stack(arrays)
         pred = predictor.predict_batch(batch)
-        probs, bp_probs = pred.prob, pred.parts
-        boxes = [original_boxes(b, g) for b, g in zip(pred.boxes, geometry)] if pred.boxes is not None else [None] * len(arrays)
-        finite = finite_rows(probs, bp_probs)
-        if not finite.all():
-            for item in (it for it, ok in zip(ok_items, finite) if not ok):
-                _error(str(item.path), nonfinite_reason(predictor.path))
-                failed += 1
-            keep = np.flatnonzero(finite)
-            ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]
-            boxes, geometry = [boxes[i] for i in keep], [geometry[i] for i in keep]
-            batch, probs, bp_probs = batch[keep], probs[keep], bp_probs[keep]
-            if not ok_items:
-                continue
-        cams: list[str | None] = [None] * len(ok_items)
-        if cam_writer is not None:
-            cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs, boxes=boxes, geometry=geometry)
-        for item, p, bp, trunc, cam_path, bx in zip(ok_items, probs, bp_probs, truncated, cams, boxes):
-            res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx))
-            results.append(res)
-            writer.write(image_record(res, predictor.body_parts, predictor.threshold))
-        writer.flush()
-    for rec in study_records(results, predictor.body_parts, predictor.threshold):
+        failed += _emit(predictor, ok_items, truncated, geometry, pred.prob, pred.parts, pred.boxes, batch,
+                        writer, cam_writer, studies)
+    for rec in studies.records(predictor.body_parts, predictor.threshold):
         writer.write(rec)
     writer.flush()
     return failed
+
+
+def _write_outcomes(predictor: Predictor, items: Sequence[InputItem], outcomes, writer: Writer, batch_size: int) -> int:
+    """Write what the ranks found (in input order) exactly as :func:`_predict_items` writes it."""
+    failed = 0
+    studies = _StudyAccumulator()
+    for start in range(0, len(items), batch_size):
+        chunk = outcomes[start : start + batch_size]
+        for o in chunk:
+            if o.error is not None:
+                _error(str(items[o.index].path), o.error)
+                failed += 1
+        ok = [o for o in chunk if o.error is None]
+        if not ok:
+            continue
+        boxes = [o.boxes for o in ok] if predictor.has_boxes else None
+        failed += _emit(predictor, [items[o.index] for o in ok], [o.truncated for o in ok], [o.extra for o in ok],
+                        np.array([o.prob for o in ok]), np.stack([o.parts for o in ok]), boxes, None, writer, None,
+                        studies)
+    for rec in studies.records(predictor.body_parts, predictor.threshold):
+        writer.write(rec)
+    writer.flush()
+    return failed
+
+
+def _emit(predictor, ok_items, truncated, geometry, probs, bp_probs, tile_boxes, batch, writer, cam_writer, studies) -> int:
+    """Write one batch's image records (no verdict for a non-finite output); returns the failures."""
+    failed = 0
+    boxes = ([original_boxes(b, g) for b, g in zip(tile_boxes, geometry)] if tile_boxes is not None
+             else [None] * len(ok_items))
+    finite = finite_rows(probs, bp_probs)
+    if not finite.all():
+        # A NaN probability compares False with the threshold: it would read "normal". No verdict (one policy:
+        # inference/results.py).
+        for item in (it for it, ok in zip(ok_items, finite) if not ok):
+            _error(str(item.path), nonfinite_reason(predictor.path))
+            failed += 1
+        keep = np.flatnonzero(finite)
+        ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]
+        boxes, geometry = [boxes[i] for i in keep], [geometry[i] for i in keep]
+        probs, bp_probs = probs[keep], bp_probs[keep]
+        batch = batch[keep] if batch is not None else None
+        if not ok_items:
+            return failed
+    cams: list[str | None] = [None] * len(ok_items)
+    if cam_writer is not None:
+        cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs, boxes=boxes, geometry=geometry)
+    for item, p, bp, trunc, cam_path, bx in zip(ok_items, probs, bp_probs, truncated, cams, boxes):
+        res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx))
+        studies.add(res)
+        writer.write(image_record(res, predictor.body_parts, predictor.threshold))
+    writer.flush()
+    return failed
+
+
+class _StudyAccumulator:
+    """The images that belong to a study, for the study lines written after all image lines."""
+
+    def __init__(self) -> None:
+        self._members: list[ImageResult] = []
+
+    def add(self, res: ImageResult) -> None:
+        if res.study is not None:
+            self._members.append(ImageResult(res.path, res.prob_abnormal, res.body_part_probs, res.truncated, res.study))
+
+    def records(self, body_parts, threshold):
+        return study_records(self._members, body_parts, threshold)

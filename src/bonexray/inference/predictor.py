@@ -88,10 +88,12 @@ class Predictor:
     S = ``card.image_size``; the arrays are what :func:`load_for_model` returns. ``backend``
     (``auto``, ``torch``, ``onnx``; see :mod:`bonexray.inference.backends`) picks the engine for a
     checkpoint; ``self.backend`` says which one runs. ``net`` (the torch network, for CAMs) is
-    loaded on first use when a checkpoint runs on onnxruntime.
+    loaded on first use when a checkpoint runs on onnxruntime. ``threads``: onnxruntime's intra-op
+    threads (default one per physical core; several processes on one machine share the cores).
     """
 
-    def __init__(self, model: str | os.PathLike, device: str = "auto", tta: str = "none", backend: str = "auto") -> None:
+    def __init__(self, model: str | os.PathLike, device: str = "auto", tta: str = "none", backend: str = "auto",
+                 threads: int | None = None) -> None:
         from .backends import BACKENDS, choose_backend, exported_onnx, warn
 
         if tta not in TTA_MODES:
@@ -124,7 +126,7 @@ class Predictor:
                     onnx_path = exported.path
             if self.backend == "onnx":
                 try:
-                    self.card, self.session = _load_onnx(onnx_path, device)
+                    self.card, self.session = _load_onnx(onnx_path, device, threads)
                 finally:
                     if exported is not None:
                         exported.discard()
@@ -242,10 +244,10 @@ class Ensemble:
     """
 
     def __init__(self, models: Sequence[str | os.PathLike], device: str = "auto", tta: str = "none",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", threads: int | None = None) -> None:
         if not models:
             raise BonexrayError("an ensemble needs at least one model")
-        self.members = [Predictor(m, device=device, tta=tta, backend=backend) for m in models]
+        self.members = [Predictor(m, device=device, tta=tta, backend=backend, threads=threads) for m in models]
         first = self.members[0]
         for m in self.members[1:]:
             if m.image_size != first.image_size or m.body_parts != first.body_parts:
@@ -253,7 +255,7 @@ class Ensemble:
                     f"{m.path}: cannot ensemble with {first.path}: image size {m.image_size} vs {first.image_size}, "
                     f"body parts {m.body_parts} vs {first.body_parts}"
                 )
-        self.tta, self.card, self.path = tta, first.card, first.path
+        self.tta, self.card, self.path, self.device = tta, first.card, first.path, first.device
 
     @property
     def image_size(self) -> int:
@@ -299,7 +301,7 @@ class Ensemble:
                                preds[0].embedding, found)
 
 
-def _load_onnx(path: Path, device: str):
+def _load_onnx(path: Path, device: str, threads: int | None = None):
     from ..model.checkpoint import ModelCard
 
     if not path.exists():
@@ -320,7 +322,7 @@ def _load_onnx(path: Path, device: str):
         raise BonexrayError(f"--device {device}: onnxruntime has no CUDA provider here")
     from .backends import ort_session_options
 
-    opts = ort_session_options()
+    opts = ort_session_options(threads)
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as err:
