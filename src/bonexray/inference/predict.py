@@ -39,15 +39,12 @@ import numpy as np
 
 from ..errors import BonexrayError, ImageReadError
 from .inputs import InputItem, InputPlan, collect_inputs
-from .predictor import (ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS, TTA_MODES, Ensemble, Predictor, is_onnx_file,
-                        resolve_device, sigmoid, softmax)
+from .predictor import Predictor, is_onnx_file
 from .results import ImageResult, box_records, image_record, original_boxes, study_records
 from .writers import Writer
 
-# Re-exported: the names other modules and notebooks import from here.
-__all__ = ["ONNX_CARD_KEY", "ONNX_INPUT", "ONNX_OUTPUTS", "TTA_MODES", "Ensemble", "ImageResult", "InputItem",
-           "InputPlan", "Predictor", "Writer", "collect_inputs", "image_record", "is_onnx_file", "resolve_device",
-           "run_predict", "sigmoid", "softmax", "study_records"]
+# The CLI runner only: the model classes live in predictor.py / loading.py, the ONNX names in onnx_format.py.
+__all__ = ["run_predict"]
 
 PROG = "bonexray predict"
 
@@ -76,8 +73,12 @@ def run_predict(
     tta: str = "none",
     cam_method: str = "gradcam++",
     backend: str = "auto",
+    scope_check: bool = True,
 ) -> int:
     """Predict every image under ``paths``; returns the exit status (0 ok, 1 some input failed).
+
+    ``model``: a file or a bundled model's name. ``scope_check=False`` (``--no-scope-check``) gives a
+    verdict for every image (``in_scope`` null: not checked).
 
     A bad model file raises :class:`CheckpointError` (the CLI turns it into exit status 2).
     """
@@ -108,7 +109,7 @@ def run_predict(
 
     try:
         writer = Writer(fmt, predictor.body_parts, stream, with_cam=cam_writer is not None)
-        failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size)
+        failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size, scope_check)
     except BrokenPipeError:
         # `bonexray predict ... | head`: the reader is gone; stop quietly like other CLI tools.
         try:
@@ -119,15 +120,19 @@ def run_predict(
     return 1 if failed else 0
 
 
-def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int) -> int:
+def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int,
+                   scope_check: bool = True) -> int:
     """Decode, predict and write ``items`` batch by batch; returns the number of failed files."""
     from ..data.preprocess import read_for_model
+    from .scope import ScopeGate, borderline_band, source_evidence
 
+    gate = ScopeGate(predictor.card, enabled=scope_check)
+    band, _ = borderline_band(predictor.card)
     failed = 0
     size = predictor.image_size
     results: list[ImageResult] = []
     for chunk in _batches(items, batch_size):
-        arrays, ok_items, truncated, geometry = [], [], [], []
+        arrays, ok_items, truncated, geometry, pixels, evidence = [], [], [], [], [], []
         for item in chunk:
             try:
                 m = read_for_model(item.path, size)
@@ -143,11 +148,14 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
             ok_items.append(item)
             truncated.append(m.truncated)
             geometry.append(m.geometry)
+            pixels.append(m.decoded.pixels if m.decoded is not None else None)
+            evidence.append(source_evidence(item.path) if scope_check else None)
         if not arrays:
             continue
         batch = np.stack(arrays)
         pred = predictor.predict_batch(batch)
         probs, bp_probs = pred.prob, pred.parts
+        reasons = gate.reasons(pixels, truncated, evidence, pred.embedding)
         boxes = [original_boxes(b, g) for b, g in zip(pred.boxes, geometry)] if pred.boxes is not None else [None] * len(arrays)
         finite = np.isfinite(probs) & np.isfinite(bp_probs).all(axis=1)
         if not finite.all():
@@ -158,6 +166,7 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
                 failed += 1
             keep = np.flatnonzero(finite)
             ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]
+            reasons = [reasons[i] for i in keep]
             boxes, geometry = [boxes[i] for i in keep], [geometry[i] for i in keep]
             batch, probs, bp_probs = batch[keep], probs[keep], bp_probs[keep]
             if not ok_items:
@@ -165,12 +174,13 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
         cams: list[str | None] = [None] * len(ok_items)
         if cam_writer is not None:
             cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs, boxes=boxes, geometry=geometry)
-        for item, p, bp, trunc, cam_path, bx in zip(ok_items, probs, bp_probs, truncated, cams, boxes):
-            res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx))
+        for item, p, bp, trunc, cam_path, bx, why in zip(ok_items, probs, bp_probs, truncated, cams, boxes, reasons):
+            res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx),
+                              scope_reason=why, scope_checked=scope_check)
             results.append(res)
-            writer.write(image_record(res, predictor.body_parts, predictor.threshold))
+            writer.write(image_record(res, predictor.body_parts, predictor.threshold, band))
         writer.flush()
-    for rec in study_records(results, predictor.body_parts, predictor.threshold):
+    for rec in study_records(results, predictor.body_parts, predictor.threshold, band):
         writer.write(rec)
     writer.flush()
     return failed

@@ -17,7 +17,8 @@ class Writer:
             raise BonexrayError(f"unknown output format {fmt!r} (json or csv)")
         self.fmt = fmt
         self.stream = stream
-        self.columns = ["type", "path", "study", "n_images", "prob_abnormal", "abnormal", "body_part",
+        self.columns = ["type", "path", "study", "n_images", "n_out_of_scope", "in_scope", "scope_reason",
+                        "prob_abnormal", "abnormal", "body_part", "confidence",
                         *[f"prob_{b}" for b in body_parts], "truncated", "boxes"] + (["cam"] if with_cam else [])
         self._csv = None
         if fmt == "csv":

@@ -63,6 +63,12 @@ class ModelCard:
     #: Box head settings (model/detection.py BoxSettings: threshold, nms_iou, max_detections, stride,
     #: threshold_source); None for models without a box head.
     boxes: dict | None = None
+    #: Feature-space scope statistics (inference/scope.py FeatureScope.to_card: PCA of the training
+    #: embeddings, threshold, how it was chosen); None: only the image-statistics checks run.
+    scope: dict | None = None
+    #: Half-width of the "borderline" band around ``threshold`` and how it was set; None: the stated default.
+    borderline_band: float | None = None
+    borderline_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
