@@ -65,9 +65,11 @@ def test_metrics(metrics_path: Path) -> dict:
 
 
 def reference_predictions(model: Path, data: Path, images=REFERENCE_IMAGES) -> list[dict]:
-    """``bonexray predict``'s records (PyTorch engine) for the reference images, paths relative to ``data``."""
+    """``bonexray predict``'s records (PyTorch engine) for the reference images, paths relative to ``data``
+    (the dataset folder, or the folder of a manifest CSV)."""
     from bonexray.inference.predict import run_predict
 
+    data = data if data.is_dir() else data.parent
     buf = io.StringIO()
     status = run_predict(model, [data / p for p in images], stream=buf, backend="torch", device="cpu")
     if status:
