@@ -235,3 +235,22 @@ def test_evaluate_reports_calibration_and_band_error_rates(trained_run, tmp_path
     assert band["inside"]["n"] + band["outside"]["n"] == m["n_images"]
     assert (tmp_path / "reliability.png").is_file() and "ECE" in summary
     assert "Calibration and the borderline band" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_scope_measures_every_ood_set(calibrated, trained_run, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import scope as bench_scope  # bench/scope.py
+
+    res = bench_scope.measure(str(calibrated), trained_run["manifest"], holdout_model=str(calibrated),
+                              holdout_part="leg", holdout_data=trained_run["manifest"])
+    assert res["feature_statistics"] and res["in_distribution"]["n"] == 12
+    for name in ("photos (colour files)", "photos (gray pixels only)", "CT (DICOM files)", "CT (gray pixels only)",
+                 "MR (DICOM files)", "US (DICOM files)", "synthetic gradients", "noise", "rendered text",
+                 "blank / nearly constant"):
+        r = res["ood"][name]
+        assert r["n"] > 0 and 0 <= r["auroc"] <= 1, name
+    assert res["ood"]["blank / nearly constant"]["reasons"] == {scope.BLANK: 10}
+    assert res["ood"]["CT (DICOM files)"]["refused_share"] == 1.0
+    assert res["held_out_body_part"]["part"] == "leg" and res["held_out_body_part"]["n"] > 0
