@@ -57,6 +57,7 @@ BUNDLED: tuple[BundledModel, ...] = (
 )
 
 DEFAULT_MODEL = "fracatlas"
+_MODEL_SUFFIXES = {".ckpt", ".onnx", ".pt", ".pth"}
 _verified: dict[tuple[str, int, int], bool] = {}
 
 
@@ -110,6 +111,9 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     found = find_bundled(str(model))
     if found is not None:
         return verify_bundled(found)
+    if p.suffix.lower() in _MODEL_SUFFIXES or os.sep in str(model):  # meant as a file
+        what = "checkpoint" if p.suffix.lower() == ".ckpt" else "model"
+        raise CheckpointError(f"{p}: {what} file not found")
     raise CheckpointError(f"{model}: no such file, and not a bundled model name (known: {', '.join(known_names())})")
 
 
