@@ -149,7 +149,8 @@ def png_bytes(array: np.ndarray) -> bytes:
 class LiveServer:
     """Run an ASGI app under uvicorn in a thread on 127.0.0.1 (a free port); ``.url``; a context manager."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
+        """``config``: more uvicorn.Config settings (e.g. ``bonexray.web.server.uvicorn_settings()``)."""
         import socket
 
         import uvicorn
@@ -157,7 +158,8 @@ class LiveServer:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **{"timeout_keep_alive": 5, **config}))
         self.thread = None
 
     def __enter__(self) -> "LiveServer":

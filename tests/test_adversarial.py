@@ -22,7 +22,7 @@ from PIL import Image
 
 from bonexray.cli import main
 from bonexray.data.mura import read_mura
-from bonexray.data.preprocess import ImageCache
+from bonexray.data.preprocess import LOCK_NAME, ImageCache
 from bonexray.errors import DatasetError
 from bonexray.model.checkpoint import ModelCard, save_model
 from bonexray.model.network import BoneXrayNet
@@ -51,7 +51,9 @@ def strict_json_lines(out: str) -> list[dict]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith((".tmp", ".part", ".partial")))
+    """Temporary files left behind (the cache folder's lock file is meant to stay)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME and (
+        p.name.startswith(".") or p.name.endswith((".tmp", ".part", ".partial"))))
 
 
 def tiny_net(seed: int = 0) -> BoneXrayNet:
@@ -122,7 +124,7 @@ def _damage(kind: str, good: Path, bad: Path, marker: Path) -> str:
         key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 100)
         ckpt["state_dict"][key].view(-1)[0] += 1.0
         torch.save(ckpt, bad)
-        return "weights do not match their recorded SHA-256"
+        return "weights or model card do not match their recorded SHA-256"
     if kind == "truncated":
         bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
         return "corrupt or truncated checkpoint"

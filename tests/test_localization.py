@@ -116,7 +116,7 @@ def test_train_with_localization_head_and_fixed_split(tmp_path):
 
     root = make_fracatlas_tree(tmp_path / "data", n_groups=16)
     out = tmp_path / "run"
-    result = run_training(TrainConfig.from_args(tiny_train_args(root, out, epochs=1, localization_weight=1.0, seed=5, split_seed=0,
+    result = run_training(TrainConfig.from_args(tiny_train_args(root, out, epochs=1, localization_weight=1.0, box_weight=0.0, seed=5, split_seed=0,
                                                                   fit_on="train")))
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert any(r.get("train_loss_localization") for r in rows) and any(r.get("valid_loss_localization") for r in rows)

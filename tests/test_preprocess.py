@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bonexray.data.datasets import load_dataset
 from bonexray.data.preprocess import ImageCache, build_cache, letterbox
@@ -41,7 +42,10 @@ def test_build_reuse_and_bad_files(tmp_path):
     # Different size or changed file -> rebuilt.
     _, reused = build_cache(rs, tmp_path / "c", size=48, progress=False)
     assert not reused
-    os.utime(tmp_path / "d" / "img000.png", ns=(1, 1))
+    os.utime(tmp_path / "d" / "img000.png", ns=(1, 1))  # a new date alone: same bytes, reused
+    _, reused = build_cache(rs, tmp_path / "c", size=48, progress=False)
+    assert reused
+    Image.fromarray(255 - np.asarray(Image.open(tmp_path / "d" / "img000.png"))).save(tmp_path / "d" / "img000.png")
     _, reused = build_cache(rs, tmp_path / "c", size=48, progress=False)
     assert not reused
 
@@ -75,7 +79,7 @@ def test_killed_preprocess_leaves_no_complete_cache(tmp_path):
     import time
 
     t0 = time.time()
-    while not (tmp_path / "c" / ".images.u8.partial").exists() and time.time() - t0 < deadline:
+    while not list((tmp_path / "c").glob(".images.u8.*.partial")) and time.time() - t0 < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
     proc.kill()

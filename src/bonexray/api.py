@@ -8,6 +8,7 @@ model card's threshold. Images go through the same decode + letterbox path as tr
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 from .data.datasets import load_dataset
 from .data.imageio import DecodedImage, is_image_file
 from .data.preprocess import Letterbox, ModelInput, letterbox, read_for_model
-from .errors import BonexrayError, ImageReadError
+from .errors import BonexrayError, BonexrayWarning, ImageReadError
+from .inference.results import finite_rows, nonfinite_reason
 
 from .inference.results import box_records, original_boxes
 from .inference.scope import source_evidence
@@ -101,6 +103,13 @@ class Model:
             chunk = items[start : start + batch_size]
             inputs = [self._input(item) for item in chunk]
             pred = self._predictor.predict_batch(np.stack([m.tile for m in inputs]))
+            finite = finite_rows(pred.prob, pred.parts)
+            if not finite.all():
+                # No verdict (the CLI's policy, inference/results.py); an exception, because a result field
+                # left empty would read as "normal" in `if p.abnormal`.
+                bad = chunk[int(np.flatnonzero(~finite)[0])]
+                raise BonexrayError(f"{_describe(bad, start + int(np.flatnonzero(~finite)[0]))}: "
+                                    f"{nonfinite_reason(self._predictor.path)}")
             boxes = pred.boxes if pred.boxes is not None else [None] * len(chunk)
             evidence = [source_evidence(item) if self._gate.enabled and not isinstance(item, np.ndarray) else None
                         for item in chunk]
@@ -157,16 +166,33 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto", tta:
     return Model(Predictor(path, device=device, tta=tta), scope_check=scope_check)
 
 
+def _describe(item: object, position: int) -> str:
+    """How an error names an input: its path, or its position for an array / PIL image."""
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    return f"image {position} ({type(item).__name__})"
+
+
 def _is_folder(x: object) -> bool:
     return isinstance(x, (str, os.PathLike)) and Path(x).is_dir()
 
 
 def _expand(items: Iterable[ImageInput]) -> list[ImageInput]:
     """Folders become their image files (recursively, sorted); everything else stays as given."""
+    from .inference.inputs import InputPlan, _walk_images
+
     out: list[ImageInput] = []
     for item in items:
         if _is_folder(item):
-            found = sorted(p for p in Path(item).rglob("*") if p.is_file() and is_image_file(p))
+            # The walk of `bonexray predict`: the same files (hidden ones skipped), the same order.
+            plan = InputPlan()
+            found = _walk_images(Path(item), plan)
+            if plan.errors:
+                raise ImageReadError(*plan.errors[0])
+            if plan.skipped:
+                first, why = plan.skipped[0]
+                warnings.warn(f"{item}: {len(plan.skipped)} file(s) skipped as bonexray predict skips them "
+                              f"(first: {first}: {why})", BonexrayWarning, stacklevel=3)
             if not found:
                 raise ImageReadError(item, "folder holds no image files")
             out.extend(str(p) for p in found)
@@ -182,4 +208,10 @@ def _as_gray_array(item: object) -> np.ndarray:
         raise BonexrayError(f"cannot predict a {type(item).__name__}: give a file path, a 2-D array or a PIL image")
     if item.ndim != 2 or item.size == 0:
         raise BonexrayError(f"an image array must be 2-D grayscale (H, W), got shape {item.shape}")
+    if item.dtype.kind not in "buif":
+        raise BonexrayError(f"an image array must hold real numbers (integers or floats), got dtype {item.dtype}")
+    if item.dtype.kind == "f" and not np.isfinite(item).all():
+        # NaN/inf pixels are no image: a verdict on them would be made up.
+        raise BonexrayError(f"an image array holds {int((~np.isfinite(item)).sum())} NaN or infinite value(s) of "
+                            f"{item.size}; give finite pixel values")
     return item

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import warnings
 
@@ -38,6 +40,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
     from .data.preprocess import build_cache
 
+    if args.limit is not None and args.limit < 1:
+        raise BonexrayError(f"--limit {args.limit}: give a number of images >= 1 (leave it out for all)")
     records = load_dataset(args.data, source=args.source)
     if args.limit:
         records.records = records.records[: args.limit]
@@ -99,6 +103,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .web.server import serve
     from .web.uploads import UploadLimits
 
+    for flag in ("max_file_mb", "max_request_mb"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value <= 0:
+            raise BonexrayError(f"--{flag.replace('_', '-')} {value}: give a size in MB above 0")
     limits = UploadLimits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * 1024 * 1024),
                           max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,
@@ -166,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--size", type=int, default=320, help="square side in pixels (default 320)")
     pp.add_argument("--workers", type=int, default=None, help="decoder processes (default: all cores)")
     pp.add_argument("--source", choices=["mura", "fracatlas", "manifest"], default=None, help="skip auto-detection")
-    pp.add_argument("--limit", type=int, default=None, help="only the first N images (quick trials)")
+    pp.add_argument("--limit", type=int, default=None, help="only the first N images, N >= 1 (quick trials)")
     pp.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     pp.add_argument("--quiet", action="store_true")
     pp.set_defaults(func=cmd_preprocess)
@@ -329,6 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bonexray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `bonexray preprocess ... | head -1`: the reader left; the work is done, stop quietly like other tools
+        # (stdout goes to /dev/null so the interpreter's final flush does not fail again).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 0
     finally:
         warnings.showwarning = previous
 

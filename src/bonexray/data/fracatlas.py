@@ -93,7 +93,7 @@ def read_fracatlas(path: str | Path) -> RecordSet:
     records: list[Record] = []
     problems: list[str] = []
     boxes = read_fracatlas_boxes(root, problems)
-    listed: set[str] = set()
+    listed: dict[str, tuple[int, dict[str, int]]] = {}  # image id -> (line, flags) of its first row
     group = 0
     prev_key: tuple | None = None
     for line_no, row in enumerate(rows, start=2):
@@ -103,7 +103,19 @@ def read_fracatlas(path: str | Path) -> RecordSet:
         except (TypeError, ValueError):
             problems.append(f"{csv_path.name} line {line_no}: non-integer flag in {image_id}")
             continue
-        listed.add(image_id)
+        odd = [f"{c}={v}" for c, v in flags.items() if v not in (0, 1)]
+        if odd:
+            problems.append(f"{csv_path.name} line {line_no}: {image_id}: flag {', '.join(odd)} is not 0 or 1; row skipped")
+            continue
+        if image_id in listed:  # one image counted twice would weigh double and could sit in two splits
+            first, first_flags = listed[image_id]
+            if first_flags != flags:
+                differ = ", ".join(f"{c} ({first_flags[c]} vs {flags[c]})" for c in flags if flags[c] != first_flags[c])
+                raise DatasetError(f"{csv_path}: {image_id} is listed on lines {first} and {line_no} with different "
+                                   f"{differ}; list each image once")
+            problems.append(f"{csv_path.name} line {line_no}: {image_id} repeats line {first}; merged")
+            continue
+        listed[image_id] = (line_no, flags)
         # Runs break only where the body-part flags change: an id gap may be an image left out of
         # this subset, and merging two examinations into one group is safe while splitting one leaks.
         key = tuple(flags[c] for c in EXAM_GROUP_FLAGS)

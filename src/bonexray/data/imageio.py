@@ -453,6 +453,28 @@ def _dicom_funcs() -> dict[str, Any]:
 
 
 def _read_dicom(p: Path, data: bytes, max_pixels: int, *, force: bool) -> DecodedImage:
+    """:func:`_read_dicom_file`, with pydicom's warnings (odd tags, values outside their VR) re-issued as one
+    line naming the file: without the name a warning in a folder of thousands tells nothing."""
+    from ..errors import BonexrayWarning
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return _read_dicom_file(p, data, max_pixels, force=force)
+    finally:  # after the block: re-issued warnings must reach the caller, not the record
+        seen: set[str] = set()
+        for w in caught:
+            text = " ".join(str(w.message).split())
+            if text in seen:
+                continue
+            seen.add(text)
+            if issubclass(w.category, BonexrayWarning):
+                warnings.warn(w.message, w.category, stacklevel=2)
+            else:
+                warnings.warn(f"{p}: pydicom: {text}", BonexrayWarning, stacklevel=2)
+
+
+def _read_dicom_file(p: Path, data: bytes, max_pixels: int, *, force: bool) -> DecodedImage:
     try:
         import pydicom
     except ImportError:  # a declared dependency, but say so clearly if it is gone

@@ -1,7 +1,7 @@
 """Reader for a plain manifest CSV: the way to bring any other dataset.
 
 Required columns: ``path, body_part, abnormal``; optional: ``study_id, patient_id, split``.
-Relative paths are resolved against the CSV's folder. Missing study ids default to one study per
+Relative paths are resolved against the CSV's folder; paths outside it are accepted with a note. Missing study ids default to one study per
 image, missing patient ids to the study id. The CSV must be UTF-8. A path listed twice is merged
 into one record when both rows say the same (reported as a problem); rows that disagree (label,
 body part, study, patient or split) are an error naming the path and both lines, since one image
@@ -44,6 +44,7 @@ def read_manifest(path: str | Path) -> RecordSet:
     records: list[Record] = []
     problems: list[str] = []
     first_line: dict[str, tuple[int, Record]] = {}  # resolved path -> (line, record)
+    outside: list[str] = []
     for line_no, row in enumerate(rows, start=2):
         label_text = row["abnormal"].lower()
         if label_text in _TRUE:
@@ -92,6 +93,11 @@ def read_manifest(path: str | Path) -> RecordSet:
             continue
         first_line[key] = (line_no, record)
         records.append(record)
+        if not Path(os.path.normpath(file)).is_relative_to(base):
+            outside.append(row["path"])
+    if outside:  # allowed (shared image stores), but said: a stray "../" would otherwise go unnoticed
+        problems.append(f"{csv_path.name}: {len(outside)} path(s) lie outside the manifest's folder {base} "
+                        f"(first: {outside[0]})")
     if not records:
         raise DatasetError(f"{csv_path}: manifest lists no existing images" + (f" ({problems[0]})" if problems else ""))
     return RecordSet(records, "manifest", str(csv_path), problems)

@@ -5,11 +5,13 @@ a training step on a 224 px image, so it happens once per dataset and size.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -208,19 +210,50 @@ def check_output_folder(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+#: Per-process memo of content digests: (path, size, mtime, ctime, inode) -> digest, so prepare_data and
+#: setup of one run read every file once.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str) -> str:
+    """BLAKE2b of a file's bytes (streamed), or ``missing``: what the cache fingerprint knows of a file.
+
+    By content, not size + mtime: a file replaced by another with the same size and mtime (``cp -p``) must
+    not reuse stale pixels.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    key = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    found = _DIGESTS.get(key)
+    if found is None:
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except OSError:
+            return "unreadable"
+        found = _DIGESTS[key] = h.hexdigest()
+    return found
+
+
 def fingerprint(records: Iterable[Record], size: int) -> str:
-    """Identity of the inputs: paths, labels, file sizes and mtimes, the size, the decoder version.
+    """Identity of the inputs: paths, labels, the bytes of every file (:func:`file_digest`), the size and
+    the decoder version.
 
     Splits are not part of it: they are assigned later (per run, per seed) and do not change pixels.
     """
-    h = hashlib.sha256(f"v{PREPROCESS_VERSION}|{size}".encode())
-    for r in records:
-        try:
-            st = os.stat(r.path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{r.path}|{r.body_part}|{r.abnormal}|{r.study_id}|{r.patient_id}|{stamp}\n".encode())
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = list(records)
+    # hashlib releases the GIL on large buffers: a few threads keep the disk busy.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        digests = list(pool.map(file_digest, [r.path for r in records]))
+    h = hashlib.sha256(f"v{PREPROCESS_VERSION}|content|{size}".encode())
+    for r, digest in zip(records, digests):
+        h.update(f"{r.path}|{r.body_part}|{r.abnormal}|{r.study_id}|{r.patient_id}|{digest}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -308,22 +341,72 @@ def build_cache(
     if size < 16:
         raise DatasetError(f"--size {size} is too small (minimum 16)")
     out = check_output_folder(out, "cache folder")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     records = recordset.records
     fp = fingerprint(records, size)
+    with cache_lock(out) as created:
+        return _build_or_reuse(recordset, out, size, fp, workers, progress, force, created)
+
+
+LOCK_NAME = ".bonexray.lock"
+
+
+@contextlib.contextmanager
+def cache_lock(out: Path):
+    """Hold the cache folder's lock (``fcntl.flock`` on ``.bonexray.lock``) for the whole build-or-reuse.
+
+    Two runs into one folder (two ``train`` runs of one dataset share the default cache) would otherwise
+    write one index over the other's pixels. The second run says it waits, then reuses what the first
+    built. Yields whether this call created the folder. The lock dies with the process (no stale lock).
+    """
+    import fcntl
+
+    created = False
+    while True:
+        if not out.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            created = True
+        lock_path = out / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"bonexray: {out}: another run is building this cache; waiting for it to finish",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the folder may have been removed (a failed first build) while we waited: start again
+                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        created = False
+    try:
+        yield created
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers: int | None, progress: bool,
+                    force: bool, created: bool) -> tuple[ImageCache, bool]:
+    records = recordset.records
     if not force and cache_is_current(out, fp):
         try:
             return ImageCache.open(out), True
         except DatasetError as err:  # inputs unchanged but the files are damaged: build it again
             if not hasattr(err, "damage"):
                 raise
-            warnings.warn(f"{out}: damaged cache ({err.damage}); rebuilding it", BonexrayWarning, stacklevel=2)
+            warnings.warn(f"{out}: damaged cache ({err.damage}); rebuilding it", BonexrayWarning, stacklevel=4)
 
     # Invalidate first: a crash from here on must not leave an old meta.json pointing at new data.
     (out / "meta.json").unlink(missing_ok=True)
     n = len(records)
-    tmp_images = out / ".images.u8.partial"
+    run_tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # per-run names: nothing another process writes or removes
+    tmp_images = out / f".images.u8.{run_tag}.partial"
     statuses, reasons = [""] * n, [""] * n
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [(r.path, size) for r in records]
@@ -353,7 +436,7 @@ def build_cache(
         row = {"row": i, **r.as_row(), "status": st, "reason": why}
         rows.append(row)
     index = pd.DataFrame(rows, columns=["row", *RECORD_COLUMNS, "status", "reason"])
-    tmp_index = out / ".index.csv.partial"
+    tmp_index = out / f".index.csv.{run_tag}.partial"
     index.to_csv(tmp_index, index=False)
     index_sha256 = hashlib.sha256(tmp_index.read_bytes()).hexdigest()
     os.replace(tmp_images, out / "images.u8")

@@ -22,6 +22,8 @@ from ..data.records import RecordSet
 from ..data.splits import make_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
 from .localization import localization_metrics, plot_froc
+from ..inference.results import finite_rows
+from ..inference.writers import csv_safe
 from .metrics import choose_threshold, compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
 
@@ -115,7 +117,7 @@ def _predict_rows(predictor, image_cache, rows, batch_size: int, desc: str, prog
             if found is not None:
                 found.extend(pred.boxes)
             bar.update(len(batch_rows))
-    bad = rows[~(np.isfinite(probs) & np.isfinite(part_probs).all(axis=1))]
+    bad = rows[~finite_rows(probs, part_probs)]  # the one NaN policy (inference/results.py)
     if len(bad):  # NaN would score as "normal": refuse instead of computing metrics from it
         raise CheckpointError(f"{predictor.path}: the model's output is not a finite number (NaN/inf) for {len(bad)} of "
                               f"{len(rows)} images (first: {image_cache.index['path'].iloc[int(bad[0])]}); no metrics "
@@ -249,7 +251,9 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                                          "skipped_unreadable")})
 
     results.mkdir(parents=True, exist_ok=True)
-    table.to_csv(results / "predictions.csv", index=False, float_format="%.6f")
+    text_cols = [c for c in table.columns if table[c].dtype == object]
+    table.assign(**{c: table[c].map(csv_safe) for c in text_cols}).to_csv(  # no spreadsheet formulas
+        results / "predictions.csv", index=False, float_format="%.6f")
     plot_confusion(metrics["confusion"]["abnormality"], ["normal", "abnormal"], results / "confusion_abnormality.png",
                    "Abnormality (image level)")
     plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")

@@ -110,11 +110,15 @@ def exported_onnx(checkpoint: str | os.PathLike) -> ExportedModel:
     if not ckpt.is_file():
         from ..errors import CheckpointError
 
+        if ckpt.is_dir():
+            raise CheckpointError(f"{ckpt}: is a folder; give the checkpoint file (.ckpt) or ONNX file (.onnx) in it")
         raise CheckpointError(f"{ckpt}: checkpoint file not found")
     locations = onnx_cache_locations(ckpt, checkpoint_digest(ckpt))
     for path in locations:
         if path.is_file():
-            return ExportedModel(path)
+            if _intact_export(path):
+                return ExportedModel(path)
+            break  # rebuilt below, in the first place that takes it
     for path in locations:
         try:
             return ExportedModel(export_onnx(ckpt, path))
@@ -122,6 +126,25 @@ def exported_onnx(checkpoint: str | os.PathLike) -> ExportedModel:
             continue
     scratch = Path(tempfile.mkdtemp(prefix="bonexray-onnx-"))
     return ExportedModel(export_onnx(ckpt, scratch / "model.onnx"), temporary=True)
+
+
+def _intact_export(path: Path) -> bool:
+    """A cached export is bonexray's own file, not the user's: a damaged one (disk error, killed copy) is
+    removed and rebuilt with a note, never reported as the user's corrupt model."""
+    from ..errors import CheckpointError
+    from .export import verify_onnx_integrity
+
+    try:
+        verify_onnx_integrity(path, require_hash=True)
+        return True
+    except CheckpointError as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        warn(f"{path}: cached ONNX export is damaged ({reason}); rebuilding it")
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return False
 
 
 def warn(message: str) -> None:

@@ -125,8 +125,9 @@ def onnx_graph_sha256(model) -> str:
     return h.hexdigest()
 
 
-def verify_onnx_integrity(path: Path) -> None:
-    """Refuse an ONNX file whose graph or model card does not match the SHA-256 recorded at export."""
+def verify_onnx_integrity(path: Path, require_hash: bool = False) -> None:
+    """Refuse an ONNX file whose graph or model card does not match the SHA-256 recorded at export
+    (``require_hash``: also one that records none, e.g. bonexray's own cached exports, which always do)."""
     import onnx
 
     try:
@@ -136,6 +137,8 @@ def verify_onnx_integrity(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupt ONNX model (cannot be parsed: {first})") from err
     recorded = {p.key: p.value for p in model.metadata_props}.get(ONNX_HASH_KEY)
     if recorded is None:
+        if require_hash:
+            raise CheckpointError(f"{path}: corrupt ONNX model (no graph SHA-256 recorded)")
         if any(p.key == ONNX_CARD_KEY for p in model.metadata_props):
             warnings.warn(f"{path}: no graph SHA-256 recorded (exported before bonexray recorded one); "
                           "loaded without an integrity check", BonexrayWarning, stacklevel=3)

@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import BonexrayError, ImageReadError
 from .inputs import InputItem, InputPlan, collect_inputs
 from .predictor import Predictor, is_onnx_file
-from .results import ImageResult, box_records, image_record, original_boxes, study_records
+from .results import ImageResult, box_records, finite_rows, image_record, nonfinite_reason, original_boxes, study_records
 from .writers import Writer
 
 # The CLI runner only: the model classes live in predictor.py / loading.py, the ONNX names in onnx_format.py.
@@ -157,12 +157,10 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
         probs, bp_probs = pred.prob, pred.parts
         reasons = gate.reasons(pixels, truncated, evidence, pred.embedding)
         boxes = [original_boxes(b, g) for b, g in zip(pred.boxes, geometry)] if pred.boxes is not None else [None] * len(arrays)
-        finite = np.isfinite(probs) & np.isfinite(bp_probs).all(axis=1)
+        finite = finite_rows(probs, bp_probs)
         if not finite.all():
-            # A NaN probability compares False with the threshold: it would read "normal". No verdict.
             for item in (it for it, ok in zip(ok_items, finite) if not ok):
-                _error(str(item.path), "the model's output is not a finite number (NaN/inf); no verdict given "
-                                       f"(is {predictor.path} damaged?)")
+                _error(str(item.path), nonfinite_reason(predictor.path))
                 failed += 1
             keep = np.flatnonzero(finite)
             ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]

@@ -341,4 +341,20 @@ def _load_onnx(path: Path, device: str):
             f"{path}: unexpected ONNX signature inputs={names_in} outputs={names_out} "
             f"(want {ONNX_INPUT} -> {', '.join(ONNX_OUTPUTS)})"
         )
+    _check_card_against_graph(path, card, session)
     return card, session
+
+
+def _check_card_against_graph(path: Path, card, session) -> None:
+    """The card must describe the graph: its image size is the graph's input, its class names the body-part
+    outputs (fewer names than outputs would drop probabilities; none would fail per image)."""
+    shape_in = list(session.get_inputs()[0].shape)
+    fixed = [d for d in shape_in[2:] if isinstance(d, int)]
+    if len(shape_in) != 4 or any(d != card.image_size for d in fixed):
+        raise CheckpointError(f"{path}: the model card says image_size {card.image_size} but the graph takes input "
+                              f"{shape_in}")
+    out = {o.name: list(o.shape) for o in session.get_outputs()}
+    k = out[ONNX_OUTPUTS[1]][-1] if out[ONNX_OUTPUTS[1]] else None
+    if isinstance(k, int) and k != len(card.body_parts):
+        raise CheckpointError(f"{path}: the model card names {len(card.body_parts)} body parts but the graph has {k} "
+                              "body-part outputs")

@@ -17,6 +17,23 @@ from typing import Any
 import numpy as np
 
 
+def finite_rows(probs: np.ndarray, part_probs: np.ndarray) -> np.ndarray:
+    """Boolean mask of the images whose outputs are all finite numbers.
+
+    The one NaN policy of every front end (predict, the Python API, serve): a NaN probability compares
+    False with the threshold and would read "normal", so an image outside this mask gets no verdict and
+    the caller reports :func:`nonfinite_reason` for it instead.
+    """
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    parts = np.asarray(part_probs, dtype=np.float64).reshape(len(probs), -1)
+    return np.isfinite(probs) & np.isfinite(parts).all(axis=1)
+
+
+def nonfinite_reason(model_path: object) -> str:
+    """What every front end says about an image with a non-finite model output."""
+    return f"the model's output is not a finite number (NaN/inf); no verdict given (is {model_path} damaged?)"
+
+
 def _r(x: float) -> float:
     return round(float(x), 6)
 

@@ -244,7 +244,12 @@ class ScopeGate:
 
     def __init__(self, card, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.features = FeatureScope.from_card(getattr(card, "scope", None)) if enabled else None
+        try:
+            self.features = FeatureScope.from_card(getattr(card, "scope", None)) if enabled else None
+        except (KeyError, TypeError, ValueError) as err:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"model card scope statistics are malformed ({type(err).__name__}: {err})") from None
 
     def describe(self) -> str:
         if not self.enabled:

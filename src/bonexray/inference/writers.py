@@ -9,6 +9,18 @@ from typing import Any, TextIO
 from ..errors import BonexrayError
 
 
+#: A spreadsheet reads a cell starting with one of these as a formula (CSV injection; OWASP).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (a file named ``=HYPERLINK(...).png``) gets a
+    leading ``'``, which spreadsheets show as text; numbers and other text pass unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class Writer:
     """JSON lines or one CSV table (with a ``type`` column) on ``stream``, flushed per batch."""
 
@@ -43,4 +55,4 @@ def _csv_value(v: Any) -> Any:
         return int(v)
     if isinstance(v, list):  # boxes: one JSON cell, e.g. [{"x0": 12.0, ..., "score": 0.81}]
         return json.dumps(v, allow_nan=False)
-    return "" if v is None else v
+    return "" if v is None else csv_safe(v)

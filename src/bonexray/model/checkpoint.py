@@ -5,15 +5,23 @@ data) and ``"state_dict"`` (the LightningModule's state dict: the network under 
 other keys such as loss buffers are ignored). Loading always uses
 ``torch.load(weights_only=True)``: never arbitrary unpickling.
 
-Integrity: the card records ``weights_sha256``, a SHA-256 over the network's tensors, when the file
-is written (:func:`save_model`, and :func:`stamp_weights_sha256` from the LightningModule's
-``on_save_checkpoint``). Loading first checks every zip record's CRC (a flipped byte anywhere in the
-file), then recomputes the hash (weights changed in a file that is still a valid zip). Either
-failure refuses the file by name: a damaged model must never give answers.
+Integrity: the card records ``weights_sha256``, a SHA-256 over the network's tensors *and the rest of
+the model card* (threshold, image size, class names: a changed card changes answers as surely as changed
+weights), when the file is written (:func:`save_model`, and :func:`stamp_weights_sha256` from the
+LightningModule's ``on_save_checkpoint``). Loading first checks every zip record's CRC (a flipped byte
+anywhere in the file), then recomputes the hash (weights or card changed in a file that is still a valid
+zip). Either failure refuses the file by name: a damaged model must never give answers. Files written
+before the card was hashed (hash over the weights only) still load, with a warning line.
+
+Every card, from a checkpoint or an ONNX file, is checked once, by :meth:`ModelCard.validate` (called on
+construction): a card that would give wrong or no answers (threshold outside (0, 1], absurd image size,
+duplicate or colliding class names) refuses the model with one line.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import pickle
 import re
@@ -38,6 +46,11 @@ STATE_KEY = "state_dict"
 NET_PREFIX = "net."
 WEIGHTS_HASH_KEY = "weights_sha256"
 _ZIP_MAGIC = b"PK\x03\x04"
+#: Image sizes a model card may ask for: below, no backbone has a feature map left; above, one image alone
+#: takes gigabytes through the network (a card of 10000 px drove predict into the OOM killer).
+IMAGE_SIZE_RANGE = (32, 2048)
+#: Output fields of a prediction record: a class named so that ``prob_<name>`` is one of them would overwrite it.
+RESERVED_PROB_NAMES = ("abnormal",)
 
 
 @dataclass
@@ -81,6 +94,40 @@ class ModelCard:
         self.image_size = int(self.image_size)
         self.in_chans = int(self.in_chans)
         self.threshold = float(self.threshold)
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a card that would give wrong or no answers (:class:`CheckpointError`, one line, no path:
+        callers prefix the model file). Every model bonexray loads goes through here."""
+        if not math.isfinite(self.threshold) or not 0.0 < self.threshold <= 1.0:
+            raise CheckpointError(f"model card threshold {self.threshold!r} is not a probability in (0, 1]")
+        lo, hi = IMAGE_SIZE_RANGE
+        if not lo <= self.image_size <= hi:
+            raise CheckpointError(f"model card image_size {self.image_size} is outside {lo}..{hi} pixels")
+        if not self.body_parts:
+            raise CheckpointError("model card has no body_parts")
+        blank = [b for b in self.body_parts if not b.strip()]
+        if blank:
+            raise CheckpointError(f"model card has an empty body-part name in {self.body_parts}")
+        dupes = sorted({b for b in self.body_parts if self.body_parts.count(b) > 1})
+        if dupes:
+            raise CheckpointError(f"model card names body part(s) {', '.join(dupes)} twice; each class needs its "
+                                  "own name")
+        clash = [b for b in self.body_parts if b in RESERVED_PROB_NAMES]
+        if clash:
+            raise CheckpointError(f"model card body part {clash[0]!r} would overwrite the output field "
+                                  f"prob_{clash[0]}; rename the class")
+        band = self.borderline_band
+        if band is not None and not (isinstance(band, (int, float)) and math.isfinite(band) and 0.0 <= band < 0.5):
+            raise CheckpointError(f"model card borderline_band {band!r} is not a probability distance in [0, 0.5)")
+        if self.scope is not None:
+            need = ("k", "dim", "mean", "components", "variances", "residual_mean", "threshold", "far_threshold")
+            lacking = [k for k in need if not isinstance(self.scope, Mapping) or k not in self.scope]
+            if lacking:
+                raise CheckpointError(f"model card scope statistics lack {', '.join(lacking)}")
+        if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean) or not all(
+                math.isfinite(v) for v in self.mean + self.std) or not all(v > 0 for v in self.std):
+            raise CheckpointError(f"model card mean/std {self.mean}/{self.std} are not a valid normalisation")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what goes under ``"bonexray"`` and into ONNX metadata)."""
@@ -101,14 +148,23 @@ class ModelCard:
             raise CheckpointError(f"malformed model card: {err}") from err
 
 
-def weights_sha256(net_state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the network's tensors (names, dtypes, shapes and bytes, in sorted name order)."""
+def weights_sha256(net_state: Mapping[str, torch.Tensor], card: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 over the network's tensors (names, dtypes, shapes and bytes, in sorted name order) and, when
+    given, the model card (canonical JSON, without the hash itself). Without ``card``: the weights-only
+    hash of files written before the card was covered."""
     h = hashlib.sha256()
     for name in sorted(net_state):
         t = net_state[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
+    if card is not None:
+        h.update(b"card\n" + _card_bytes(card))
     return h.hexdigest()
+
+
+def _card_bytes(card: Mapping[str, Any]) -> bytes:
+    plain = {k: v for k, v in card.items() if k != WEIGHTS_HASH_KEY}
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str).encode()
 
 
 def _net_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,7 +176,8 @@ def stamp_weights_sha256(checkpoint: dict) -> None:
 
     Call it last, after anything else that edits the state dict (the hash must match what is written).
     """
-    checkpoint[CARD_KEY][WEIGHTS_HASH_KEY] = weights_sha256(_net_state(checkpoint[STATE_KEY]))
+    card = checkpoint[CARD_KEY]
+    card[WEIGHTS_HASH_KEY] = weights_sha256(_net_state(checkpoint[STATE_KEY]), card)
 
 
 def _check_archive(path: Path) -> None:
@@ -145,6 +202,8 @@ def _check_archive(path: Path) -> None:
 def _read_checkpoint(path: Path, map_location: Any) -> Mapping[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give the checkpoint file (.ckpt) or ONNX file (.onnx) in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     _check_archive(path)
@@ -180,12 +239,37 @@ def read_card(path: str | os.PathLike) -> ModelCard:
         raise CheckpointError(f"{p}: {err}") from err
 
 
-def _verify_weights(path: Path, card: ModelCard, net_state: Mapping[str, Any]) -> None:
-    if card.weights_sha256 is None:
+def verify_checkpoint_hash(path: Path, raw_card: Mapping[str, Any], net_state: Mapping[str, Any]) -> None:
+    """Check the recorded SHA-256 against the weights and the card as stored (``raw_card``: the dict read from
+    the file, before any defaults are filled in). Used by load_model and by ``train --resume``."""
+    recorded = raw_card.get(WEIGHTS_HASH_KEY)
+    if recorded is None:
         warnings.warn(f"{path}: no weights SHA-256 recorded (written before bonexray recorded one); "
                       "loaded without an integrity check", BonexrayWarning, stacklevel=3)
-    elif weights_sha256(net_state) != card.weights_sha256:
-        raise CheckpointError(f"{path}: corrupt checkpoint (weights do not match their recorded SHA-256)")
+    elif weights_sha256(net_state, raw_card) == recorded:
+        return
+    elif weights_sha256(net_state) == recorded:
+        warnings.warn(f"{path}: its SHA-256 covers the weights but not the model card (written before bonexray "
+                      "hashed the card); the card is loaded unchecked", BonexrayWarning, stacklevel=3)
+    else:
+        raise CheckpointError(f"{path}: corrupt checkpoint (weights or model card do not match their recorded "
+                              "SHA-256)")
+
+
+def read_verified_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Mapping[str, Any]:
+    """The whole checkpoint dict (for ``train --resume``) after every check :func:`load_model` makes on the
+    file: zip CRCs, tensors and plain data only, a valid model card, weights and card matching their SHA-256."""
+    p = Path(path)
+    ckpt = _read_checkpoint(p, map_location)
+    try:
+        ModelCard.from_dict(ckpt[CARD_KEY])
+    except BonexrayError as err:
+        raise CheckpointError(f"{p}: {err}") from err
+    state = ckpt.get(STATE_KEY)
+    if not isinstance(state, Mapping) or not _net_state(state):
+        raise CheckpointError(f"{p}: no network weights ('{STATE_KEY}' with '{NET_PREFIX}*' keys) in checkpoint")
+    verify_checkpoint_hash(p, ckpt[CARD_KEY], _net_state(state))
+    return ckpt
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[BoneXrayNet, ModelCard]:
@@ -198,15 +282,13 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[Bone
         raise CheckpointError(f"{p}: {err}") from err
     if card.in_chans != 1:
         raise CheckpointError(f"{p}: in_chans={card.in_chans}; bonexray networks take 1 channel")
-    if not card.body_parts:
-        raise CheckpointError(f"{p}: model card has no body_parts")
     state = ckpt.get(STATE_KEY)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{p}: no '{STATE_KEY}' in checkpoint")
     net_state = _net_state(state)
     if not net_state:
         raise CheckpointError(f"{p}: state_dict has no '{NET_PREFIX}*' keys (network weights)")
-    _verify_weights(p, card, net_state)
+    verify_checkpoint_hash(p, ckpt[CARD_KEY], net_state)
     try:
         net = BoneXrayNet(
             card.backbone, num_body_parts=len(card.body_parts), pretrained=None,

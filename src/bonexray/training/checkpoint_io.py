@@ -12,8 +12,8 @@ from ..atomic import atomic_write
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save through :func:`bonexray.atomic.atomic_write` (temp file, fsync, rename).
 
-    Loading uses ``weights_only=True``: checkpoints hold tensors and plain data only, so loading one
-    never runs arbitrary pickled code.
+    Loading (``--resume``) is :func:`bonexray.model.checkpoint.read_verified_checkpoint`: ``weights_only=True``
+    (tensors and plain data only, so loading never runs pickled code) and the integrity checks of ``load_model``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -21,4 +21,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        # --resume goes through every check of load_model (zip CRCs, no pickled objects, card and SHA-256):
+        # a damaged last.ckpt must stop the run by name, not train on.
+        from ..model.checkpoint import read_verified_checkpoint
+
+        return dict(read_verified_checkpoint(path, map_location=map_location or "cpu"))

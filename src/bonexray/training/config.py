@@ -139,8 +139,11 @@ class TrainConfig:
         for k in ("epochs", "batch_size", "image_size"):
             if int(getattr(self, k)) < 1:
                 raise BonexrayError(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(self, k)})")
-        if self.image_size < 32:
-            raise BonexrayError("--image-size must be at least 32")
+        if not 32 <= self.image_size <= 2048:
+            raise BonexrayError(f"--image-size must be between 32 and 2048 (got {self.image_size}); "
+                                "a model card outside that range is refused at load")
+        if self.limit is not None and int(self.limit) < 1:
+            raise BonexrayError(f"--limit {self.limit}: give a number of images >= 1 (leave it out for all)")
         if not 0 < self.valid_frac < 1 or not 0 <= self.test_frac < 1 or self.valid_frac + self.test_frac >= 1:
             raise BonexrayError("--valid-frac and --test-frac must be fractions summing to less than 1")
         if not self.box_weight >= 0 or not self.localization_weight >= 0:  # `not >=` also catches NaN

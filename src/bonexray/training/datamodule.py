@@ -144,10 +144,14 @@ class BoneDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if not cache_is_current(Path(self.cache_dir), fingerprint(self.cache_records.records, self.image_size)):
+        fp = fingerprint(self.cache_records.records, self.image_size)
+        if not cache_is_current(Path(self.cache_dir), fp):
             raise DatasetError(f"{self.cache_dir}: the preprocessed cache is missing or stale on this process "
                                "(with several nodes, put --cache on a disk every node sees, or on each node's own disk)")
         cache = ImageCache.open(self.cache_dir)
+        if cache.meta.get("fingerprint") != fp:  # rebuilt for other data between the check and the open
+            raise DatasetError(f"{self.cache_dir}: the preprocessed cache was rebuilt for other data by another run "
+                               "while this one started; give each dataset its own --cache")
         self.report = data_report(self.records, cache.index, self.n_read)
         n, bad = self.report["in_this_run"], self.report["unreadable"]
         if n and bad / n > MAX_UNREADABLE and not self.allow_unreadable:

@@ -90,7 +90,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     r = p.add_argument_group("run")
     r.add_argument("--out", default=None, help="run directory (default runs/<date>-<backbone>)")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt (integrity-checked; flags that change the learning-rate "
+                        "plan, e.g. --epochs, must keep the run's values)")
     r.add_argument("--accelerator", default=None, help=f"auto, cpu, gpu, ... (default {D.accelerator})")
     r.add_argument("--devices", default=None, help=f"devices per node (Lightning syntax; default {D.devices})")
     r.add_argument("--num-nodes", type=int, default=None, help=f"nodes for multi-node DDP (default {D.num_nodes})")

@@ -88,6 +88,35 @@ def _print_data_report(rep: dict, where: Path) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+#: Settings the saved learning-rate schedule and step counts were planned for: --resume must keep them
+#: (a one-cycle schedule stepped past its plan raises deep inside PyTorch; cosine would silently keep the old plan).
+RESUME_FIXED = ("epochs", "max_steps", "batch_size", "schedule", "lr", "warmup_epochs", "fit_on")
+
+
+def _check_resume_plan(cfg: TrainConfig, saved: Path) -> None:
+    """Refuse, before any work, a --resume whose flags change what the saved schedule was planned for."""
+    try:
+        before = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # a run killed before it wrote config.yaml: nothing to compare with
+    now = cfg.to_dict()
+    changed = [k for k in RESUME_FIXED if k in before and before[k] != now.get(k)]
+    if changed:
+        what = ", ".join(f"--{k.replace('_', '-')} {now.get(k)} (the run has {before[k]})" for k in changed)
+        raise BonexrayError(f"--resume continues {saved.parent} as it was planned, but {what}; its learning-rate "
+                            "schedule cannot change mid-run: resume with the run's values or start a new run")
+
+
+def _check_both_labels(records, cfg: TrainConfig, data) -> None:
+    """Refuse, before an epoch is spent, training data whose images are all normal or all abnormal."""
+    fit = ("train", "valid") if cfg.fit_on == "train+valid" else ("train",)
+    labels = {r.abnormal for r in records if r.split in fit and r.abnormal in (0, 1)}
+    if len(labels) < 2:
+        which = "abnormal" if labels == {1} else "normal" if labels == {0} else "labelled"
+        raise DatasetError(f"{data}: the training images are all {which}; the abnormality head needs both normal and "
+                           "abnormal images to learn (check the labels, --limit or the split)")
+
+
 def split_info(records, cfg: TrainConfig) -> dict:
     """What travels in the model card so that evaluate can find (or refuse) the training split."""
     from ..data.splits import split_counts, split_fingerprint
@@ -125,6 +154,8 @@ def run_training(cfg: TrainConfig) -> dict:
         raise BonexrayError(f"--resume: no checkpoint at {last}")
     if not cfg.resume and last.is_file():
         raise BonexrayError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.resume:
+        _check_resume_plan(cfg, out / "config.yaml")
 
     # Records and split are cheap and deterministic: every rank computes them; only files are rank zero's.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -134,6 +165,7 @@ def run_training(cfg: TrainConfig) -> dict:
     records = limit_records(all_records, cfg.limit, cfg.split_seed)
     records = make_splits(records, cfg.valid_frac, cfg.test_frac, seed=cfg.split_seed)
     check_no_leak(records)
+    _check_both_labels(records, cfg, data)
     with_boxes = cfg.localization_weight > 0 or cfg.box_weight > 0
     if with_boxes and not any(r.extras.get("boxes") for r in records if r.split == "train"):
         raise DatasetError(f"{data}: --localization-weight and --box-weight need fracture boxes in the training images "

@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..errors import BonexrayError
+from ..inference.results import finite_rows, nonfinite_reason
 from .uploads import FIELD, UploadError, UploadLimits, read_uploads
 
 log = logging.getLogger("bonexray.serve")
@@ -173,7 +174,7 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500)}
 
 
 # --------------------------------------------------------------------------- the model
@@ -405,10 +406,14 @@ def create_app(
     device: str = "auto",
     decode_workers: int | None = None,
     metrics: str | os.PathLike | None = None,
+    max_requests: int = 64,
     scope_check: bool = True,
 ) -> FastAPI:
     """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``;
-    ``metrics``: a ``bonexray evaluate`` metrics.json whose test numbers the model card shows."""
+    ``metrics``: a ``bonexray evaluate`` metrics.json whose test numbers the model card shows.
+
+    ``max_requests``: requests in progress at once; more get 503 (idle connections do not count).
+    """
     from fastapi_offline import FastAPIOffline
 
     limits = limits or UploadLimits()
@@ -448,9 +453,17 @@ def create_app(
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error(500, "internal error; the server log has the details")
 
+    in_progress = [0]  # requests being handled now (one event loop: no lock needed)
+
     @app.middleware("http")
     async def _headers(request: Request, call_next):
-        response = await call_next(request)
+        if in_progress[0] >= max_requests:
+            return _error(503, f"server busy ({max_requests} requests in progress); try again shortly")
+        in_progress[0] += 1
+        try:
+            response = await call_next(request)
+        finally:
+            in_progress[0] -= 1
         h = response.headers
         h.setdefault("X-Content-Type-Options", "nosniff")
         h.setdefault("Referrer-Policy", "no-referrer")
@@ -501,6 +514,18 @@ def create_app(
             return _error(422, detail, problems)
         batch = np.stack([d.tile for d in good])
         pred, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
+        finite = finite_rows(pred.prob, pred.parts)
+        if not finite.all():  # the one NaN policy (inference/results.py): no verdict for those, say why
+            reason = nonfinite_reason(service.path.name)
+            problems += [FileProblem(file=d.name, reason=reason) for d, ok in zip(good, finite) if not ok]
+            if not finite.any():
+                return _error(500, f"{problems[-1].file}: {reason}", problems)
+            keep = np.flatnonzero(finite)
+            good, batch = [good[i] for i in keep], batch[keep]
+            pred = replace(pred, prob=pred.prob[keep], parts=pred.parts[keep],
+                           boxes=None if pred.boxes is None else [pred.boxes[i] for i in keep],
+                           embedding=None if pred.embedding is None else pred.embedding[keep])
+            maps = None if maps is None else maps[keep]
         body = await anyio.to_thread.run_sync(_response, service, good, study_names(good, studies == "each"),
                                               pred, maps, heatmap)
         if problems:  # the good files were analysed; the bad ones are named beside them

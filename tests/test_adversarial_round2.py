@@ -1,0 +1,566 @@
+"""Hardening, round 2 (issue #24): a cache two runs share, model cards that would give wrong answers, one NaN
+policy for every front end, the server under idle sockets, and the tracebacks of the second adversarial pass.
+Every bad input is built here; each test fails without its fix."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning  # noqa: F401 - imported here, not first inside a test: its log handler keeps the stderr it finds
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bonexray.cli import main
+from bonexray.data.preprocess import ImageCache, build_cache, load_for_model
+from bonexray.errors import BonexrayError, CheckpointError
+from bonexray.model.checkpoint import ModelCard, save_model, stamp_weights_sha256
+from bonexray.model.network import BoneXrayNet
+from builders import make_manifest, radiograph_like
+from conftest import SHARED_DATA, requires_shared_data
+
+PARTS = ["hand", "wrist"]
+SIZE = 64
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Traceback" not in out
+    return rc, out, err
+
+
+def lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.strip()]
+
+
+def tiny_net(seed: int = 0, parts=PARTS) -> BoneXrayNet:
+    torch.manual_seed(seed)
+    return BoneXrayNet("efficientnet_lite0", num_body_parts=len(parts), pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models2")
+    return save_model(folder / "good.ckpt", tiny_net(), ModelCard("efficientnet_lite0", SIZE, body_parts=PARTS))
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    out = []
+    for i in range(2):
+        p = tmp_path / "in" / f"good{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(radiograph_like(i)).save(p)
+        out.append(p)
+    return out
+
+
+def bonexray_cmd(*argv) -> list[str]:
+    return [sys.executable, "-c", "import sys; from bonexray.cli import main; sys.exit(main(sys.argv[1:]))",
+            *[str(a) for a in argv]]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+# --------------------------------------------------------------------------- 1, 4: the cache
+
+
+def _dataset(base: Path, n: int, invert: bool) -> Path:
+    """A manifest of n images; ``invert`` gives other pixels under the same names and labels."""
+    manifest = make_manifest(base, n=n)
+    if invert:
+        for png in base.glob("*.png"):
+            Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
+    return manifest
+
+
+def _assert_index_matches_pixels(cache_dir: Path) -> None:
+    cache = ImageCache.open(cache_dir)
+    for row in cache.index.itertuples():
+        want, _ = load_for_model(row.path, cache.size)
+        assert np.array_equal(cache.images[row.row], want), f"row {row.row} holds other pixels than {row.path}"
+
+
+def test_two_preprocess_processes_into_one_cache_folder(tmp_path):
+    a = _dataset(tmp_path / "A", 60, invert=False)
+    b = _dataset(tmp_path / "B", 60, invert=True)
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen(bonexray_cmd("preprocess", m, "--out", cache, "--size", 64, "--workers", 1, "--quiet"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+             for m in (a, b)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0 and "Traceback" not in err, err
+    _assert_index_matches_pixels(cache)
+    assert not [p.name for p in cache.iterdir() if p.name.endswith(".partial")]
+    # The same dataset twice at once: one builds, the other reuses the finished cache.
+    procs = [subprocess.Popen(bonexray_cmd("preprocess", a, "--out", tmp_path / "same", "--size", 64, "--workers", 1,
+                                           "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=subprocess_env()) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("Traceback" not in err for _, err in outs)
+    _assert_index_matches_pixels(tmp_path / "same")
+
+
+def test_second_run_waits_for_the_lock_then_reuses(tmp_path):
+    from bonexray.data.preprocess import cache_lock
+
+    manifest = _dataset(tmp_path / "A", 8, invert=False)
+    cache = tmp_path / "cache"
+    with cache_lock(cache):  # another run is building this cache
+        proc = subprocess.Popen(bonexray_cmd("preprocess", manifest, "--out", cache, "--size", 64, "--workers", 1,
+                                             "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=subprocess_env())
+        deadline = time.monotonic() + 5  # without the lock, an 8-image cache is done by then (or soon after)
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and not (cache / "meta.json").exists()  # it waits, and writes nothing
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "another run is building this cache; waiting" in err
+    _assert_index_matches_pixels(cache)
+
+
+def test_replaced_image_with_same_size_and_mtime_is_not_reused(tmp_path):
+    base = tmp_path / "data"
+    manifest = make_manifest(base, n=4)
+    for i, png in enumerate(sorted(base.glob("*.png"))):  # uncompressed: the size depends on the shape only
+        Image.fromarray(radiograph_like(i)).save(png, compress_level=0)
+    from bonexray.data.datasets import load_dataset
+
+    first, reused = build_cache(load_dataset(manifest), tmp_path / "cache", size=SIZE, workers=1, progress=False)
+    assert not reused
+    target = sorted(base.glob("*.png"))[0]
+    st = target.stat()
+    Image.fromarray(255 - radiograph_like(0)).save(target, compress_level=0)  # `cp -p` of another image
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    second, reused = build_cache(load_dataset(manifest), tmp_path / "cache", size=SIZE, workers=1, progress=False)
+    assert not reused
+    _assert_index_matches_pixels(tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------- 2, 5, 7, 8: the model card
+
+
+def _edit_card(good: Path, bad: Path, restamp: bool = True, **changes) -> Path:
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["bonexray"].update(changes)
+    if restamp:  # a consistent file: the card itself is what is wrong, not a damaged byte
+        stamp_weights_sha256(ckpt)
+    torch.save(ckpt, bad)
+    return bad
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"threshold": float("nan")}, "threshold nan is not a probability"),
+    ({"threshold": 5.0}, "threshold 5.0 is not a probability"),
+    ({"threshold": -1.0}, "threshold -1.0 is not a probability"),
+    ({"image_size": 10000}, "image_size 10000 is outside 32..2048"),
+    ({"image_size": 0}, "image_size 0 is outside 32..2048"),
+    ({"body_parts": ["hand", "hand"]}, "names body part(s) hand twice"),
+    ({"body_parts": ["abnormal", "wrist"]}, "would overwrite the output field prob_abnormal"),
+    ({"body_parts": []}, "no body_parts"),
+])
+def test_bad_model_card_refuses_the_model_everywhere(changes, words, good_ckpt, images, tmp_path, capsys):
+    import bonexray
+
+    bad = _edit_card(good_ckpt, tmp_path / "bad.ckpt", **changes)
+    rc, out, err = run(capsys, "predict", bad, *images)
+    assert rc == 2 and out == "" and len(lines(err)) == 1 and words in err and f"{bad}: " in err
+    with pytest.raises(CheckpointError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        bonexray.load_model(bad)
+    from bonexray.web.app import create_app
+
+    with pytest.raises(CheckpointError):
+        create_app(bad)
+    from bonexray.training.checkpoint_io import AtomicCheckpointIO
+
+    with pytest.raises(CheckpointError):  # --resume reads the same card check
+        AtomicCheckpointIO().load_checkpoint(bad)
+
+
+def test_card_is_inside_the_hash(good_ckpt, images, tmp_path, capsys):
+    bad = _edit_card(good_ckpt, tmp_path / "edited.ckpt", restamp=False, threshold=0.01)
+    rc, out, err = run(capsys, "predict", bad, *images)
+    assert rc == 2 and out == "" and "corrupt checkpoint (weights or model card do not match" in err
+
+
+def test_weights_only_hash_of_older_files_still_loads_with_a_warning(good_ckpt, images, tmp_path, capsys):
+    from bonexray.model.checkpoint import weights_sha256
+
+    ckpt = torch.load(good_ckpt, weights_only=True)
+    net_state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    ckpt["bonexray"]["weights_sha256"] = weights_sha256(net_state)  # what bonexray wrote before the card was hashed
+    torch.save(ckpt, tmp_path / "older.ckpt")
+    rc, out, err = run(capsys, "predict", tmp_path / "older.ckpt", *images)
+    assert rc == 0 and len(lines(out)) == 2
+    assert lines(err) == [f"bonexray predict: warning: {tmp_path / 'older.ckpt'}: its SHA-256 covers the weights but "
+                          "not the model card (written before bonexray hashed the card); the card is loaded unchecked"]
+
+
+def test_resume_checks_integrity_and_refuses_pickled_objects(good_ckpt, tmp_path):
+    import zipfile
+
+    from bonexray.training.checkpoint_io import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    assert "state_dict" in io_.load_checkpoint(good_ckpt)
+    flipped = tmp_path / "flipped.ckpt"
+    data = bytearray(good_ckpt.read_bytes())
+    with zipfile.ZipFile(good_ckpt) as zf:
+        big = max(zf.infolist(), key=lambda i: i.file_size)
+    at = big.header_offset + 200
+    data[at : at + 4096] = bytes(b ^ 0xFF for b in data[at : at + 4096])  # 4 KB flipped
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        io_.load_checkpoint(flipped)
+
+    class Obj:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    ckpt = torch.load(good_ckpt, weights_only=True)
+    ckpt["extra"] = Obj()
+    torch.save(ckpt, tmp_path / "objects.ckpt")
+    with pytest.raises(CheckpointError) as info:
+        io_.load_checkpoint(tmp_path / "objects.ckpt")
+    assert "holds Python objects" in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_body_part_named_like_a_field_is_refused_at_construction():
+    with pytest.raises(CheckpointError, match="prob_abnormal"):
+        ModelCard("efficientnet_lite0", SIZE, body_parts=["abnormal", "hand"])
+
+
+def test_load_model_on_a_folder_says_folder(tmp_path):
+    import bonexray
+
+    with pytest.raises(CheckpointError, match="is a folder"):
+        bonexray.load_model(tmp_path)
+
+
+# --------------------------------------------------------------------------- 3, 9: ONNX
+
+
+@pytest.fixture(scope="module")
+def good_onnx(good_ckpt) -> Path:
+    from bonexray.inference.export import export_onnx
+
+    return export_onnx(good_ckpt, good_ckpt.with_name("good.onnx"))
+
+
+def _edit_onnx_card(src: Path, dst: Path, **changes) -> Path:
+    import onnx
+
+    from bonexray.inference.export import ONNX_HASH_KEY, onnx_graph_sha256
+    from bonexray.inference.predictor import ONNX_CARD_KEY
+
+    model = onnx.load(str(src))
+    meta = {p.key: p.value for p in model.metadata_props}
+    card = json.loads(meta[ONNX_CARD_KEY])
+    card.update(changes)
+    for p in model.metadata_props:
+        if p.key == ONNX_CARD_KEY:
+            p.value = json.dumps(card)
+    for p in model.metadata_props:  # a consistent file: the hash recomputed over the edited card
+        if p.key == ONNX_HASH_KEY:
+            p.value = onnx_graph_sha256(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"body_parts": ["hand", "wrist", "elbow"]}, "names 3 body parts but the graph has 2 body-part outputs"),
+    ({"body_parts": ["hand"]}, "names 1 body parts but the graph has 2"),
+    ({"body_parts": []}, "no body_parts"),
+    ({"image_size": 128}, "image_size 128 but the graph takes input"),
+])
+def test_onnx_card_is_checked_against_the_graph(changes, words, good_onnx, images, tmp_path, capsys):
+    bad = _edit_onnx_card(good_onnx, tmp_path / "bad.onnx", **changes)
+    rc, out, err = run(capsys, "predict", bad, *images)
+    assert rc == 2 and out == "" and len(lines(err)) == 1 and f"{bad}: " in err and words in err
+
+
+def test_damaged_cached_onnx_export_is_rebuilt(good_ckpt, images, tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(good_ckpt.read_bytes())
+    rc, out, _ = run(capsys, "predict", ckpt, *images, "--backend", "onnx", "--device", "cpu")
+    assert rc == 0
+    [cached] = list(tmp_path.glob("model.ckpt.*.onnx"))
+    cached.write_bytes(cached.read_bytes()[:4000])  # a killed copy, a disk error
+    rc, out2, err = run(capsys, "predict", ckpt, *images, "--backend", "onnx", "--device", "cpu")
+    assert rc == 0 and out2 == out
+    assert lines(err) == [ln for ln in lines(err) if "cached ONNX export is damaged" in ln and "rebuilding it" in ln]
+    assert len(lines(err)) == 1 and "corrupt ONNX model" not in err.split("(")[0]
+    from bonexray.inference.export import verify_onnx_integrity
+
+    verify_onnx_integrity(cached, require_hash=True)  # rebuilt intact
+
+
+# --------------------------------------------------------------------------- 6, 11: NaN
+
+
+@pytest.fixture(scope="module")
+def nan_ckpt(tmp_path_factory) -> Path:
+    net = tiny_net()
+    with torch.no_grad():
+        net.abnormal_head.bias.fill_(float("nan"))
+    return save_model(tmp_path_factory.mktemp("nan") / "nan.ckpt", net,
+                      ModelCard("efficientnet_lite0", SIZE, body_parts=PARTS))
+
+
+def test_api_gives_no_verdict_for_nan_output(nan_ckpt, images):
+    import bonexray
+
+    model = bonexray.load_model(nan_ckpt, device="cpu")
+    with pytest.raises(BonexrayError, match="not a finite number.*no verdict"):
+        model.predict(images[0])
+    with pytest.raises(BonexrayError, match=r"image 0 \(ndarray\): the model's output is not a finite number"):
+        model.predict(radiograph_like(1))
+
+
+def test_serve_gives_no_verdict_for_nan_output(nan_ckpt):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+    from builders import png_bytes
+
+    client = TestClient(create_app(nan_ckpt, device="cpu"))
+    r = client.post("/api/predict", files=[("files", ("x.png", png_bytes(radiograph_like(0)), "image/png"))])
+    assert r.status_code == 500
+    body = r.json()
+    assert "not a finite number" in body["detail"] and body["errors"][0]["file"] == "x.png"
+    assert "abnormal" not in body and "images" not in body
+
+
+@pytest.mark.parametrize("array,words", [
+    (np.full((40, 40), np.nan), "NaN or infinite"),
+    (np.where(np.eye(40) > 0, np.inf, 1.0), "NaN or infinite"),
+    (np.full((40, 40), "a"), "must hold real numbers"),
+    (np.full((40, 40), None, dtype=object), "must hold real numbers"),
+    (np.ones((40, 40), dtype=complex), "must hold real numbers"),
+])
+def test_api_refuses_arrays_that_are_no_image(array, words, good_ckpt):
+    import bonexray
+
+    model = bonexray.load_model(good_ckpt, device="cpu")
+    with pytest.raises(BonexrayError, match=words):
+        model.predict(array)
+
+
+def test_api_skips_hidden_files_like_predict(good_ckpt, images):
+    import bonexray
+
+    folder = images[0].parent
+    Image.fromarray(radiograph_like(9)).save(folder / ".hidden.png")
+    model = bonexray.load_model(good_ckpt, device="cpu")
+    with pytest.warns(UserWarning, match="skipped"):
+        preds = model.predict(folder)
+    assert [p.path for p in preds] == [str(p) for p in images]
+
+
+# --------------------------------------------------------------------------- 10: dataset readers and --limit
+
+
+def test_fracatlas_duplicate_rows_and_odd_flags(tmp_path):
+    from bonexray.data.fracatlas import read_fracatlas
+    from bonexray.errors import DatasetError
+    from builders import make_fracatlas_tree
+
+    root = make_fracatlas_tree(tmp_path, n_groups=4, per_group=2)
+    n = len(read_fracatlas(root))
+    with open(root / "dataset.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows.append(dict(rows[0]))  # the same image listed twice, same flags
+    odd = dict(rows[1])
+    odd["hardware"] = "2"
+    rows[1] = odd
+
+    def write(rows):
+        with open(root / "dataset.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    write(rows)
+    rs = read_fracatlas(root)
+    assert len(rs) == n - 1  # the duplicate merged, the row with flag 2 left out
+    assert any("repeats line 2; merged" in p for p in rs.problems)
+    assert any("flag hardware=2 is not 0 or 1; row skipped" in p for p in rs.problems)
+    clash = dict(rows[0])
+    clash["fractured"] = str(1 - int(clash["fractured"]))
+    write(rows[:-1] + [clash])
+    with pytest.raises(DatasetError, match="listed on lines 2 and .* with different fractured"):
+        read_fracatlas(root)
+
+
+@pytest.mark.parametrize("limit", [-5, 0])
+def test_preprocess_limit_below_one_is_refused(limit, tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "data", n=6)
+    rc, out, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "cache", "--limit", limit, "--quiet")
+    assert rc == 2 and lines(err) == [f"bonexray preprocess: error: --limit {limit}: give a number of images >= 1 "
+                                      "(leave it out for all)"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_train_limit_below_one_is_refused(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "data", n=6)
+    rc, _, err = run(capsys, "train", "--data", manifest, "--out", tmp_path / "run", "--limit", 0)
+    assert rc == 2 and "--limit 0: give a number of images >= 1" in err and len(lines(err)) == 1
+
+
+def test_manifest_paths_outside_its_folder_get_a_note(tmp_path):
+    from bonexray.data.manifest import read_manifest
+
+    manifest = make_manifest(tmp_path / "data", n=4)
+    Image.fromarray(radiograph_like(7)).save(tmp_path / "elsewhere.png")
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f).writerow(["../elsewhere.png", "hand", 0, "s9"])
+    rs = read_manifest(manifest)
+    assert len(rs) == 5
+    assert [p for p in rs.problems if "outside the manifest's folder" in p and "../elsewhere.png" in p]
+    assert not [p for p in read_manifest(make_manifest(tmp_path / "clean", n=4)).problems if "outside" in p]
+
+
+# --------------------------------------------------------------------------- 12, 13: the server
+
+
+def test_idle_sockets_do_not_lock_other_clients_out(good_ckpt):
+    import httpx
+
+    from bonexray.web.app import create_app
+    from bonexray.web.server import uvicorn_settings
+    from builders import LiveServer, png_bytes
+
+    app = create_app(good_ckpt, device="cpu")
+    with LiveServer(app, **uvicorn_settings(header_timeout=2.0)) as live:
+        idle = [socket.create_connection(("127.0.0.1", live.port)) for _ in range(80)]  # nothing sent
+        try:
+            r = httpx.post(f"{live.url}/api/predict", timeout=30,
+                           files=[("files", ("x.png", png_bytes(radiograph_like(0)), "image/png"))])
+            assert r.status_code == 200, r.text
+            assert httpx.get(f"{live.url}/healthz", timeout=30).status_code == 200
+            # The server closes a connection that never sends its headers: recv sees the end.
+            for s in idle[:3]:
+                s.settimeout(30)
+                assert s.recv(1) == b""
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_requests_beyond_the_limit_get_503_not_a_hang(good_ckpt):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+
+    client = TestClient(create_app(good_ckpt, device="cpu", max_requests=0))
+    r = client.get("/healthz")
+    assert r.status_code == 503 and "server busy" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("flag,value", [("--max-file-mb", "nan"), ("--max-file-mb", "inf"), ("--max-request-mb", "-1")])
+def test_serve_size_limits_must_be_finite(flag, value, good_ckpt, capsys):
+    rc, _, err = run(capsys, "serve", good_ckpt, flag, value)
+    assert rc == 2 and lines(err) == [f"bonexray serve: error: {flag} {float(value)}: give a size in MB above 0"]
+
+
+# --------------------------------------------------------------------------- 14, 15: training refusals
+
+
+def test_training_data_with_one_label_is_refused_before_training(tmp_path, capsys):
+    from conftest import tiny_train_args
+
+    base = tmp_path / "data"
+    base.mkdir()
+    with open(base / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "body_part", "abnormal", "study_id"])
+        for i in range(16):
+            Image.fromarray(radiograph_like(i)).save(base / f"i{i}.png")
+            w.writerow([f"i{i}.png", ("hand", "wrist")[i % 2], 0, f"s{i}"])
+    args = tiny_train_args(base / "manifest.csv", tmp_path / "run")
+    rc, _, err = run(capsys, "train", "--data", args["data"], "--out", args["out"], "--cache", args["cache"],
+                     "--pretrained", "none", "--image-size", 64, "--epochs", 1, "--quiet")
+    assert rc == 2 and "the training images are all normal" in err and len(lines(err)) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_with_other_epochs_is_refused_before_training(tmp_path, capsys):
+    import yaml
+
+    from bonexray.training.config import TrainConfig
+    from bonexray.training.train import _check_resume_plan
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = TrainConfig.from_args({"data": "x", "epochs": 1, "schedule": "onecycle"}).to_dict()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resume_plan(TrainConfig.from_args({"data": "x", "epochs": 1, "schedule": "onecycle"}), run_dir / "config.yaml")
+    with pytest.raises(BonexrayError, match=r"--epochs 2 \(the run has 1\)"):
+        _check_resume_plan(TrainConfig.from_args({"data": "x", "epochs": 2, "schedule": "onecycle"}),
+                           run_dir / "config.yaml")
+
+
+# --------------------------------------------------------------------------- 16, 17, 18: messages
+
+
+def test_preprocess_into_a_closed_pipe_is_quiet(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n=4)
+    proc = subprocess.Popen(bonexray_cmd("preprocess", manifest, "--out", tmp_path / "cache", "--workers", 1, "--quiet"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    proc.stdout.close()  # `| head -0`: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 0 and ImageCache.open(tmp_path / "cache").summary()["images"] == 4
+
+
+def test_csv_output_never_starts_a_cell_with_a_formula(good_ckpt, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@x.png", "plain.png"]
+    for i, name in enumerate(names):
+        Image.fromarray(radiograph_like(i)).save(folder / name)
+    monkeypatch.chdir(folder)  # relative paths, as a user in that folder types them
+    rc, out, _ = run(capsys, "predict", "--format", "csv", good_ckpt, "--", *names)
+    assert rc == 0
+    paths = [row["path"] for row in csv.DictReader(out.splitlines())]
+    assert paths == ["'=HYPERLINK(1).png", "'+1.png", "'-2.png", "'@x.png", "plain.png"]
+    from bonexray.inference.writers import csv_safe
+
+    assert csv_safe("=1+1") == "'=1+1" and csv_safe("a=b") == "a=b" and csv_safe(0.5) == 0.5
+
+
+@requires_shared_data
+def test_pydicom_warnings_name_the_file(tmp_path, monkeypatch):
+    import warnings
+
+    import pydicom
+
+    from bonexray.data.imageio import read_image
+    from bonexray.errors import BonexrayWarning
+
+    real = pydicom.dcmread
+
+    def noisy(*a, **k):
+        warnings.warn("Invalid value for VR UI: '1.2.abc'", UserWarning)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pydicom, "dcmread", noisy)
+    dicom = SHARED_DATA / "dicom" / "RG3_UNCR.dcm"
+    with pytest.warns(BonexrayWarning, match=f"{dicom}: pydicom: Invalid value for VR UI"):
+        read_image(dicom)
