@@ -105,6 +105,10 @@ def test_names_work_everywhere_a_path_does(registered, tmp_path, capsys):
     load_weights_file(net, "tiny")  # train --weights tiny
     app = create_app(None, device="cpu")  # serve without a model: the default bundled one
     assert app.state.model_path.name == registered["info"]["file"]
+    from fastapi.testclient import TestClient
+
+    card = TestClient(app).get("/api/model").json()
+    assert card["evaluation"]["auroc"] == registered["info"]["test_metrics"]["image_auroc"]["value"]
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "tiny-efficientnet_lite0-64" in out and registered["info"]["sha256"] in out and "test AUROC" in out

@@ -225,6 +225,33 @@ def read_evaluation(path: str | os.PathLike) -> Evaluation:
                       sensitivity=img.get("sensitivity"), specificity=img.get("specificity"), source_file=p.name)
 
 
+def _bundled_training_data(model_path: Path) -> TrainingData | None:
+    from ..model.hub import BUNDLED
+
+    for m in BUNDLED:
+        if m.path == model_path and m.info().get("training_data"):
+            td = m.info()["training_data"]
+            return TrainingData(dataset=td.get("dataset", "?"), source=(m.info().get("card", {}).get("split") or {}).get(
+                "source"), images=td.get("split_counts"))
+    return None
+
+
+def bundled_evaluation(model_path: Path) -> Evaluation | None:
+    """The test numbers a bundled model's description records (model/hub.py), when ``model_path`` is one."""
+    from ..model.hub import BUNDLED
+
+    for m in BUNDLED:
+        if m.path == model_path:
+            t = m.info().get("test_metrics") or {}
+            auroc = t.get("image_auroc") or {}
+            return Evaluation(split=t.get("split"), n_images=t.get("n_images"), n_studies=t.get("n_studies"),
+                              auroc=auroc.get("value"), auroc_ci95=auroc.get("ci95"),
+                              sensitivity=(t.get("sensitivity") or {}).get("value"),
+                              specificity=(t.get("specificity") or {}).get("value"),
+                              source_file=m.info_path.name) if t else None
+    return None
+
+
 class ModelService:
     """One loaded model shared by every request."""
 
@@ -249,8 +276,9 @@ class ModelService:
             self.cam_net, _ = load_model(self.path, map_location=resolve_device(device))
             has_head = getattr(self.cam_net, "localization_head", None) is not None
             self.heatmap_method = "localization" if has_head else "gradcam++"
-        self.training_data = _training_data(self.path) if self.format == "checkpoint" else None
-        self.evaluation = read_evaluation(metrics) if metrics else None
+        self.training_data = (_training_data(self.path) or _bundled_training_data(self.path)
+                              if self.format == "checkpoint" else None)
+        self.evaluation = read_evaluation(metrics) if metrics else bundled_evaluation(self.path)
         self._lock = threading.Lock()
 
     @property
