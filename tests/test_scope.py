@@ -42,6 +42,10 @@ def test_statistics_flag_blank_constant_and_truncated_to_flat():
     assert scope.statistics_reason(img, True) == scope.TRUNCATED
     assert scope.statistics_reason(img, False) is None  # a flat band alone is not truncation
     assert scope.statistics_reason(radiograph_like(2, 300, 200), False) is None
+    rng = np.random.default_rng(0)
+    flat16 = (1000 + rng.integers(-1, 2, (300, 200))).astype(np.uint16)  # 16-bit, 3 levels of noise
+    assert scope.statistics_reason(flat16, False) == scope.BLANK
+    assert scope.statistics_reason(radiograph_like(5, 300, 200).astype(np.uint16) * 16, False) is None  # 12-bit
 
 
 def test_colour_photo_and_ct_dicom_are_not_radiographs():

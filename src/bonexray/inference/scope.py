@@ -144,13 +144,20 @@ def decoded_share(pixels: np.ndarray) -> float:
 
 def statistics_reason(pixels: np.ndarray, truncated: bool, evidence: SourceEvidence | None = None) -> str | None:
     """Checks 1-3 of the module doc on the decoded (full-resolution) gray pixels; None: nothing found."""
-    g = _as_uint8(np.asarray(pixels))
+    raw = np.asarray(pixels)
+    g = _as_uint8(raw)
     step = max(1, int(np.ceil(max(g.shape) / 512)))  # a subsample is plenty for these statistics
     sub = g[::step, ::step]
     if truncated and decoded_share(g) < MIN_DECODED_SHARE:
         return TRUNCATED
     if sub.size == 0 or float(sub.std()) < BLANK_STD:
         return BLANK
+    if raw.dtype != np.uint8 and raw.dtype.kind in "ui":
+        # 16-bit sources are min-max stretched to 8 bits, which would blow a few levels of noise up to
+        # full contrast: judge their spread in the file's own levels.
+        lo, hi = np.percentile(raw[::step, ::step], [0.5, 99.5])
+        if hi - lo <= 4:
+            return BLANK
     hist = np.bincount(sub.reshape(-1), minlength=256)
     near_mode = np.convolve(hist, np.ones(5, int), mode="same").max()  # within +-2 grey levels of one value
     if near_mode / sub.size >= BLANK_SHARE:
