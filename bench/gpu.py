@@ -140,7 +140,7 @@ def train_throughput(dataset, args, device: str) -> tuple[float, object]:
 
 
 def predict_throughput(module, dataset, args, device: str, work: Path) -> float:
-    from bonexray.inference.predict import Predictor
+    from bonexray.inference.predictor import Predictor
     from bonexray.model.checkpoint import ModelCard, save_model
 
     net = module.net.float().cpu().eval()

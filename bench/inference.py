@@ -132,7 +132,7 @@ def quantize_int8(float_onnx: Path, calib: np.ndarray, out: Path) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from bonexray.inference.predict import ONNX_INPUT
+    from bonexray.inference.onnx_format import ONNX_INPUT
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -168,7 +168,7 @@ def build_paths(backbone: str, batch: int, work: Path, calib: np.ndarray, info: 
     import torch
 
     from bonexray.inference.backends import exported_onnx
-    from bonexray.inference.predict import Predictor
+    from bonexray.inference.predictor import Predictor
 
     ckpt = random_checkpoint(backbone, work)
     u8 = np.random.default_rng(0).integers(0, 256, (batch, SIZE, SIZE), dtype=np.uint8)

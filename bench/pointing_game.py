@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from bonexray.data.preprocess import letterbox
     from bonexray.errors import BonexrayError
     from bonexray.inference.cam import DEFAULT_METHOD, cam_for_batch
-    from bonexray.inference.predict import Predictor
+    from bonexray.inference.predictor import Predictor
 
     methods = args.method or [DEFAULT_METHOD]
     data: Path = args.data

@@ -14,7 +14,7 @@ from conftest import SHARED_DATA, requires_shared_data
 from bonexray.cli import main
 from bonexray.data.preprocess import letterbox, load_for_model
 from bonexray.inference import backends
-from bonexray.inference.predict import Predictor
+from bonexray.inference.predictor import Predictor
 
 PROB_TOL = 1e-4
 

@@ -61,7 +61,7 @@ def test_preprocess_bench_on_a_tiny_manifest(tmp_path, capsys):
 def test_int8_quantization_keeps_the_model_card_and_the_answer(trained_checkpoint, tmp_path):
     inference = _load("inference")
     from bonexray.inference.backends import exported_onnx
-    from bonexray.inference.predict import Predictor
+    from bonexray.inference.predictor import Predictor
 
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_bytes(Path(trained_checkpoint).read_bytes())

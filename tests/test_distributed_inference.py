@@ -20,7 +20,9 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.g
 
 
 def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bonexray.cli", *map(str, args)], capture_output=True, text=True,
+    # The scope gate runs in one process only (refused with --devices): compare predictions without it.
+    extra = ["--no-scope-check"] if args and args[0] == "predict" else []
+    return subprocess.run([sys.executable, "-m", "bonexray.cli", *map(str, args), *extra], capture_output=True, text=True,
                           env=ENV, cwd=cwd, timeout=300)
 
 
@@ -92,7 +94,7 @@ def test_predict_launched_by_torchrun(tmp_path):
     data = _study_tree(tmp_path / "data", n=9)
     one = _cli("predict", ckpt, data, cwd=tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "bonexray.cli", "predict", str(ckpt), str(data), "--devices", "2"]
+           "-m", "bonexray.cli", "predict", str(ckpt), str(data), "--devices", "2", "--no-scope-check"]
     two = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     # The damaged file: exit 1 from rank 0, which torchrun passes on.
     assert one.returncode == 1 and two.returncode == 1, two.stderr[-3000:]
@@ -173,3 +175,14 @@ def test_fewer_images_than_processes(tmp_path):
     two = _cli("predict", ckpt, png, "--devices", "2", cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one.stdout and one.stdout.count("\n") == 1
+
+
+def test_scope_gate_across_processes_is_refused_in_one_line(tmp_path, capsys):
+    from bonexray.cli import main
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt")
+    png = tmp_path / "a.png"
+    Image.fromarray(radiograph_like(1)).save(png)
+    assert main(["predict", str(ckpt), str(png), "--devices", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scope gate runs in one process" in err[0]

@@ -73,7 +73,7 @@ def test_evaluate_with_flip_tta_rechooses_threshold_on_valid(trained_run, tmp_pa
     import numpy as np
 
     from bonexray.evaluation.metrics import choose_threshold
-    from bonexray.inference.predict import Predictor
+    from bonexray.inference.predictor import Predictor
 
     out = tmp_path / "tta"
     cache = str(Path(trained_run["run_dir"]).parent / "run-cache")

@@ -85,7 +85,7 @@ def test_predict_real_jpegs_and_dicoms(ckpt, capsys):
     j2k, uncr = images[2], images[3]
     assert j2k["prob_abnormal"] == pytest.approx(uncr["prob_abnormal"], abs=1e-6)
     # The output is what the model gives for load_for_model's array.
-    from bonexray.inference.predict import Predictor
+    from bonexray.inference.predictor import Predictor
 
     pr = Predictor(ckpt, device="cpu")
     arr = np.stack([load_for_model(p, 64)[0] for p in REAL_JPEGS])
@@ -145,7 +145,7 @@ def test_study_aggregation_is_mean_and_majority(ckpt, capsys, tmp_path):
 
 
 def test_study_majority_vote_tie_breaks_on_mean_probability():
-    from bonexray.inference.predict import ImageResult, study_records
+    from bonexray.inference.results import ImageResult, study_records
 
     results = [
         ImageResult("a", 0.2, np.array([0.5, 0.4, 0.1]), False, "s"),
@@ -309,7 +309,7 @@ def test_trained_checkpoint_end_to_end(trained_checkpoint, capsys, tmp_path):
 
 def test_flip_tta_averages_image_and_mirror(ckpt):
     from bonexray.errors import BonexrayError
-    from bonexray.inference.predict import Predictor
+    from bonexray.inference.predictor import Predictor
 
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 255, size=(3, 64, 64), dtype=np.uint8)

@@ -415,3 +415,24 @@ def test_no_serious_accessibility_violations(live, page):
     serious = [(v["id"], v["impact"], v["help"], [n["target"] for n in v["nodes"]][:3])
                for v in result["violations"] if v["impact"] in ("serious", "critical")]
     assert serious == []
+
+
+def test_blank_image_and_photo_say_cannot_assess_with_the_reason(live, page, tmp_path):
+    # Issue 21: a blank image or a photo got "Abnormal" and a body part; now no verdict, and why.
+    from skimage import data
+
+    blank, photo = tmp_path / "blank.png", tmp_path / "photo.png"
+    Image.fromarray(np.full((300, 240), 128, np.uint8)).save(blank)
+    Image.fromarray(data.astronaut()).save(photo)
+    radiograph = _radiographs(1)[0]
+    page.goto(live.url)
+    page.wait_for_selector(CARD_READY, state="attached")
+    page.set_input_files("#file-input", [str(blank), str(photo), str(radiograph)])
+    page.wait_for_function(VIEWER_READY)
+    assert page.locator(".result[data-state=cannot]").count() == 2
+    cards = page.inner_text("#results")
+    assert "blank or nearly constant image" in cards and "not a radiograph" in cards
+    summary = page.inner_text("#studies")
+    assert "2 images of 3 could not be assessed; the verdict uses the other 1" in summary
+    assert "Cannot assess" not in page.locator(".study-line").first.inner_text()  # the radiograph is judged
+    assert not page.problems

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from .data.datasets import load_dataset
+from .data.imageio import DecodedImage
 from .data.preprocess import Letterbox, ModelInput, letterbox, read_for_model
 from .errors import BonexrayError, BonexrayWarning, ImageReadError
 from .inference.results import finite_rows, nonfinite_reason
 
 from .inference.results import box_records, original_boxes
+from .inference.scope import source_evidence
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -39,9 +41,10 @@ class Prediction:
     """What the model says about one image."""
 
     prob_abnormal: float
-    #: ``prob_abnormal >= threshold`` of the model card (chosen on the validation split).
-    abnormal: bool
-    body_part: str
+    #: ``prob_abnormal >= threshold`` of the model card; None when the image is out of scope (no verdict).
+    abnormal: bool | None
+    #: None when the image is out of scope.
+    body_part: str | None
     #: Probability of every body-part class of the model, in the card's class order.
     body_part_probs: dict[str, float]
     #: The file it came from; None for an array or PIL image.
@@ -51,13 +54,23 @@ class Prediction:
     #: Fracture boxes in the original image's pixels, best first: dicts {x0, y0, x1, y1, score}, at the
     #: card's box threshold; None for a model without a box head.
     boxes: list[dict[str, float]] | None = None
+    #: False: the model cannot judge this image (see ``scope_reason``; ``abnormal``/``body_part`` are None);
+    #: None: not checked (``load_model(..., scope_check=False)``).
+    in_scope: bool | None = True
+    scope_reason: str | None = None
+    #: "clear" or "borderline" (|p - threshold| < the card's band); None when out of scope.
+    confidence: str | None = None
 
 
 class Model:
     """A loaded bonexray model; build it with :func:`load_model`."""
 
-    def __init__(self, predictor: Any) -> None:
+    def __init__(self, predictor: Any, scope_check: bool = True) -> None:
+        from .inference.scope import ScopeGate, borderline_band
+
         self._predictor = predictor
+        self._gate = ScopeGate(predictor.card, enabled=scope_check)
+        self.borderline_band = borderline_band(predictor.card)[0]
 
     @property
     def card(self) -> ModelCard:
@@ -98,9 +111,13 @@ class Model:
                 raise BonexrayError(f"{_describe(bad, start + int(np.flatnonzero(~finite)[0]))}: "
                                     f"{nonfinite_reason(self._predictor.path)}")
             boxes = pred.boxes if pred.boxes is not None else [None] * len(chunk)
-            for item, m, p, parts, bx in zip(chunk, inputs, pred.prob, pred.parts, boxes):
+            evidence = [source_evidence(item) if self._gate.enabled and not isinstance(item, np.ndarray) else None
+                        for item in chunk]
+            reasons = self._gate.reasons([m.decoded.pixels if m.decoded is not None else None for m in inputs],
+                                         [m.truncated for m in inputs], evidence, pred.embedding)
+            for item, m, p, parts, bx, why in zip(chunk, inputs, pred.prob, pred.parts, boxes, reasons):
                 found = None if bx is None else box_records(original_boxes(bx, m.geometry))
-                results.append(self._result(item, float(p), parts, m.truncated, found))
+                results.append(self._result(item, float(p), parts, m.truncated, found, why))
         return results[0] if single else results
 
     def _input(self, item: ImageInput) -> ModelInput:
@@ -108,18 +125,26 @@ class Model:
         if isinstance(item, (str, os.PathLike)):
             return read_for_model(item, size)
         gray = _as_gray_array(item)
-        return ModelInput(letterbox(gray, size), False, Letterbox(size, gray.shape[1], gray.shape[0]))
+        return ModelInput(letterbox(gray, size), False, Letterbox(size, gray.shape[1], gray.shape[0]),
+                          DecodedImage(gray, False, "array"))
 
-    def _result(self, item: ImageInput, prob: float, parts: np.ndarray, truncated: bool, boxes=None) -> Prediction:
+    def _result(self, item: ImageInput, prob: float, parts: np.ndarray, truncated: bool, boxes=None,
+                scope_reason: str | None = None) -> Prediction:
+        from .inference.results import confidence
+
         names = self.body_parts
+        verdict = scope_reason is None
         return Prediction(
             prob_abnormal=prob,
-            abnormal=bool(prob >= self.threshold),
-            body_part=names[int(np.argmax(parts))],
+            abnormal=bool(prob >= self.threshold) if verdict else None,
+            body_part=names[int(np.argmax(parts))] if verdict else None,
             body_part_probs={n: float(v) for n, v in zip(names, parts)},
             path=os.fspath(item) if isinstance(item, (str, os.PathLike)) else None,
             truncated=bool(truncated),
-            boxes=boxes,
+            boxes=boxes if verdict else None,
+            in_scope=(scope_reason is None) if self._gate.enabled else None,
+            scope_reason=scope_reason,
+            confidence=confidence(prob, self.threshold, self.borderline_band) if verdict else None,
         )
 
     def __repr__(self) -> str:
@@ -128,15 +153,17 @@ class Model:
                 f"body_parts={card.body_parts}, threshold={card.threshold:.3f})")
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", tta: str = "none") -> Model:
-    """A bonexray checkpoint (``.ckpt``) or ONNX export (``.onnx``) ready to ``predict``.
+def load_model(path: str | os.PathLike | None = None, device: str = "auto", tta: str = "none",
+               scope_check: bool = True) -> Model:
+    """A bonexray checkpoint (``.ckpt``), ONNX export (``.onnx``) or bundled model name (``"fracatlas"``;
+    None: the default bundled model) ready to ``predict``.
 
     ``device``: ``auto`` (GPU when there is one), ``cpu`` or ``cuda[:N]``. ``tta="flip"`` averages
-    each image with its mirror.
+    each image with its mirror. ``scope_check=False`` gives a verdict for every image (``in_scope`` None).
     """
     from .inference.predictor import Predictor
 
-    return Model(Predictor(path, device=device, tta=tta))
+    return Model(Predictor(path, device=device, tta=tta), scope_check=scope_check)
 
 
 def _describe(item: object, position: int) -> str:

@@ -91,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
                        device=args.device, batch_size=args.batch_size, tta=args.tta,
                        cam_method=args.cam_method, backend=args.backend, devices=args.devices,
-                       num_nodes=args.num_nodes, strategy=args.strategy)
+                       num_nodes=args.num_nodes, strategy=args.strategy, scope_check=not args.no_scope_check)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -113,7 +113,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = UploadLimits(max_files=args.max_files, max_file_bytes=int(args.max_file_mb * 1024 * 1024),
                           max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_pixels=args.max_pixels)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, limits=limits,
-          metrics=args.metrics)
+          metrics=args.metrics, scope_check=not args.no_scope_check)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model.hub import describe_models, format_models
+
+    rows = describe_models()
+    print(json.dumps(rows, indent=2) if args.json else format_models(rows))
+    return 0
+
+
+def cmd_calibrate_scope(args: argparse.Namespace) -> int:
+    from .inference.calibrate import calibrate_model
+
+    path = calibrate_model(args.model, args.data, out=args.out, quantile=args.quantile, cache=args.cache,
+                           batch_size=args.batch_size, device=args.device)
+    print(f"wrote {path}")
     return 0
 
 
@@ -144,6 +161,10 @@ def _add_process_arguments(p: argparse.ArgumentParser) -> None:
                         "than one, rank 0 writes every result, in input order, as one process would")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes, for runs across machines (torchrun, srun; default 1)")
     p.add_argument("--strategy", default="ddp", help="Lightning strategy for several processes (default ddp)")
+
+
+NO_SCOPE_HELP = ("give a verdict for every image, also those the scope gate would refuse (blank, colour photos, "
+                 "non-radiographs, images unlike the training data); in_scope is then null. For research")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="image- and study-level metrics, plots and report")
     e.add_argument("checkpoint", nargs="+",
-                   help="checkpoint (.ckpt) or ONNX file; several checkpoints of runs with the same split are "
+                   help="checkpoint (.ckpt), ONNX file or bundled model name; several checkpoints of runs with the same split are "
                         "evaluated as an ensemble (probabilities averaged, threshold re-chosen on valid; "
                         "final fits on train+valid keep 0.5)")
     e.add_argument("--data", required=True)
@@ -203,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="predict on images, folders, studies or DICOM files")
-    pr.add_argument("model", help="checkpoint (.ckpt) or exported model (.onnx)")
+    pr.add_argument("model", help="checkpoint (.ckpt), exported model (.onnx) or bundled model name (fracatlas)")
     pr.add_argument("paths", nargs="+")
     pr.add_argument("--study", action="store_true", help="also one aggregated line per study (folder)")
     pr.add_argument("--cam", default=None, metavar="OUT_DIR", help="write heatmap PNGs here")
@@ -219,10 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "the checkpoint's threshold")
     pr.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
     _add_process_arguments(pr)
+    pr.add_argument("--no-scope-check", action="store_true", help=NO_SCOPE_HELP)
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX with its model card")
-    x.add_argument("checkpoint")
+    x.add_argument("checkpoint", help="checkpoint (.ckpt) or bundled model name")
     x.add_argument("--out", required=True)
     x.add_argument("--opset", type=int, default=17)
     x.set_defaults(func=cmd_export)
@@ -230,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="web page + HTTP API: drop X-rays, see verdict, body part and heatmap",
                        description="Serve a web page (GET /) and a JSON API (POST /api/predict, GET /api/model, "
                                    "GET /healthz, docs at /docs) for one model. Uploads are read in memory only.")
-    s.add_argument("model", help="checkpoint (.ckpt; with heatmaps) or exported model (.onnx; no heatmaps)")
+    s.add_argument("model", nargs="?", default=None,
+                   help="checkpoint (.ckpt; with heatmaps), exported model (.onnx; no heatmaps) or bundled model name "
+                        "(default: the bundled fracatlas model)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; any other needs --api-key)")
     s.add_argument("--port", type=int, default=8000)
@@ -245,7 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", default=None, metavar="FILE",
                    help="metrics.json of `bonexray evaluate` on this model: the page's model card shows its test "
                         "AUROC (95%% CI), sensitivity and specificity")
+    s.add_argument("--no-scope-check", action="store_true", help=NO_SCOPE_HELP)
     s.set_defaults(func=cmd_serve)
+
+    mo = sub.add_parser("models", help="list the bundled models (name, backbone, input size, classes, data, test metrics)")
+    mo.add_argument("--json", action="store_true", help="one JSON list instead of text")
+    mo.set_defaults(func=cmd_models)
+
+    cs = sub.add_parser("calibrate-scope", help="fit the scope gate's feature statistics and borderline band of a "
+                                                "checkpoint on its training data (never the test split)",
+                        description="Embeds the model's train split (PCA) and its valid split (the score threshold "
+                                    "and the borderline band) and writes a copy of the checkpoint whose card holds them.")
+    cs.add_argument("model", help="checkpoint (.ckpt) or bundled model name")
+    cs.add_argument("--data", required=True, help="the dataset the model was trained on")
+    cs.add_argument("--out", required=True, help="the calibrated checkpoint to write")
+    cs.add_argument("--quantile", type=float, default=0.995,
+                    help="share of held-out valid images the feature check accepts (default 0.995)")
+    cs.add_argument("--cache", default=None, help="preprocessed cache folder (default: per-user cache)")
+    cs.add_argument("--batch-size", type=int, default=64)
+    cs.add_argument("--device", default="auto")
+    cs.set_defaults(func=cmd_calibrate_scope)
 
     pa = sub.add_parser("pacs", help="analyse studies on a PACS (DICOMweb or DICOM C-STORE); results back as DICOM SR "
                                      "and secondary captures",
@@ -257,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "A study that already holds this model's results for the same images is left "
                                     "alone (nothing stored twice).")
     an.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
-    an.add_argument("--model", required=True, help="checkpoint (.ckpt) or exported model (.onnx)")
+    an.add_argument("--model", required=True, help="checkpoint (.ckpt), exported model (.onnx) or bundled model name")
     an.add_argument("--study", action="append", default=[], metavar="UID", help="Study Instance UID (repeatable)")
     an.add_argument("--date", default=None, metavar="YYYYMMDD[-YYYYMMDD]", help="every study of this date or range")
     an.add_argument("--modality", default=None, help="every study with this modality, e.g. CR or DX")
@@ -270,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     li = pas.add_parser("listen", help="DICOM storage SCP: analyse each study pushed to it, C-STORE the results on",
                         description="Receive instances by C-STORE, analyse a study once no instance of it has "
                                     "arrived for --quiet-seconds, send its results by C-STORE to --dest. Ctrl-C or SIGTERM stops.")
-    li.add_argument("--model", required=True, help="checkpoint (.ckpt) or exported model (.onnx)")
+    li.add_argument("--model", required=True, help="checkpoint (.ckpt), exported model (.onnx) or bundled model name")
     li.add_argument("--port", type=int, required=True, help="port to listen on")
     li.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     li.add_argument("--ae-title", default="BONEXRAY", help="this listener's AE title (default BONEXRAY)")

@@ -185,11 +185,12 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     computes and writes everything; the other ranks return None.
     """
     from ..inference.distributed import local_world_size, rank_device, wants_distributed
-    from ..inference.predict import Ensemble, Predictor
+    from ..inference.predictor import Ensemble, Predictor
+    from ..model.hub import resolve_model
 
     t0 = time.perf_counter()
     results = check_output_folder(out, "--out")  # before the work, not after it
-    ckpts = [Path(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
+    ckpts = [resolve_model(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
     distributed = wants_distributed(devices, num_nodes)
     if distributed:
         from ..inference.backends import physical_cores
@@ -288,6 +289,13 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
         studies = study_table(table)
     metrics["studies_with_mixed_labels"] = mixed
+    from ..inference.scope import borderline_band
+    from .calibration import band_error_rates, calibration_metrics, plot_reliability
+
+    band, band_source = borderline_band(predictor.card)
+    metrics["abnormality"]["calibration"] = calibration_metrics(table["abnormal"], table["prob_abnormal"])
+    metrics["abnormality"]["borderline"] = band_error_rates(table["abnormal"], table["prob_abnormal"], threshold,
+                                                            band, band_source)
     if with_boxes:
         metrics["localization"] = _localization(chosen, found[0], predictor.image_size, n_bootstrap)
     info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
@@ -304,6 +312,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                    "Abnormality (image level)")
     plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")
     plot_roc(table["abnormal"], table["prob_abnormal"], studies["abnormal"], studies["prob_abnormal"], results / "roc.png")
+    plot_reliability(metrics["abnormality"]["calibration"], results / "reliability.png")
     if "localization" in metrics:
         loc = metrics["localization"]
         plot_froc(loc["froc_curve"], results / "froc.png", ci=loc["ci95"]["froc_sensitivity"])
@@ -322,6 +331,11 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             f"sens {f(m_img['recall'])}  spec {f(m_img['specificity'])}  kappa {f(m_img['kappa'])}\n"
             f"  abnormality study: AUROC {f(m_study['auroc'])}  kappa {f(m_study['kappa'])}\n"
             f"  body part: acc {f(metrics['body_part']['accuracy'])}  macro-F1 {f(metrics['body_part']['macro_f1'])}\n"
+            f"  calibration: ECE {f(metrics['abnormality']['calibration']['ece'])}; borderline band "
+            f"{metrics['abnormality']['borderline']['band']:g}: error rate "
+            f"{f(metrics['abnormality']['borderline']['inside']['error_rate'])} inside "
+            f"({metrics['abnormality']['borderline']['inside']['n']} images), "
+            f"{f(metrics['abnormality']['borderline']['outside']['error_rate'])} outside\n"
             + (_localization_line(metrics["localization"]) if "localization" in metrics else "")
             + (f"  skipped {len(skipped)} unreadable image(s)\n" if skipped else "")
             + (f"  {mixed} stud(y/ies) have views with different labels; each counts as abnormal (any view)\n"

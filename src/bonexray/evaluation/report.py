@@ -28,6 +28,7 @@ PLOT_FILES = {
     "confusion_body_part": "confusion_body_part.png",
     "roc": "roc.png",
     "curves": "curves.png",
+    "reliability": "reliability.png",
 }
 
 
@@ -279,6 +280,18 @@ def write_report(results_dir: str | os.PathLike, metrics: Mapping[str, Any],
     out += ["", f"Accuracy: **{_fmt(bp.get('accuracy'))}**, macro F1: "
             f"**{_fmt(bp.get('macro_f1'))}**.", ""]
 
+    cal, band = ab.get("calibration"), ab.get("borderline")
+    if cal:
+        out += ["## Calibration and the borderline band", "",
+                f"Expected calibration error: **{_fmt(cal.get('ece'))}** ({cal.get('n_bins')} equal-width bins; "
+                "reliability diagram below)."]
+        if band:
+            i, o = band["inside"], band["outside"]
+            out += [f"Borderline band |p - threshold| < {_fmt(band['band'])} ({band['source']}): "
+                    f"error rate {_fmt(i['error_rate'])} on {i['n']} images inside, {_fmt(o['error_rate'])} on "
+                    f"{o['n']} images outside."]
+        out += [""]
+
     if metrics.get("localization"):
         from .localization import report_section
 
@@ -287,7 +300,7 @@ def write_report(results_dir: str | os.PathLike, metrics: Mapping[str, Any],
 
     figures = [("confusion_abnormality", "Abnormality confusion matrix (image level)"),
                ("confusion_body_part", "Body-part confusion matrix"),
-               ("roc", "ROC curves"), ("curves", "Training curves")]
+               ("roc", "ROC curves"), ("reliability", "Reliability diagram"), ("curves", "Training curves")]
     present = [(key, title) for key, title in figures
                if (results_dir / PLOT_FILES[key]).is_file()]
     if present:

@@ -26,9 +26,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import BonexrayError, BonexrayWarning, CheckpointError
-from .predictor import ONNX_CARD_KEY, ONNX_INPUT
-
-ONNX_HASH_KEY = "bonexray_graph_sha256"
+from .onnx_format import ONNX_CARD_KEY, ONNX_HASH_KEY, ONNX_INPUT
 
 #: Largest |torch - onnxruntime| logit difference accepted by the post-export check.
 PARITY_TOL = 1e-3
@@ -51,10 +49,11 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     import torch
 
     from ..model.checkpoint import load_model
+    from ..model.hub import resolve_model
 
     if not 7 <= int(opset) <= 23:
         raise BonexrayError(f"--opset {opset}: use an ONNX opset between 7 and 23 (default 17)")
-    ckpt = Path(checkpoint)
+    ckpt = resolve_model(checkpoint)  # a path or a bundled model's name
     net, card = load_model(ckpt, map_location="cpu")
     net = net.float().eval()
     target = _target_path(ckpt, out)

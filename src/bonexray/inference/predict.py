@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
@@ -39,15 +40,12 @@ import numpy as np
 
 from ..errors import BonexrayError, ImageReadError
 from .inputs import InputItem, InputPlan, collect_inputs
-from .predictor import (ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS, TTA_MODES, Ensemble, Predictor, is_onnx_file,
-                        resolve_device, sigmoid, softmax)
+from .predictor import Predictor, is_onnx_file
 from .results import ImageResult, box_records, finite_rows, image_record, nonfinite_reason, original_boxes, study_records
 from .writers import Writer
 
-# Re-exported: the names other modules and notebooks import from here.
-__all__ = ["ONNX_CARD_KEY", "ONNX_INPUT", "ONNX_OUTPUTS", "TTA_MODES", "Ensemble", "ImageResult", "InputItem",
-           "InputPlan", "Predictor", "Writer", "collect_inputs", "image_record", "is_onnx_file", "resolve_device",
-           "run_predict", "sigmoid", "softmax", "study_records"]
+# The CLI runner only: the model classes live in predictor.py / loading.py, the ONNX names in onnx_format.py.
+__all__ = ["run_predict"]
 
 PROG = "bonexray predict"
 
@@ -79,12 +77,17 @@ def run_predict(
     devices: str | int = 1,
     num_nodes: int = 1,
     strategy: str = "ddp",
+    scope_check: bool = True,
 ) -> int:
     """Predict every image under ``paths``; returns the exit status (0 ok, 1 some input failed).
 
+    ``model``: a file or a bundled model's name. ``scope_check=False`` (``--no-scope-check``) gives a
+    verdict for every image (``in_scope`` null: not checked).
+
     With ``devices`` other than 1 or several ``num_nodes``, the images are shared among processes
     (:mod:`bonexray.inference.distributed`) and global rank 0 writes every record, in input order,
-    as one process would; the other ranks write nothing and return 0.
+    as one process would; the other ranks write nothing and return 0. The scope gate does not run
+    across processes yet: such a run needs ``scope_check=False``.
     A bad model file raises :class:`CheckpointError` (the CLI turns it into exit status 2).
     """
     from .distributed import local_world_size, rank_device, wants_distributed
@@ -101,6 +104,10 @@ def run_predict(
     distributed = wants_distributed(devices, num_nodes)
     if distributed and cam_dir is not None:
         raise BonexrayError("--cam runs in one process: drop --devices/--num-nodes, or write heatmaps in a second run")
+    if distributed and scope_check:
+        # Refused rather than run without the gate: an out-of-scope image must never get a silent verdict.
+        raise BonexrayError("the scope gate runs in one process only for now: drop --devices/--num-nodes, or pass "
+                            "--no-scope-check to predict across processes without it")
     stream = stream or sys.stdout
     if distributed:
         predictor = Predictor(model, device=rank_device(device), tta=tta, backend=backend,
@@ -138,7 +145,7 @@ def run_predict(
         if distributed:
             failed += _write_outcomes(predictor, plan.items, outcomes, writer, batch_size)
         else:
-            failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size)
+            failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size, scope_check)
     except BrokenPipeError:
         # `bonexray predict ... | head`: the reader is gone; stop quietly like other CLI tools.
         try:
@@ -155,15 +162,19 @@ def _cores() -> int:
     return physical_cores()
 
 
-def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int) -> int:
+def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int,
+                   scope_check: bool = True) -> int:
     """Decode, predict and write ``items`` batch by batch; returns the number of failed files."""
     from ..data.preprocess import read_for_model
+    from .scope import ScopeGate, borderline_band, source_evidence
 
+    gate = ScopeGate(predictor.card, enabled=scope_check)
+    band, _ = borderline_band(predictor.card)
     failed = 0
     size = predictor.image_size
     studies = _StudyAccumulator()
     for chunk in _batches(items, batch_size):
-        arrays, ok_items, truncated, geometry = [], [], [], []
+        arrays, ok_items, truncated, geometry, pixels, evidence = [], [], [], [], [], []
         for item in chunk:
             try:
                 m = read_for_model(item.path, size)
@@ -179,13 +190,16 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
             ok_items.append(item)
             truncated.append(m.truncated)
             geometry.append(m.geometry)
+            pixels.append(m.decoded.pixels if m.decoded is not None else None)
+            evidence.append(source_evidence(item.path) if scope_check else None)
         if not arrays:
             continue
         batch = np.stack(arrays)
         pred = predictor.predict_batch(batch)
+        reasons = gate.reasons(pixels, truncated, evidence, pred.embedding)
         failed += _emit(predictor, ok_items, truncated, geometry, pred.prob, pred.parts, pred.boxes, batch,
-                        writer, cam_writer, studies)
-    for rec in studies.records(predictor.body_parts, predictor.threshold):
+                        writer, cam_writer, studies, reasons=reasons, scope_check=scope_check, band=band)
+    for rec in studies.records(predictor.body_parts, predictor.threshold, band):
         writer.write(rec)
     writer.flush()
     return failed
@@ -214,9 +228,12 @@ def _write_outcomes(predictor: Predictor, items: Sequence[InputItem], outcomes, 
     return failed
 
 
-def _emit(predictor, ok_items, truncated, geometry, probs, bp_probs, tile_boxes, batch, writer, cam_writer, studies) -> int:
-    """Write one batch's image records (no verdict for a non-finite output); returns the failures."""
+def _emit(predictor, ok_items, truncated, geometry, probs, bp_probs, tile_boxes, batch, writer, cam_writer, studies,
+          reasons=None, scope_check: bool = False, band: float | None = None) -> int:
+    """Write one batch's image records (no verdict for a non-finite output, nor for an image the scope gate
+    refused: ``reasons`` per image, None when in scope); returns the failures."""
     failed = 0
+    reasons = list(reasons) if reasons is not None else [None] * len(ok_items)
     boxes = ([original_boxes(b, g) for b, g in zip(tile_boxes, geometry)] if tile_boxes is not None
              else [None] * len(ok_items))
     finite = finite_rows(probs, bp_probs)
@@ -229,6 +246,7 @@ def _emit(predictor, ok_items, truncated, geometry, probs, bp_probs, tile_boxes,
         keep = np.flatnonzero(finite)
         ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]
         boxes, geometry = [boxes[i] for i in keep], [geometry[i] for i in keep]
+        reasons = [reasons[i] for i in keep]
         probs, bp_probs = probs[keep], bp_probs[keep]
         batch = batch[keep] if batch is not None else None
         if not ok_items:
@@ -236,10 +254,11 @@ def _emit(predictor, ok_items, truncated, geometry, probs, bp_probs, tile_boxes,
     cams: list[str | None] = [None] * len(ok_items)
     if cam_writer is not None:
         cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs, boxes=boxes, geometry=geometry)
-    for item, p, bp, trunc, cam_path, bx in zip(ok_items, probs, bp_probs, truncated, cams, boxes):
-        res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx))
+    for item, p, bp, trunc, cam_path, bx, why in zip(ok_items, probs, bp_probs, truncated, cams, boxes, reasons):
+        res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx),
+                          scope_reason=why, scope_checked=scope_check)
         studies.add(res)
-        writer.write(image_record(res, predictor.body_parts, predictor.threshold))
+        writer.write(image_record(res, predictor.body_parts, predictor.threshold, band))
     writer.flush()
     return failed
 
@@ -251,8 +270,8 @@ class _StudyAccumulator:
         self._members: list[ImageResult] = []
 
     def add(self, res: ImageResult) -> None:
-        if res.study is not None:
-            self._members.append(ImageResult(res.path, res.prob_abnormal, res.body_part_probs, res.truncated, res.study))
+        if res.study is not None:  # the scope decision stays: a study verdict uses in-scope images only
+            self._members.append(replace(res, cam=None, boxes=None))
 
-    def records(self, body_parts, threshold):
-        return study_records(self._members, body_parts, threshold)
+    def records(self, body_parts, threshold, band=None):
+        return study_records(self._members, body_parts, threshold, band)

@@ -15,14 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BonexrayError, CheckpointError
+from .onnx_format import ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS
 
 BOX_MAPS = ("box_logits", "box_ltrb", "box_centerness")
 
-ONNX_CARD_KEY = "bonexray_model_card"
-ONNX_INPUT = "image"
-#: Outputs every bonexray ONNX file has; newer exports add ``embedding`` and, with a box head, the
-#: box maps (model/detection.py BOX_OUTPUTS), all read by name.
-ONNX_OUTPUTS = ("abnormal_logit", "body_part_logits")
 TTA_MODES = ("none", "flip")  # test-time augmentation: "flip" averages the image and its mirror
 
 
@@ -84,6 +80,7 @@ def decode_output_boxes(out: dict[str, np.ndarray], settings) -> list[np.ndarray
 class Predictor:
     """A loaded model: a checkpoint (torch, or its cached ONNX export) or an ONNX file (onnxruntime).
 
+    ``model``: a file, or a bundled model's name (model/hub.py ``resolve_model``; None = the default).
     ``predict_arrays(uint8 (N, S, S))`` -> ``(prob_abnormal (N,), body_part_probs (N, K))`` with
     S = ``card.image_size``; the arrays are what :func:`load_for_model` returns. ``backend``
     (``auto``, ``torch``, ``onnx``; see :mod:`bonexray.inference.backends`) picks the engine for a
@@ -92,8 +89,9 @@ class Predictor:
     threads (default one per physical core; several processes on one machine share the cores).
     """
 
-    def __init__(self, model: str | os.PathLike, device: str = "auto", tta: str = "none", backend: str = "auto",
-                 threads: int | None = None) -> None:
+    def __init__(self, model: str | os.PathLike | None, device: str = "auto", tta: str = "none",
+                 backend: str = "auto", threads: int | None = None) -> None:
+        from ..model.hub import resolve_model
         from .backends import BACKENDS, choose_backend, exported_onnx, warn
 
         if tta not in TTA_MODES:
@@ -101,7 +99,7 @@ class Predictor:
         if backend not in BACKENDS:
             raise BonexrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.tta = tta
-        self.path = Path(model)
+        self.path = resolve_model(model)  # a path, or a bundled model's name (hash-checked)
         self._net = None
         self.session = None
         self.checkpoint: Path | None = None  # the torch checkpoint behind this model, if any

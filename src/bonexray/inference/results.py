@@ -1,5 +1,11 @@
 """Per-image result records and MURA's study aggregation (a study's probability is the mean of its
-images'), as plain dicts that every writer (JSON lines, CSV, the web API) serialises the same way.
+in-scope images'), as plain dicts that every writer (JSON lines, CSV, the web API) serialises the same way.
+
+Scope (inference/scope.py): every record has ``in_scope`` (true/false; null when the check was turned
+off with ``--no-scope-check``) and ``scope_reason`` (null unless out of scope). An out-of-scope image
+gets ``abnormal``, ``body_part``, ``confidence`` and ``boxes`` null: no verdict; its probabilities stay
+in the record for research. ``confidence`` is ``"clear"`` or ``"borderline"`` (|p - threshold| < the
+card's band). A study's verdict uses its in-scope images only (``n_out_of_scope`` says how many were left out).
 """
 from __future__ import annotations
 
@@ -42,6 +48,14 @@ class ImageResult:
     cam: str | None = None
     #: Fracture boxes in the original image's pixels, best first; None for a model without a box head.
     boxes: list[dict[str, float]] | None = None
+    #: Why the model cannot judge this image (inference/scope.py SCOPE_REASONS); None: in scope.
+    scope_reason: str | None = None
+    #: False with --no-scope-check: in_scope is then null (not checked), never a claimed true.
+    scope_checked: bool = True
+
+    @property
+    def in_scope(self) -> bool | None:
+        return None if not self.scope_checked else self.scope_reason is None
 
 
 def original_boxes(tile_boxes: np.ndarray, geometry) -> np.ndarray:
@@ -60,17 +74,32 @@ def box_records(boxes_xyxys: np.ndarray | None) -> list[dict[str, float]] | None
              "y1": round(float(b[3]), 1), "score": _r(b[4])} for b in np.asarray(boxes_xyxys).reshape(-1, 5)]
 
 
-def image_record(res: ImageResult, body_parts: Sequence[str], threshold: float) -> dict[str, Any]:
+def confidence(prob: float, threshold: float, band: float) -> str:
+    """``"borderline"`` when the probability lies within ``band`` of the threshold, else ``"clear"``."""
+    return "borderline" if abs(prob - threshold) < band else "clear"
+
+
+def image_record(res: ImageResult, body_parts: Sequence[str], threshold: float,
+                 band: float | None = None) -> dict[str, Any]:
+    """``band``: the borderline half-width (inference/scope.py ``borderline_band``; None: its default)."""
+    if band is None:
+        from .scope import DEFAULT_BAND
+
+        band = DEFAULT_BAND
+    verdict = res.in_scope is not False
     rec: dict[str, Any] = {
         "type": "image",
         "path": res.path,
         "prob_abnormal": _r(res.prob_abnormal),
-        "abnormal": bool(res.prob_abnormal >= threshold),
-        "body_part": body_parts[int(np.argmax(res.body_part_probs))],
+        "abnormal": bool(res.prob_abnormal >= threshold) if verdict else None,
+        "body_part": body_parts[int(np.argmax(res.body_part_probs))] if verdict else None,
+        "confidence": confidence(res.prob_abnormal, threshold, band) if verdict else None,
+        "in_scope": res.in_scope,
+        "scope_reason": res.scope_reason,
     }
     rec.update({f"prob_{b}": _r(p) for b, p in zip(body_parts, res.body_part_probs)})
     rec["truncated"] = bool(res.truncated)
-    rec["boxes"] = res.boxes
+    rec["boxes"] = res.boxes if verdict else None
     if res.study is not None:
         rec["study"] = res.study
     if res.cam is not None:
@@ -78,14 +107,28 @@ def image_record(res: ImageResult, body_parts: Sequence[str], threshold: float) 
     return rec
 
 
-def study_records(results: Iterable[ImageResult], body_parts: Sequence[str], threshold: float) -> list[dict[str, Any]]:
-    """One aggregate per study, in order of first appearance."""
+def study_records(results: Iterable[ImageResult], body_parts: Sequence[str], threshold: float,
+                  band: float | None = None) -> list[dict[str, Any]]:
+    """One aggregate per study, in order of first appearance, over its in-scope images."""
+    if band is None:
+        from .scope import DEFAULT_BAND
+
+        band = DEFAULT_BAND
     groups: dict[str, list[ImageResult]] = {}
     for r in results:
         if r.study is not None:
             groups.setdefault(r.study, []).append(r)
     out = []
-    for study, members in groups.items():
+    for study, everyone in groups.items():
+        members = [m for m in everyone if m.in_scope is not False]
+        n_out = len(everyone) - len(members)
+        checked = all(m.scope_checked for m in everyone)
+        if not members:
+            out.append({"type": "study", "study": study, "n_images": len(everyone), "n_out_of_scope": n_out,
+                        "prob_abnormal": None, "abnormal": None, "body_part": None, "confidence": None,
+                        "in_scope": False, "scope_reason": "no image of the study is in scope",
+                        **{f"prob_{b}": None for b in body_parts}})
+            continue
         prob = float(np.mean([m.prob_abnormal for m in members]))
         mean_bp = np.mean(np.stack([m.body_part_probs for m in members]), axis=0)
         votes = Counter(int(np.argmax(m.body_part_probs)) for m in members)
@@ -95,10 +138,14 @@ def study_records(results: Iterable[ImageResult], body_parts: Sequence[str], thr
         rec: dict[str, Any] = {
             "type": "study",
             "study": study,
-            "n_images": len(members),
+            "n_images": len(everyone),
+            "n_out_of_scope": n_out,
             "prob_abnormal": _r(prob),
             "abnormal": bool(prob >= threshold),
             "body_part": body_parts[winner],
+            "confidence": confidence(prob, threshold, band),
+            "in_scope": True if checked else None,
+            "scope_reason": None,
         }
         rec.update({f"prob_{b}": _r(p) for b, p in zip(body_parts, mean_bp)})
         out.append(rec)
@@ -107,18 +154,23 @@ def study_records(results: Iterable[ImageResult], body_parts: Sequence[str], thr
 
 def records_from_outputs(names: Sequence[str], probs, body_part_probs, truncated: Sequence[bool], study: str,
                          body_parts: Sequence[str], threshold: float,
-                         boxes: Sequence[list[dict[str, float]] | None] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                         boxes: Sequence[list[dict[str, float]] | None] | None = None,
+                         scope_reasons: Sequence[str | None] | None = None, scope_checked: bool = True,
+                         band: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(image records, study record) for images predicted together in memory as one study.
 
     The in-memory front ends (``serve``'s uploads, ``pacs`` studies) use this so their records are
     the ones ``predict --study`` writes for the same images. ``boxes``: per image its ``boxes`` field
     (:func:`box_records` of boxes in original pixels), or None for a model without a box head.
+    ``scope_reasons``: per image None or why it is out of scope (inference/scope.py ScopeGate).
     Needs at least one image.
     """
     boxes = list(boxes) if boxes is not None else [None] * len(names)
-    results = [ImageResult(str(n), float(p), np.asarray(bp), bool(t), study, boxes=bx)
-               for n, p, bp, t, bx in zip(names, probs, body_part_probs, truncated, boxes)]
+    reasons = list(scope_reasons) if scope_reasons is not None else [None] * len(names)
+    results = [ImageResult(str(n), float(p), np.asarray(bp), bool(t), study, boxes=bx, scope_reason=why,
+                           scope_checked=scope_checked)
+               for n, p, bp, t, bx, why in zip(names, probs, body_part_probs, truncated, boxes, reasons)]
     if not results:
         raise ValueError("records_from_outputs needs at least one image")
-    images = [image_record(r, body_parts, threshold) for r in results]
-    return images, study_records(results, body_parts, threshold)[0]
+    images = [image_record(r, body_parts, threshold, band) for r in results]
+    return images, study_records(results, body_parts, threshold, band)[0]

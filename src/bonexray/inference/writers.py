@@ -30,7 +30,8 @@ class Writer:
         self.fmt = fmt
         self.stream = stream
         self.columns = ["type", "path", "study", "n_images", "prob_abnormal", "abnormal", "body_part",
-                        *[f"prob_{b}" for b in body_parts], "truncated", "boxes"] + (["cam"] if with_cam else [])
+                        *[f"prob_{b}" for b in body_parts], "truncated", "boxes", "confidence", "in_scope", "scope_reason",
+                        "n_out_of_scope"] + (["cam"] if with_cam else [])
         self._csv = None
         if fmt == "csv":
             self._csv = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")

@@ -76,6 +76,12 @@ class ModelCard:
     #: Box head settings (model/detection.py BoxSettings: threshold, nms_iou, max_detections, stride,
     #: threshold_source); None for models without a box head.
     boxes: dict | None = None
+    #: Feature-space scope statistics (inference/scope.py FeatureScope.to_card: PCA of the training
+    #: embeddings, threshold, how it was chosen); None: only the image-statistics checks run.
+    scope: dict | None = None
+    #: Half-width of the "borderline" band around ``threshold`` and how it was set; None: the stated default.
+    borderline_band: float | None = None
+    borderline_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
@@ -111,6 +117,14 @@ class ModelCard:
         if clash:
             raise CheckpointError(f"model card body part {clash[0]!r} would overwrite the output field "
                                   f"prob_{clash[0]}; rename the class")
+        band = self.borderline_band
+        if band is not None and not (isinstance(band, (int, float)) and math.isfinite(band) and 0.0 <= band < 0.5):
+            raise CheckpointError(f"model card borderline_band {band!r} is not a probability distance in [0, 0.5)")
+        if self.scope is not None:
+            need = ("k", "dim", "mean", "components", "variances", "residual_mean", "threshold", "far_threshold")
+            lacking = [k for k in need if not isinstance(self.scope, Mapping) or k not in self.scope]
+            if lacking:
+                raise CheckpointError(f"model card scope statistics lack {', '.join(lacking)}")
         if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean) or not all(
                 math.isfinite(v) for v in self.mean + self.std) or not all(v > 0 for v in self.std):
             raise CheckpointError(f"model card mean/std {self.mean}/{self.std} are not a valid normalisation")

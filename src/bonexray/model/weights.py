@@ -198,8 +198,12 @@ def load_weights_file(net: nn.Module, path: str | os.PathLike) -> None:
 
     The backbone must fit exactly. Heads from a whole-net file are loaded when their shapes fit;
     otherwise (e.g. a different number of body parts) they stay freshly initialised, with a warning,
-    so a trained model can seed fine-tuning.
+    so a trained model can seed fine-tuning. ``path`` may be a bundled model's name (``--weights
+    fracatlas``: start from radiograph weights instead of ImageNet; model/hub.py).
     """
+    from .hub import resolve_model
+
+    path = resolve_model(path)
     source = str(path)
     state = read_state_dict_file(path)
     if "abnormal_head.weight" in state or all(k.startswith("backbone.") for k in state):

@@ -95,10 +95,12 @@ def analyse_study(predictor, study_uid: str, instances: Iterable[Instance]) -> S
     """Decode and predict every radiograph of one study; see the module docstring."""
     from ..data.preprocess import read_bytes_for_model
     from ..inference.results import box_records, original_boxes, records_from_outputs
+    from ..inference.scope import ScopeGate, SourceEvidence, borderline_band
 
     out = StudyAnalysis(study_uid)
     size = predictor.image_size
     kept: list[tuple[Instance, np.ndarray, bool]] = []
+    evidence: list[SourceEvidence] = []
     geometry = []
     tiles: list[np.ndarray] = []
     for inst in instances:
@@ -120,6 +122,7 @@ def analyse_study(predictor, study_uid: str, instances: Iterable[Instance]) -> S
             out.problems.append((inst.name, f"cannot decode ({type(err).__name__}: {err})"))
             continue
         kept.append((inst, m.decoded.pixels, m.truncated))
+        evidence.append(SourceEvidence(modality=str(inst.dataset.get("Modality", "")).strip().upper() or None))
         tiles.append(m.tile)
         geometry.append(m.geometry)
     if not kept:
@@ -134,11 +137,15 @@ def analyse_study(predictor, study_uid: str, instances: Iterable[Instance]) -> S
     keep = np.flatnonzero(finite)
     if len(keep) == 0:
         return out
+    gate = ScopeGate(predictor.card)
+    reasons = gate.reasons([kept[i][1] for i in keep], [kept[i][2] for i in keep], [evidence[i] for i in keep],
+                           None if pred.embedding is None else pred.embedding[keep])
     kept = [kept[i] for i in keep]
     boxes = None if pred.boxes is None else [box_records(original_boxes(pred.boxes[i], geometry[i])) for i in keep]
     images, study = records_from_outputs(
         [inst.name for inst, _, _ in kept], probs[keep], parts[keep], [t for _, _, t in kept], study_uid,
-        predictor.body_parts, predictor.threshold, boxes=boxes)
+        predictor.body_parts, predictor.threshold, boxes=boxes, scope_reasons=reasons,
+        band=borderline_band(predictor.card)[0])
     out.images = [AnalysedImage(inst.dataset, pixels, rec) for (inst, pixels, _), rec in zip(kept, images)]
     out.study_record = study
     return out

@@ -166,7 +166,7 @@ def _analyze_study(server: PacsServer, predictor, identity: ModelIdentity, study
         _line(err, f"study {study}: no radiograph could be analysed; nothing stored")
         return False
     rec = analysis.study_record or {}
-    verdict = ("cannot assess" if not rec.get("in_scope", True) else
+    verdict = ("cannot assess" if rec.get("in_scope") is False else
                f"{'abnormal' if rec.get('abnormal') else 'normal'} p={float(rec['prob_abnormal']):.3f}, "
                f"{rec.get('body_part')}")
     results = build_results(analysis, identity, uids=uids)  # everything built before anything is sent

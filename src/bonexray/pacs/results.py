@@ -97,7 +97,7 @@ def _finite(x: Any) -> bool:
 
 def _verdict_items(rec: dict[str, Any], tracking, algorithm, source_images, hd, codes_mod) -> Any:
     """One TID 1501 group: the verdict (or "cannot assess" and why) of an image or of the study."""
-    in_scope = rec.get("in_scope", True)
+    in_scope = rec.get("in_scope") is not False
     site = body_part_code(rec.get("body_part")) if in_scope else None
     if in_scope and isinstance(rec.get("abnormal"), bool):
         evaluations = [hd.sr.QualitativeEvaluation(FINDING, ABNORMAL if rec["abnormal"] else NORMAL)]
@@ -142,7 +142,7 @@ def build_sr(analysis: StudyAnalysis, model: ModelIdentity, uids: ResultUIDs):
         tracking = hd.sr.TrackingIdentifier(uid=_uid("track", uids.sr_instance, ds.SOPInstanceUID),
                                             identifier=f"image {n}")
         groups.append(_verdict_items(rec, tracking, algorithm, [src], hd, codes))
-        site = body_part_code(rec.get("body_part")) if rec.get("in_scope", True) else None
+        site = body_part_code(rec.get("body_part")) if rec.get("in_scope") is not False else None
         for k, box in enumerate(rec.get("boxes") or [], 1):
             x0, y0, x1, y1 = (float(box[c]) for c in ("x0", "y0", "x1", "y1"))
             polyline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
@@ -181,7 +181,7 @@ def build_sr(analysis: StudyAnalysis, model: ModelIdentity, uids: ResultUIDs):
 
 def verdict_text(rec: dict[str, Any], threshold: float) -> str:
     """The line burnt into a secondary capture."""
-    if not rec.get("in_scope", True):
+    if rec.get("in_scope") is False:
         return f"CANNOT ASSESS: {rec.get('scope_reason') or 'outside what the model was trained on'}"
     verdict = "ABNORMAL" if rec.get("abnormal") else "normal"
     part = rec.get("body_part") or "?"
@@ -201,7 +201,7 @@ def render_capture(pixels: np.ndarray, rec: dict[str, Any], model: ModelIdentity
         font = ImageFont.load_default(size=font_px)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         font = ImageFont.load_default()
-    if rec.get("in_scope", True):
+    if rec.get("in_scope") is not False:
         for box in rec.get("boxes") or []:
             xy = [float(box["x0"]), float(box["y0"]), float(box["x1"]), float(box["y1"])]
             draw.rectangle(xy, outline=(255, 40, 40), width=line)

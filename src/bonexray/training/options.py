@@ -37,7 +37,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--backbone", default=None,
                    help=f"resnet50, densenet169, efficientnet_lite0/1/2, or any timm name (default {D.backbone})")
     m.add_argument("--pretrained", default=None, choices=CHOICES["pretrained"], help=f"initial weights (default {D.pretrained})")
-    m.add_argument("--weights", default=None, metavar="FILE", help="local state_dict for the backbone (offline use)")
+    m.add_argument("--weights", default=None, metavar="FILE|NAME",
+                   help="local state_dict for the backbone (offline use), or a bundled model's name (e.g. fracatlas: "
+                        "start from radiograph weights instead of ImageNet; `bonexray models` lists them)")
     m.add_argument("--image-size", type=int, default=None, help=f"input side in pixels (default {D.image_size})")
     m.add_argument("--dropout", type=float, default=None, help=f"before the heads (default {D.dropout})")
 

@@ -71,9 +71,14 @@ class ImagePrediction(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["image"]
     path: str = Field(description="the uploaded file's name")
-    prob_abnormal: float
-    abnormal: bool = Field(description="prob_abnormal >= the model's threshold")
-    body_part: str
+    prob_abnormal: float = Field(description="kept for research also when the image is out of scope")
+    abnormal: bool | None = Field(description="prob_abnormal >= the model's threshold; null when out of scope")
+    body_part: str | None = Field(description="null when out of scope")
+    confidence: Literal["clear", "borderline"] | None = Field(
+        description="borderline: |prob_abnormal - threshold| < the model card's band; null when out of scope")
+    in_scope: bool | None = Field(description="false: the model cannot judge this image (no verdict, see "
+                                  "scope_reason); null: not checked (serve --no-scope-check)")
+    scope_reason: str | None = Field(None, description="why the image is out of scope")
     truncated: bool = Field(description="the file ended early; what was there was decoded")
     boxes: list[dict[str, float]] | None = Field(description="fracture boxes {x0, y0, x1, y1, score} in the original "
                                                  "image's pixels, best first, at the model's box threshold; null for a "
@@ -97,9 +102,13 @@ class StudyPrediction(BaseModel):
     type: Literal["study"]
     study: str
     n_images: int
-    prob_abnormal: float
-    abnormal: bool
-    body_part: str
+    n_out_of_scope: int = Field(description="images left out of the verdict: out of scope")
+    prob_abnormal: float | None = Field(description="mean over the in-scope images; null when none is in scope")
+    abnormal: bool | None
+    body_part: str | None
+    confidence: Literal["clear", "borderline"] | None
+    in_scope: bool | None
+    scope_reason: str | None = None
 
 
 class FileProblem(BaseModel):
@@ -157,6 +166,9 @@ class ModelInfo(BaseModel):
     heatmap_note: str
     training_data: TrainingData | None = Field(description="from the training run's config.yaml when found")
     intended_use: str
+    borderline_band: float = Field(description="|p - threshold| below this is 'borderline'")
+    borderline_source: str = Field(description="how the band was set")
+    scope_check: str = Field(description="which scope checks run (inference/scope.py)")
     limits: dict[str, int]
     server_version: str
 
@@ -216,15 +228,46 @@ def read_evaluation(path: str | os.PathLike) -> Evaluation:
                       sensitivity=img.get("sensitivity"), specificity=img.get("specificity"), source_file=p.name)
 
 
+def _bundled_training_data(model_path: Path) -> TrainingData | None:
+    from ..model.hub import BUNDLED
+
+    for m in BUNDLED:
+        if m.path == model_path and m.info().get("training_data"):
+            td = m.info()["training_data"]
+            return TrainingData(dataset=td.get("dataset", "?"), source=(m.info().get("card", {}).get("split") or {}).get(
+                "source"), images=td.get("split_counts"))
+    return None
+
+
+def bundled_evaluation(model_path: Path) -> Evaluation | None:
+    """The test numbers a bundled model's description records (model/hub.py), when ``model_path`` is one."""
+    from ..model.hub import BUNDLED
+
+    for m in BUNDLED:
+        if m.path == model_path:
+            t = m.info().get("test_metrics") or {}
+            auroc = t.get("image_auroc") or {}
+            return Evaluation(split=t.get("split"), n_images=t.get("n_images"), n_studies=t.get("n_studies"),
+                              auroc=auroc.get("value"), auroc_ci95=auroc.get("ci95"),
+                              sensitivity=(t.get("sensitivity") or {}).get("value"),
+                              specificity=(t.get("specificity") or {}).get("value"),
+                              source_file=m.info_path.name) if t else None
+    return None
+
+
 class ModelService:
     """One loaded model shared by every request."""
 
-    def __init__(self, model_path: str | os.PathLike, device: str = "auto",
-                 metrics: str | os.PathLike | None = None) -> None:
-        from ..inference.predict import Predictor, is_onnx_file, resolve_device
+    def __init__(self, model_path: str | os.PathLike | None, device: str = "auto",
+                 metrics: str | os.PathLike | None = None, scope_check: bool = True) -> None:
+        from ..inference.predictor import Predictor, is_onnx_file, resolve_device
 
-        self.path = Path(model_path)
-        self.predictor = Predictor(self.path, device=device)
+        self.predictor = Predictor(model_path, device=device)  # a path or a bundled name (None: the default)
+        self.path = self.predictor.path
+        from ..inference.scope import ScopeGate, borderline_band
+
+        self.scope = ScopeGate(self.predictor.card, enabled=scope_check)
+        self.band, self.band_source = borderline_band(self.predictor.card)
         self.format: Literal["checkpoint", "onnx"] = "onnx" if is_onnx_file(self.path) else "checkpoint"
         self.cam_net = None
         self.heatmap_method: str | None = None
@@ -236,8 +279,9 @@ class ModelService:
             self.cam_net, _ = load_model(self.path, map_location=resolve_device(device))
             has_head = getattr(self.cam_net, "localization_head", None) is not None
             self.heatmap_method = "localization" if has_head else "gradcam++"
-        self.training_data = _training_data(self.path) if self.format == "checkpoint" else None
-        self.evaluation = read_evaluation(metrics) if metrics else None
+        self.training_data = (_training_data(self.path) or _bundled_training_data(self.path)
+                              if self.format == "checkpoint" else None)
+        self.evaluation = read_evaluation(metrics) if metrics else bundled_evaluation(self.path)
         self._lock = threading.Lock()
 
     @property
@@ -268,6 +312,7 @@ class ModelService:
             heatmap_note=HEATMAP_NOTES[method] if method else
             "an exported ONNX model has no heatmaps (they need the network's gradients); serve the checkpoint for them",
             training_data=self.training_data, intended_use=INTENDED_USE, limits=asdict(limits),
+            borderline_band=self.band, borderline_source=self.band_source, scope_check=self.scope.describe(),
             server_version=__version__,
         )
 
@@ -326,6 +371,8 @@ class Decoded:
     original: np.ndarray | None  # uint8 (H, W) at full resolution, when pictures are wanted
     geometry: Any  # data/preprocess.py Letterbox: tile <-> original pixels (boxes, heatmap)
     study_uid: str | None
+    pixels: np.ndarray | None = None  # the decoded gray image (scope statistics)
+    evidence: Any = None  # inference/scope.py SourceEvidence (colour, DICOM modality)
 
     @property
     def original_wh(self) -> tuple[int, int]:
@@ -341,8 +388,11 @@ def _decode_one(up, size: int, max_pixels: int, want_original: bool) -> Decoded:
     full = m.decoded
     if want_original and full.pixels.shape[::-1] != tuple(m.geometry.original_size):  # a JPEG decoded at 1/2..1/8 scale
         full = read_image_bytes(up.data, up.name, max_pixels=max_pixels)
+    from ..inference.scope import source_evidence
+
     original = to_uint8(full.pixels) if want_original else None
-    return Decoded(up.name, m.tile, m.truncated, original, m.geometry, _dicom_study_uid(up.data))
+    return Decoded(up.name, m.tile, m.truncated, original, m.geometry, _dicom_study_uid(up.data),
+                   m.decoded.pixels if m.decoded is not None else None, source_evidence(up.data))
 
 
 def _decode_all(uploads, size: int, max_pixels: int, want_original: bool = False):
@@ -380,7 +430,7 @@ def _error(status: int, detail: str, errors: list[FileProblem] | None = None) ->
 
 
 def create_app(
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | None,
     *,
     api_key: str | None = None,
     limits: UploadLimits | None = None,
@@ -388,6 +438,7 @@ def create_app(
     decode_workers: int | None = None,
     metrics: str | os.PathLike | None = None,
     max_requests: int = 64,
+    scope_check: bool = True,
 ) -> FastAPI:
     """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``;
     ``metrics``: a ``bonexray evaluate`` metrics.json whose test numbers the model card shows.
@@ -397,7 +448,7 @@ def create_app(
     from fastapi_offline import FastAPIOffline
 
     limits = limits or UploadLimits()
-    service = ModelService(model_path, device=device, metrics=metrics)
+    service = ModelService(model_path, device=device, metrics=metrics, scope_check=scope_check)
     # Decoding a large image holds a few times its pixels in memory: bound how many run at once.
     decode_limiter = anyio.CapacityLimiter(decode_workers or max(2, os.cpu_count() or 2))
     app = FastAPIOffline(
@@ -405,6 +456,7 @@ def create_app(
         description="Bone X-ray abnormality and body part, with heatmaps. " + INTENDED_USE,
     )
     app.state.service = service
+    app.state.model_path = service.path
     app.state.limits = limits
 
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the key given to `bonexray serve`")
@@ -502,7 +554,8 @@ def create_app(
             keep = np.flatnonzero(finite)
             good, batch = [good[i] for i in keep], batch[keep]
             pred = replace(pred, prob=pred.prob[keep], parts=pred.parts[keep],
-                           boxes=None if pred.boxes is None else [pred.boxes[i] for i in keep])
+                           boxes=None if pred.boxes is None else [pred.boxes[i] for i in keep],
+                           embedding=None if pred.embedding is None else pred.embedding[keep])
             maps = None if maps is None else maps[keep]
         body = await anyio.to_thread.run_sync(_response, service, good, study_names(good, studies == "each"),
                                               pred, maps, heatmap)
@@ -522,9 +575,13 @@ def _response(service: ModelService, good: list[Decoded], studies: list[str], pr
     pr = service.predictor
     boxes = ([box_records(original_boxes(b, d.geometry)) for b, d in zip(pred.boxes, good)] if pred.boxes is not None
              else [None] * len(good))
-    results = [ImageResult(d.name, float(p), np.asarray(bp), bool(d.truncated), st, boxes=bx)
-               for d, p, bp, st, bx in zip(good, pred.prob, pred.parts, studies, boxes)]
-    images = [image_record(r, pr.body_parts, pr.threshold) for r in results]
+    gate = service.scope
+    reasons = gate.reasons([d.pixels for d in good], [d.truncated for d in good], [d.evidence for d in good],
+                           pred.embedding)
+    results = [ImageResult(d.name, float(p), np.asarray(bp), bool(d.truncated), st, boxes=bx, scope_reason=why,
+                           scope_checked=gate.enabled)
+               for d, p, bp, st, bx, why in zip(good, pred.prob, pred.parts, studies, boxes, reasons)]
+    images = [image_record(r, pr.body_parts, pr.threshold, service.band) for r in results]
     if want_pictures:
         for i, (rec, d) in enumerate(zip(images, good)):
             heat = None if maps is None else maps[i]
@@ -535,6 +592,6 @@ def _response(service: ModelService, good: list[Decoded], studies: list[str], pr
             rec["original_width"], rec["original_height"] = d.original_wh
             if heat is not None:
                 rec["heatmap_gray_png"] = _png_b64(Image.fromarray(heatmap_on_original(heat, d.geometry)))
-    study_list = study_records(results, pr.body_parts, pr.threshold)
+    study_list = study_records(results, pr.body_parts, pr.threshold, service.band)
     return {"images": images, "study": study_list[0], "studies": study_list, "threshold": pr.threshold,
             "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}

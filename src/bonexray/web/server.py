@@ -34,8 +34,9 @@ def resolve_api_key(host: str, api_key: str | None) -> str | None:
     return key
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "auto", limits: UploadLimits | None = None, metrics: str | None = None) -> None:
+def serve(model: str | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          device: str = "auto", limits: UploadLimits | None = None, metrics: str | None = None,
+          scope_check: bool = True) -> None:
     import uvicorn
 
     from .app import create_app
@@ -43,9 +44,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     if not 0 < port < 65536:
         raise BonexrayError(f"--port {port}: not a TCP port (1-65535)")
     key = resolve_api_key(host, api_key)
-    app = create_app(model, api_key=key, limits=limits, device=device, metrics=metrics)
+    app = create_app(model, api_key=key, limits=limits, device=device, metrics=metrics, scope_check=scope_check)
     shown = f"[{host}]" if ":" in host else host
-    print(f"bonexray serve: {model} on http://{shown}:{port}/ (API key {'required' if key else 'off'}; Ctrl+C stops)",
+    print(f"bonexray serve: {app.state.model_path} on http://{shown}:{port}/ (API key {'required' if key else 'off'}; Ctrl+C stops)",
           flush=True)
     # One process: the model is loaded once and shared; the app serialises model calls itself.
     uvicorn.run(app, host=host, port=port, log_level="info", **uvicorn_settings())

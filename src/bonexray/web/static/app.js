@@ -82,6 +82,13 @@ function stateOf(rec, threshold) {
   return p >= threshold ? { key: "abnormal", word: "Abnormal", detail: "" } : { key: "normal", word: "Normal", detail: "" };
 }
 
+// A study verdict uses its in-scope images only: say how many were left out.
+function outOfScopeNote(study) {
+  const n = study.n_out_of_scope;
+  return plural(n, "image", "images") + " of " + study.n_images + " could not be assessed"
+    + (study.in_scope === false ? "" : "; the verdict uses the other " + (study.n_images - n));
+}
+
 function bodyPartText(rec) {
   if (!rec.body_part) return "not assessed";
   const p = rec["prob_" + rec.body_part];
@@ -303,9 +310,11 @@ function render(result, problems) {
       el("h3", {}, title), verdictBadge(state),
       el("span", {}, (study.n_images > 1 ? "mean " : "") + "p(abnormal) " + p + " (threshold " + pct(t) + ")"),
       el("span", {}, "body part " + bodyPartText(rec)),
-      state.detail ? el("span", { class: "note" }, state.detail) : null));
+      state.detail ? el("span", { class: "note" }, state.detail) : null,
+      study.n_out_of_scope > 0 && study.n_images > 1 ? el("span", { class: "note" }, outOfScopeNote(study)) : null));
     lines.push(title + ": " + state.word + (state.detail ? " (" + state.detail + ")" : "") + ", p(abnormal) " + p
-               + ", body part " + bodyPartText(rec));
+               + ", body part " + bodyPartText(rec)
+               + (study.n_out_of_scope > 0 && study.n_images > 1 ? " (" + outOfScopeNote(study) + ")" : ""));
   }
   const frag = document.createDocumentFragment();
   result.images.forEach((rec, i) => frag.append(renderCard(rec, i, t, result.heatmap, multi)));

@@ -1,0 +1,171 @@
+"""Build the bundled model file from a trained checkpoint (one command), then pin its SHA-256.
+
+    python bench/build_bundled_model.py runs/fa/checkpoints/last.ckpt --data ../shared/data/FracAtlas \\
+        --metrics results/fa/metrics.json
+
+Writes ``src/bonexray/weights/<name>.ckpt`` (the network in float16, batch-norm statistics in float32,
+the model card with the scope statistics and the borderline band, fitted on the train/valid splits
+only) and ``<name>.json`` (training data with the FracAtlas citation and licence, the test metrics
+with CIs from ``--metrics``, "not a medical device", the scope and band settings, the float16 check,
+and the model's predictions on three reference images). The float16 file's test AUROC must stay within
+``--max-auroc-drop`` of the float32 checkpoint's, both computed here by ``bonexray evaluate``'s code on
+the test split; otherwise nothing is written. Paste the printed SHA-256 into
+``bonexray.model.hub.BUNDLED``; tests/test_hub.py then checks the file and the three predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+#: Three FracAtlas images whose predictions are recorded: a normal leg, a fractured hand, a normal shoulder.
+REFERENCE_IMAGES = ("images/Non_fractured/IMG0000000.jpg", "images/Fractured/IMG0000019.jpg",
+                    "images/Non_fractured/IMG0000040.jpg")
+FRACATLAS = {
+    "dataset": "FracAtlas",
+    "citation": ("Abedeen, I., Rahman, M.A., Prottyasha, F.Z. et al. FracAtlas: A Dataset for Fracture Classification, "
+                 "Localization and Segmentation of Musculoskeletal Radiographs. Scientific Data 10, 521 (2023). "
+                 "https://doi.org/10.1038/s41597-023-02432-4"),
+    "licence": "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/)",
+}
+INTENDED_USE = ("Not a medical device: research and teaching software, not for diagnosis or treatment decisions. "
+                "Every result must be checked by a qualified reader.")
+MAX_BYTES = 15_000_000
+
+
+def _metric(m: dict, value, ci=None) -> dict:
+    return {"value": value, "ci95": ci}
+
+
+def test_metrics(metrics_path: Path) -> dict:
+    """The headline test numbers (with 95% bootstrap CIs) of a ``bonexray evaluate`` metrics.json."""
+    m = json.loads(Path(metrics_path).read_text())
+    ab, ci = m["abnormality"], m["abnormality"].get("ci95") or {}
+    out = {"split": m.get("split"), "split_protocol": m.get("split_protocol"), "n_images": m.get("n_images"),
+           "n_studies": m.get("n_studies"), "threshold": m.get("threshold"),
+           "image_auroc": _metric(m, ab["image"].get("auroc"), ci.get("image_auroc")),
+           "study_auroc": _metric(m, ab["study"].get("auroc"), ci.get("study_auroc")),
+           "sensitivity": _metric(m, ab["image"].get("recall")),
+           "specificity": _metric(m, ab["image"].get("specificity")),
+           "image_kappa": _metric(m, ab["image"].get("kappa"), ci.get("image_kappa")),
+           "body_part_accuracy": _metric(m, (m.get("body_part") or {}).get("accuracy"))}
+    if "localization" in m:
+        out["box_ap50"] = _metric(m, m["localization"].get("ap50"), (m["localization"].get("ci95") or {}).get("ap50"))
+    if m.get("split") != "test":
+        raise SystemExit(f"{metrics_path}: split {m.get('split')!r}; the model card reports test metrics only")
+    return out
+
+
+def reference_predictions(model: Path, data: Path, images=REFERENCE_IMAGES) -> list[dict]:
+    """``bonexray predict``'s records (PyTorch engine) for the reference images, paths relative to ``data``
+    (the dataset folder, or the folder of a manifest CSV)."""
+    from bonexray.inference.predict import run_predict
+
+    data = data if data.is_dir() else data.parent
+    buf = io.StringIO()
+    status = run_predict(model, [data / p for p in images], stream=buf, backend="torch", device="cpu")
+    if status:
+        raise SystemExit(f"reference images under {data} could not all be predicted")
+    recs = [json.loads(line) for line in buf.getvalue().splitlines()]
+    for rec, rel in zip(recs, images):
+        rec["path"] = rel
+    return recs
+
+
+def test_auroc(model: Path, data: Path, work: Path, cache: str | None, batch_size: int, n_bootstrap: int) -> float:
+    from bonexray.evaluation.evaluate import run_evaluation
+
+    out = work / model.stem
+    run_evaluation(str(model), str(data), split="test", out=str(out), batch_size=batch_size, device="cpu",
+                   n_bootstrap=n_bootstrap, cache=cache, progress=False, backend="torch")
+    return float(json.loads((out / "metrics.json").read_text())["abnormality"]["image"]["auroc"])
+
+
+def build(checkpoint: str | Path, data: str | Path, metrics: str | Path, out_dir: str | Path, name: str,
+          quantile: float = 0.995, cache: str | None = None, batch_size: int = 64, max_auroc_drop: float = 0.005,
+          images=REFERENCE_IMAGES, n_bootstrap: int = 0) -> dict:
+    """Build ``<out_dir>/<name>.ckpt`` + ``<name>.json``; returns the description written (with ``sha256``)."""
+    from bonexray.inference.calibrate import rewrite_checkpoint, scope_calibration
+    from bonexray.model.checkpoint import read_card
+    from bonexray.model.hub import file_sha256
+
+    checkpoint, data, out_dir = Path(checkpoint), Path(data), Path(out_dir)
+    numbers = test_metrics(Path(metrics))
+    updates = scope_calibration(checkpoint, data, quantile=quantile, cache=cache, batch_size=batch_size, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="bonexray-bundle-") as tmp:
+        work = Path(tmp)
+        staged = rewrite_checkpoint(checkpoint, work / f"{name}.ckpt", updates, half=True)
+        auroc32 = test_auroc(checkpoint, data, work, cache, batch_size, n_bootstrap)
+        auroc16 = test_auroc(staged, data, work, cache, batch_size, n_bootstrap)
+        if abs(auroc32 - auroc16) > max_auroc_drop:
+            raise SystemExit(f"float16 test AUROC {auroc16:.4f} vs float32 {auroc32:.4f}: differs by more than "
+                             f"{max_auroc_drop}; nothing written")
+        size = staged.stat().st_size
+        if size > MAX_BYTES:
+            print(f"warning: {staged.name} is {size / 1e6:.1f} MB, above the {MAX_BYTES / 1e6:.0f} MB target",
+                  file=sys.stderr)
+        card = read_card(staged)
+        refs = reference_predictions(staged, data, images)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"{name}.ckpt"
+        shutil.move(str(staged), str(target))
+    scope = card.scope or {}
+    info = {
+        "name": name,
+        "file": target.name,
+        "sha256": file_sha256(target),
+        "size_bytes": target.stat().st_size,
+        "weights": "float16 (batch-norm statistics float32), from the float32 training checkpoint",
+        "card": {k: v for k, v in card.to_dict().items() if k not in ("scope",)},
+        "training_data": {**FRACATLAS, "protocol": (f"split by exam group, seed {(card.split or {}).get('seed')}, "
+                                                    f"fitted on {(card.split or {}).get('fit_on')}; "
+                                                    "test split never seen in training, threshold, scope or band"),
+                          "split_counts": (card.split or {}).get("counts")},
+        "test_metrics": numbers,
+        "float16_check": {"test_auroc_float32": auroc32, "test_auroc_float16": auroc16,
+                          "max_allowed_difference": max_auroc_drop},
+        "scope_gate": {k: scope.get(k) for k in ("method", "k", "threshold", "far_threshold", "quantile", "n_fit",
+                                                 "n_threshold", "held_out_refused", "fitted_on", "threshold_source",
+                                                 "far_rule")},
+        "borderline": {"band": card.borderline_band, "source": card.borderline_source},
+        "intended_use": INTENDED_USE,
+        "reference_predictions": refs,
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv=None) -> int:
+    from bonexray.model.hub import BUNDLED, WEIGHTS_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="the trained float32 checkpoint (the FracAtlas recipe's last.ckpt)")
+    ap.add_argument("--data", required=True, help="the FracAtlas folder it was trained on")
+    ap.add_argument("--metrics", required=True, help="metrics.json of `bonexray evaluate CKPT --split test`")
+    ap.add_argument("--out", default=str(WEIGHTS_DIR), help=f"folder (default {WEIGHTS_DIR})")
+    ap.add_argument("--name", default=BUNDLED[0].name, help=f"registry name (default {BUNDLED[0].name})")
+    ap.add_argument("--quantile", type=float, default=0.995, help="scope threshold quantile on valid (default 0.995)")
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-auroc-drop", type=float, default=0.005)
+    args = ap.parse_args(argv)
+    info = build(args.checkpoint, args.data, args.metrics, args.out, args.name, quantile=args.quantile,
+                 cache=args.cache, batch_size=args.batch_size, max_auroc_drop=args.max_auroc_drop)
+    f16 = info["float16_check"]
+    print(f"wrote {Path(args.out) / info['file']} ({info['size_bytes'] / 1e6:.1f} MB) and {info['name']}.json")
+    print(f"test AUROC float32 {f16['test_auroc_float32']:.4f}, float16 {f16['test_auroc_float16']:.4f}")
+    print(f"SHA-256 {info['sha256']}")
+    print(f'pin it: in src/bonexray/model/hub.py set BundledModel("{info["name"]}", ..., sha256="{info["sha256"]}")')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

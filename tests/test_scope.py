@@ -1,0 +1,260 @@
+"""The scope gate (inference/scope.py), the borderline band and calibration in evaluate, in every front end."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from builders import png_bytes, radiograph_like
+from conftest import SHARED_DATA, requires_shared_data
+
+from bonexray.inference import scope
+from bonexray.inference.results import ImageResult, image_record, study_records
+
+
+def _ct_slice_path() -> str:
+    from pydicom.data import get_testdata_file
+
+    return get_testdata_file("CT_small.dcm")  # ships in the pydicom wheel
+
+
+def _photo() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()  # RGB photo bundled with scikit-image
+
+
+# --------------------------------------------------------------------------- image statistics
+
+
+def test_statistics_flag_blank_constant_and_truncated_to_flat():
+    assert scope.statistics_reason(np.full((300, 200), 128, np.uint8), False) == scope.BLANK
+    noisy_flat = np.full((300, 200), 90, np.uint8)
+    noisy_flat[::50, ::50] = 250  # a few specks: still nearly constant
+    assert scope.statistics_reason(noisy_flat, False) == scope.BLANK
+    img = radiograph_like(1, 300, 200)
+    img[100:] = 128  # what a decoder fills in after the data ended
+    assert scope.statistics_reason(img, True) == scope.TRUNCATED
+    assert scope.statistics_reason(img, False) is None  # a flat band alone is not truncation
+    assert scope.statistics_reason(radiograph_like(2, 300, 200), False) is None
+    rng = np.random.default_rng(0)
+    flat16 = (1000 + rng.integers(-1, 2, (300, 200))).astype(np.uint16)  # 16-bit, 3 levels of noise
+    assert scope.statistics_reason(flat16, False) == scope.BLANK
+    assert scope.statistics_reason(radiograph_like(5, 300, 200).astype(np.uint16) * 16, False) is None  # 12-bit
+
+
+def test_colour_photo_and_ct_dicom_are_not_radiographs():
+    photo = png_bytes(_photo())
+    ev = scope.source_evidence(photo)
+    assert ev.colourfulness is not None and ev.colourfulness > scope.COLOUR_LIMIT
+    gray = np.asarray(Image.open(io.BytesIO(photo)).convert("L"))
+    assert scope.statistics_reason(gray, False, ev) == scope.NOT_RADIOGRAPH
+    ct = scope.source_evidence(_ct_slice_path())
+    assert ct.modality == "CT"
+    assert scope.statistics_reason(radiograph_like(3, 128, 128), False, ct) == scope.NOT_RADIOGRAPH
+    # A grayscale radiograph stored as RGB is not "colour".
+    rgb_gray = png_bytes(np.repeat(radiograph_like(4, 120, 100)[..., None], 3, axis=2))
+    assert scope.source_evidence(rgb_gray).colourfulness < 1.0
+
+
+@requires_shared_data
+def test_real_fracatlas_radiographs_pass_the_statistics_checks():
+    from bonexray.data.imageio import read_image
+
+    files = sorted((SHARED_DATA / "FracAtlas" / "images" / "Non_fractured").glob("*.jpg"))[:40]
+    for f in files:
+        d = read_image(f)
+        assert scope.statistics_reason(d.pixels, d.truncated, scope.source_evidence(f)) is None, f
+
+
+# --------------------------------------------------------------------------- feature space
+
+
+def test_feature_scope_threshold_quantile_card_round_trip_and_far_points():
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 64))
+    train = rng.normal(size=(400, 8)) @ basis + 0.05 * rng.normal(size=(400, 64))
+    held = rng.normal(size=(400, 8)) @ basis + 0.05 * rng.normal(size=(400, 64))
+    fs = scope.fit_feature_scope(train, held, k=8, quantile=0.99)
+    assert fs.info["held_out_refused"] <= 0.011
+    back = scope.FeatureScope.from_card(json.loads(json.dumps(fs.to_card())))
+    np.testing.assert_allclose(back.scores(held), fs.scores(held), rtol=1e-3)
+    off_manifold = rng.normal(size=(20, 64)) * 3.0  # not in the span of the training data
+    assert (back.scores(off_manifold) > back.far_threshold).all()
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_out_of_scope_records_have_no_verdict_and_studies_use_in_scope_images_only():
+    parts = ["hand", "leg"]
+    a = ImageResult("a.png", 0.9, np.array([0.8, 0.2]), False, "s1")
+    b = ImageResult("b.png", 0.1, np.array([0.1, 0.9]), False, "s1", scope_reason=scope.BLANK)
+    rec = image_record(b, parts, 0.5, band=0.1)
+    assert rec["in_scope"] is False and rec["scope_reason"] == scope.BLANK
+    assert rec["abnormal"] is None and rec["body_part"] is None and rec["confidence"] is None
+    assert rec["prob_abnormal"] == 0.1  # kept for research
+    ok = image_record(a, parts, 0.5, band=0.1)
+    assert ok["in_scope"] is True and ok["abnormal"] is True and ok["confidence"] == "clear"
+    assert image_record(ImageResult("c", 0.55, np.array([1.0, 0.0]), False), parts, 0.5, 0.1)["confidence"] == "borderline"
+    (study,) = study_records([a, b], parts, 0.5, band=0.1)
+    assert study["n_images"] == 2 and study["n_out_of_scope"] == 1 and study["prob_abnormal"] == 0.9
+    assert study["abnormal"] is True and study["body_part"] == "hand"
+    (none,) = study_records([b], parts, 0.5)
+    assert none["in_scope"] is False and none["abnormal"] is None and none["prob_abnormal"] is None
+    unchecked = image_record(ImageResult("d", 0.9, np.array([1.0, 0.0]), False, scope_checked=False), parts, 0.5)
+    assert unchecked["in_scope"] is None and unchecked["abnormal"] is True
+
+
+def test_band_default_is_stated_and_calibration_metrics():
+    from bonexray.evaluation.calibration import band_error_rates, calibration_metrics
+    from bonexray.model.checkpoint import ModelCard
+
+    band, source = scope.borderline_band(ModelCard(backbone="efficientnet_lite0", image_size=64, body_parts=["a"]))
+    assert band == scope.DEFAULT_BAND and "default" in source
+    y = np.array([0, 1, 1, 1, 1, 0])
+    p = np.array([0.1, 0.45, 0.55, 0.9, 0.35, 0.2])
+    cal = calibration_metrics(y, p, n_bins=5)
+    assert 0 <= cal["ece"] <= 1 and sum(b["n"] for b in cal["bins"]) == 6
+    rates = band_error_rates(y, p, 0.5, 0.1, "test")
+    assert rates["inside"] == {"n": 2, "error_rate": 0.5} and rates["outside"] == {"n": 4, "error_rate": 0.25}
+    # Perfectly calibrated bins give ECE 0; all-wrong confident predictions give ECE near 1.
+    assert calibration_metrics(np.array([0, 1]), np.array([0.0, 1.0]))["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert calibration_metrics(np.array([1, 0]), np.array([0.0, 1.0]))["ece"] == pytest.approx(1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- end to end, every front end
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained_run, tmp_path_factory):
+    """The trained test model with scope statistics and band fitted on its own train/valid splits."""
+    from bonexray.inference.calibrate import calibrate_model
+
+    out = tmp_path_factory.mktemp("calibrated") / "calibrated.ckpt"
+    return calibrate_model(trained_run["best_checkpoint"], trained_run["manifest"], out=out, quantile=0.99,
+                           device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ood_files(tmp_path_factory, trained_run):
+    d = tmp_path_factory.mktemp("ood")
+    Image.fromarray(_photo()).save(d / "photo.png")
+    Image.fromarray(np.full((200, 160), 200, np.uint8)).save(d / "blank.png")
+    (d / "ct.dcm").write_bytes(Path(_ct_slice_path()).read_bytes())
+    train_image = Path(trained_run["manifest"]).parent / "img000.png"
+    return {"photo": d / "photo.png", "blank": d / "blank.png", "ct": d / "ct.dcm", "radiograph": train_image}
+
+
+def test_calibration_writes_scope_and_band_into_the_card(calibrated):
+    from bonexray.model.checkpoint import read_card
+
+    card = read_card(calibrated)
+    assert card.scope["fitted_on"].startswith("train split") and "valid split" in card.scope["threshold_source"]
+    assert card.scope["held_out_refused"] <= 0.05
+    assert card.borderline_band is not None and card.borderline_source
+
+
+def test_predict_cli_refuses_photo_ct_and_blank_and_answers_the_radiograph(calibrated, ood_files, capsys):
+    from bonexray.cli import main
+
+    files = [ood_files[k] for k in ("photo", "ct", "blank", "radiograph")]
+    assert main(["predict", str(calibrated), *map(str, files), "--study", "--backend", "torch"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    by = {Path(r["path"]).name: r for r in lines if r["type"] == "image"}
+    for name, reason in (("photo.png", scope.NOT_RADIOGRAPH), ("ct.dcm", scope.NOT_RADIOGRAPH),
+                         ("blank.png", scope.BLANK)):
+        assert by[name]["in_scope"] is False and by[name]["scope_reason"] == reason, by[name]
+        assert by[name]["abnormal"] is None and by[name]["body_part"] is None
+    assert by["img000.png"]["in_scope"] is True and isinstance(by["img000.png"]["abnormal"], bool)
+    assert by["img000.png"]["confidence"] in ("clear", "borderline")
+    # --no-scope-check: every image gets a verdict, in_scope null; CSV carries the columns.
+    assert main(["predict", str(calibrated), str(ood_files["blank"]), "--no-scope-check", "--format", "csv",
+                 "--backend", "torch"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, row = out[0].split(","), out[1].split(",")
+    cell = dict(zip(header, row))
+    assert cell["in_scope"] == "" and cell["abnormal"] in ("0", "1") and "confidence" in header
+
+
+def test_feature_distance_refuses_a_gray_photo_the_statistics_pass(calibrated, tmp_path):
+    from skimage import data
+
+    from bonexray.api import load_model
+
+    Image.fromarray(data.camera()).save(tmp_path / "camera.png")  # gray, not blank: only the features can tell
+    model = load_model(calibrated, device="cpu")
+    pred = model.predict(tmp_path / "camera.png")
+    assert pred.in_scope is False and pred.scope_reason in (scope.NOT_RADIOGRAPH, scope.UNKNOWN_PART)
+    assert pred.abnormal is None and pred.body_part is None
+
+
+def test_python_api_gives_in_scope_and_no_verdict(calibrated, ood_files):
+    from bonexray.api import load_model
+
+    model = load_model(calibrated, device="cpu")
+    photo, blank, radiograph = model.predict([ood_files["photo"], ood_files["blank"], ood_files["radiograph"]])
+    assert (photo.in_scope, photo.abnormal, photo.body_part) == (False, None, None)
+    assert blank.scope_reason == scope.BLANK
+    assert radiograph.in_scope is True and radiograph.confidence in ("clear", "borderline")
+    array = model.predict(np.zeros((100, 100), np.uint8))
+    assert array.in_scope is False and array.scope_reason == scope.BLANK
+    unchecked = load_model(calibrated, device="cpu", scope_check=False).predict(ood_files["blank"])
+    assert unchecked.in_scope is None and isinstance(unchecked.abnormal, bool)
+
+
+def test_serve_api_says_cannot_assess(calibrated, ood_files):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web import create_app
+
+    client = TestClient(create_app(calibrated, device="cpu"))
+    files = [("files", (p.name, p.read_bytes())) for p in (ood_files["photo"], ood_files["ct"], ood_files["radiograph"])]
+    r = client.post("/api/predict", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    by = {rec["path"]: rec for rec in body["images"]}
+    assert by["photo.png"]["in_scope"] is False and "abnormal" not in by["photo.png"]  # null fields are left out
+    assert by["ct.dcm"]["scope_reason"] == scope.NOT_RADIOGRAPH
+    assert by["img000.png"]["in_scope"] is True
+    assert body["study"]["n_out_of_scope"] == 2 and body["study"]["n_images"] == 3
+    assert body["study"]["prob_abnormal"] == by["img000.png"]["prob_abnormal"]
+    info = client.get("/api/model").json()
+    assert "feature distance" in info["scope_check"] and info["borderline_band"] > 0
+
+
+def test_evaluate_reports_calibration_and_band_error_rates(trained_run, tmp_path):
+    from bonexray.evaluation.evaluate import run_evaluation
+
+    summary = run_evaluation(trained_run["best_checkpoint"], trained_run["manifest"], split="test", out=str(tmp_path),
+                             n_bootstrap=0, device="cpu", progress=False, backend="torch")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    cal, band = m["abnormality"]["calibration"], m["abnormality"]["borderline"]
+    assert 0 <= cal["ece"] <= 1 and cal["n_bins"] == 10
+    assert band["inside"]["n"] + band["outside"]["n"] == m["n_images"]
+    assert (tmp_path / "reliability.png").is_file() and "ECE" in summary
+    assert "Calibration and the borderline band" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_scope_measures_every_ood_set(calibrated, trained_run, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import scope as bench_scope  # bench/scope.py
+
+    res = bench_scope.measure(str(calibrated), trained_run["manifest"], holdout_model=str(calibrated),
+                              holdout_part="leg", holdout_data=trained_run["manifest"])
+    assert res["feature_statistics"] and res["in_distribution"]["n"] == 12
+    for name in ("photos (colour files)", "photos (gray pixels only)", "CT (DICOM files)", "CT (gray pixels only)",
+                 "MR (DICOM files)", "US (DICOM files)", "synthetic gradients", "noise", "rendered text",
+                 "blank / nearly constant"):
+        r = res["ood"][name]
+        assert r["n"] > 0 and 0 <= r["auroc"] <= 1, name
+    assert res["ood"]["blank / nearly constant"]["reasons"] == {scope.BLANK: 10}
+    assert res["ood"]["CT (DICOM files)"]["refused_share"] == 1.0
+    assert res["held_out_body_part"]["part"] == "leg" and res["held_out_body_part"]["n"] > 0
