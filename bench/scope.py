@@ -178,7 +178,8 @@ def test_images(model_path, data: str, part: str | None = None, exclude_part: st
         records, _ = assign_eval_splits(records, read_card(model_path).split, find_run_dir(Path(model_path)), None)
         chosen = [r for r in records if r.split == "test" and r.body_part != exclude_part]
     root = Path(records.root)
-    return [(r.path, (root / r.path).read_bytes()) for r in chosen]
+    # Record paths are as the reader made them (already under the dataset root) or relative to it.
+    return [(r.path, (Path(r.path) if Path(r.path).is_file() else root / r.path).read_bytes()) for r in chosen]
 
 
 def measure(model: str, data: str, holdout_model: str | None = None, holdout_part: str | None = None,

@@ -53,7 +53,8 @@ class BundledModel:
 #: The registry. To rebuild: ``python bench/build_bundled_model.py CKPT --data FracAtlas --metrics
 #: RESULTS/metrics.json``, then paste the SHA-256 it prints here.
 BUNDLED: tuple[BundledModel, ...] = (
-    BundledModel("fracatlas-efficientnet_lite0-320", ("fracatlas",), sha256=None),
+    BundledModel("fracatlas-efficientnet_lite0-320", ("fracatlas",),
+                 sha256="d3db1702c8e3aff1b1432edd4e38df56c052b95e8d6995eba3bd484950facd5d"),
 )
 
 DEFAULT_MODEL = "fracatlas"
