@@ -331,7 +331,7 @@ def test_model_card_shows_test_results_from_metrics(checkpoint, tmp_path):
     import json
 
     m = {"split": "test", "n_images": 500, "n_studies": 120,
-         "abnormality": {"image": {"auroc": 0.87, "sensitivity": 0.8, "specificity": 0.75},
+         "abnormality": {"image": {"auroc": 0.87, "recall": 0.8, "specificity": 0.75},
                          "ci95": {"image_auroc": [0.83, 0.9]}}}
     (tmp_path / "metrics.json").write_text(json.dumps(m))
     ev = TestClient(create_app(checkpoint, metrics=tmp_path / "metrics.json")).get("/api/model").json()["evaluation"]

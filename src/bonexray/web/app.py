@@ -225,7 +225,7 @@ def read_evaluation(path: str | os.PathLike) -> Evaluation:
         raise BonexrayError(f"{p}: not a metrics.json of bonexray evaluate ({type(err).__name__}: {err})") from None
     return Evaluation(split=m.get("split"), n_images=m.get("n_images"), n_studies=m.get("n_studies"),
                       auroc=img.get("auroc"), auroc_ci95=list(ci) if ci else None,
-                      sensitivity=img.get("sensitivity"), specificity=img.get("specificity"), source_file=p.name)
+                      sensitivity=img.get("recall"), specificity=img.get("specificity"), source_file=p.name)
 
 
 def _bundled_training_data(model_path: Path) -> TrainingData | None:
