@@ -123,6 +123,9 @@ def _with_card(ckpt: Path, **changes) -> Path:
 
     obj = torch.load(ckpt, map_location="cpu", weights_only=True)
     obj["bonexray"].update(changes)
+    from bonexray.model.checkpoint import stamp_weights_sha256
+
+    stamp_weights_sha256(obj)  # an intact file of that kind, not a tampered one: its hash covers the new card
     torch.save(obj, ckpt)
     return ckpt
 

@@ -68,7 +68,7 @@ def test_dynamic_batch_matches_torch_logits(exported, batch):
     net, _ = load_model(ckpt)
     x = torch.rand(batch, 1, 64, 64, generator=torch.Generator().manual_seed(batch))
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    abn, bp = sess.run(None, {"image": x.numpy()})
+    abn, bp = sess.run(["abnormal_logit", "body_part_logits"], {"image": x.numpy()})
     assert abn.shape == (batch,) and bp.shape == (batch, 3)
     with torch.inference_mode():
         t_abn, t_bp = net(x)

@@ -163,7 +163,7 @@ def test_train_with_localization_head_and_fixed_split(tmp_path):
 
 def test_localization_weight_needs_boxes(tmp_path):
     manifest = make_manifest(tmp_path / "m", n=16)
-    with pytest.raises(DatasetError, match="needs fracture boxes"):
+    with pytest.raises(DatasetError, match="need fracture boxes"):
         run_training(TrainConfig.from_args(tiny_train_args(manifest, tmp_path / "run", localization_weight=1.0)))
 
 

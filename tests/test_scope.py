@@ -219,7 +219,8 @@ def test_serve_api_says_cannot_assess(calibrated, ood_files):
     assert r.status_code == 200, r.text
     body = r.json()
     by = {rec["path"]: rec for rec in body["images"]}
-    assert by["photo.png"]["in_scope"] is False and "abnormal" not in by["photo.png"]  # null fields are left out
+    # no verdict: null, as in the CLI's records
+    assert by["photo.png"]["in_scope"] is False and by["photo.png"]["abnormal"] is None and by["photo.png"]["body_part"] is None
     assert by["ct.dcm"]["scope_reason"] == scope.NOT_RADIOGRAPH
     assert by["img000.png"]["in_scope"] is True
     assert body["study"]["n_out_of_scope"] == 2 and body["study"]["n_images"] == 3

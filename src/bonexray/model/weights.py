@@ -201,9 +201,13 @@ def load_weights_file(net: nn.Module, path: str | os.PathLike) -> None:
     so a trained model can seed fine-tuning. ``path`` may be a bundled model's name (``--weights
     fracatlas``: start from radiograph weights instead of ImageNet; model/hub.py).
     """
+    from ..errors import CheckpointError
     from .hub import resolve_model
 
-    path = resolve_model(path)
+    try:
+        path = resolve_model(path)
+    except CheckpointError as err:  # --weights: the file the user named (or the name) is not there
+        raise WeightsUnavailableError(str(err)) from None
     source = str(path)
     state = read_state_dict_file(path)
     if "abnormal_head.weight" in state or all(k.startswith("backbone.") for k in state):
