@@ -39,7 +39,7 @@ from typing import TextIO
 import numpy as np
 
 from ..errors import BonexrayError, ImageReadError
-from .inputs import InputItem, InputPlan, collect_inputs
+from .inputs import InputItem, collect_inputs
 from .predictor import Predictor, is_onnx_file
 from .results import ImageResult, box_records, finite_rows, image_record, nonfinite_reason, original_boxes, study_records
 from .writers import Writer
