@@ -1,4 +1,4 @@
-"""Time of one ``augment_batch`` call (image + fracture mask) on a training-sized batch.
+"""Time of one ``augment_batch`` call (image + padded fracture boxes) on a training-sized batch.
 
 To compare two versions of the augmentation, point ``--src`` at each tree's ``src`` folder (e.g.
 a ``git worktree`` of an older commit); they run in turn, alternating, in separate processes.
@@ -29,14 +29,18 @@ def _worker(batch: int, size: int, repeats: int, device: str, threads: int) -> N
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 1, size, size, generator=gen).to(device)
-    mask = (torch.rand(batch, 1, size, size, generator=gen) > 0.95).float().to(device)
-    augment_batch(x, mask=mask)  # warm-up: imports, kernel selection
+    # One fracture box per image (a few of the 16 padded rows used), as the training loader gives them.
+    boxes = torch.zeros(batch, 16, 4, device=device)
+    boxes[:, 0] = torch.tensor([0.4, 0.4, 0.5, 0.55], device=device) * size
+    valid = torch.zeros(batch, 16, dtype=torch.bool, device=device)
+    valid[:, 0] = True
+    augment_batch(x, boxes=boxes, valid=valid)  # warm-up: imports, kernel selection
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        augment_batch(x, mask=mask)
+        augment_batch(x, boxes=boxes, valid=valid)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -66,7 +70,7 @@ def main() -> int:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                  env={**os.environ, "PYTHONPATH": str(tree.resolve())})
             times[str(tree)] += json.loads(out.stdout.strip().splitlines()[-1])["times"]
-    print(f"augment_batch, batch {args.batch} x 1 x {args.size} x {args.size} + mask, {args.device}, "
+    print(f"augment_batch, batch {args.batch} x 1 x {args.size} x {args.size} + 16 padded boxes, {args.device}, "
           f"{args.threads} threads, {args.rounds} rounds x {args.repeats} calls")
     for tree, ts in times.items():
         print(f"  {tree}: median {statistics.median(ts) * 1000:.0f} ms (min {min(ts) * 1000:.0f} ms)")

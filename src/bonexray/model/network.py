@@ -62,7 +62,7 @@ class BoneXrayNet(nn.Module):
         self.abnormal_head = nn.Linear(self.num_features, 1)
         self.body_part_head = nn.Linear(self.num_features, num_body_parts)
         # Fracture map, present in models trained with the localisation loss (--localization-weight):
-        # a 1x1 conv on the last feature map. Not part of ``forward``, so ONNX and predict outputs stay two.
+        # a 1x1 conv on the last feature map. Not part of ``forward`` nor of ``forward_outputs`` (ONNX).
         self.localization_head = nn.Conv2d(self.num_features, 1, 1) if localization_head else None
         # Fracture boxes (model/detection.py), present in models trained with --box-weight: an FCOS-style
         # head on the stride-8/16 intermediate features and the final map. ``forward`` never runs it;

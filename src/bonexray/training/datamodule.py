@@ -68,7 +68,7 @@ def split_datasets(cache: ImageCache, records: RecordSet, body_parts: Sequence[s
                    fit_on: str = "train") -> dict[str, CacheDataset]:
     """Join the split assignment with cache rows; unreadable images and unknown labels are left out.
 
-    ``with_boxes``: items also carry fracture masks from the records' ``extras`` (boxes,
+    ``with_boxes``: items also carry fracture boxes from the records' ``extras`` (boxes,
     annotated_size, localized), mapped into the cache's letterbox tiles. ``fit_on="train+valid"``:
     the valid images join train (the final fit); there is then no "valid" dataset.
     """
