@@ -94,7 +94,7 @@ def part10_bytes(ds: Any) -> bytes:
 def analyse_study(predictor, study_uid: str, instances: Iterable[Instance]) -> StudyAnalysis:
     """Decode and predict every radiograph of one study; see the module docstring."""
     from ..data.preprocess import read_bytes_for_model
-    from ..inference.results import box_records, original_boxes, records_from_outputs
+    from ..inference.results import box_records, finite_rows, nonfinite_reason, original_boxes, records_from_outputs
     from ..inference.scope import ScopeGate, SourceEvidence, borderline_band
 
     out = StudyAnalysis(study_uid)
@@ -129,11 +129,10 @@ def analyse_study(predictor, study_uid: str, instances: Iterable[Instance]) -> S
         return out
     pred = predictor.predict_batch(np.stack(tiles))
     probs, parts = pred.prob, pred.parts
-    finite = np.isfinite(probs) & np.isfinite(parts).all(axis=1)
+    finite = finite_rows(probs, parts)  # the one NaN policy (inference/results.py): no verdict, same words
     for (inst, _, _), ok in zip(kept, finite):
-        if not ok:  # a NaN compares False with the threshold and would read "normal": no verdict
-            out.problems.append((inst.name, f"the model's output is not a finite number (NaN/inf); no verdict "
-                                            f"given (is {predictor.path} damaged?)"))
+        if not ok:
+            out.problems.append((inst.name, nonfinite_reason(predictor.path)))
     keep = np.flatnonzero(finite)
     if len(keep) == 0:
         return out
