@@ -96,6 +96,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--devices", default=None, help=f"devices per node (Lightning syntax; default {D.devices})")
     r.add_argument("--num-nodes", type=int, default=None, help=f"nodes for multi-node DDP (default {D.num_nodes})")
     r.add_argument("--strategy", default=None, help=f"auto, ddp, ... (default {D.strategy})")
-    r.add_argument("--precision", default=None, help="default: 16-mixed on GPU, 32 on CPU")
+    r.add_argument("--precision", default=None, help="default: 16-mixed on GPU; bf16-mixed on a CPU with native bf16 (AVX-512 BF16 or AMX); 32 on other CPUs")
     r.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (smoke tests)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -60,7 +60,8 @@ def _run_files_callback(cfg: TrainConfig, out: Path, records, dm):
             resolved = {**cfg.to_dict(), "data": str(records.root), "cache": str(dm.cache_dir), "out": str(out),
                         "body_parts": dm.body_parts, "class_weights_by_part": dm.class_weights, "source": records.source,
                         "n_images": {s: len(d) for s, d in dm.datasets.items()}, "split": pl_module.hparams.split,
-                        "bonexray_version": __version__, "command": " ".join(sys.argv)}
+                        "precision_used": str(trainer.precision), "bonexray_version": __version__,
+                        "command": " ".join(sys.argv)}
             atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
             atomic_write_text(out / "data_report.yaml", yaml.safe_dump(dm.report, sort_keys=False))
             write_splits(records, out / "splits.csv")
@@ -107,6 +108,18 @@ def _check_resume_plan(cfg: TrainConfig, saved: Path) -> None:
                             "schedule cannot change mid-run: resume with the run's values or start a new run")
 
 
+def _resumed_precision(saved: Path, on_gpu: bool) -> str | None:
+    """The precision a resumed run trained in (runs from before ``precision_used`` was recorded trained in
+    the then default, fp32 on CPU), so that --resume does not switch it mid-run."""
+    try:
+        before = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if not before:
+        return None
+    return before.get("precision_used") or before.get("precision") or ("16-mixed" if on_gpu else "32-true")
+
+
 def _check_both_labels(records, cfg: TrainConfig, data) -> None:
     """Refuse, before an epoch is spent, training data whose images are all normal or all abnormal."""
     fit = ("train", "valid") if cfg.fit_on == "train+valid" else ("train",)
@@ -136,6 +149,7 @@ def run_training(cfg: TrainConfig) -> dict:
     from ..data.datasets import detect_source, load_dataset
     from ..data.preprocess import default_cache_dir
     from ..data.splits import check_no_leak, limit_records, make_splits
+    from ..hardware import default_training_precision
     from ..model.checkpoint import read_card
     from .averaging import DelayedEMA
     from .checkpoint_io import AtomicCheckpointIO
@@ -176,8 +190,9 @@ def run_training(cfg: TrainConfig) -> dict:
         from .allocator import keep_freed_memory
 
         keep_freed_memory()  # faster CPU steps (bench/cpu_allocator.py)
-    precision = cfg.precision or ("16-mixed" if on_gpu else "32-true")
-    # Items are memmap slices (no decoding), so on CPU extra loader processes only steal cores.
+    precision = cfg.precision or (_resumed_precision(out / "config.yaml", on_gpu) if cfg.resume else None) \
+        or default_training_precision(on_gpu)
+    # Items are cache reads (no decoding), so on CPU extra loader processes only steal cores.
     workers = cfg.workers if cfg.workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
     dm = BoneDataModule(records, all_records, str(cache_dir), cfg.image_size, batch_size=cfg.batch_size, workers=workers,
                         with_boxes=with_boxes, class_weights=cfg.class_weights, allow_unreadable=cfg.allow_unreadable,
