@@ -139,3 +139,150 @@ def test_backend_choice_on_the_command_line(ckpt, tmp_path, capsys):
 
 def test_physical_cores_is_within_the_allowed_cpus():
     assert 1 <= backends.physical_cores() <= len(os.sched_getaffinity(0))
+
+
+# --------------------------------------------------------------------------- OpenVINO and the backend record
+
+requires_bf16 = pytest.mark.skipif(not backends.cpu_has_bf16(),
+                                   reason="this CPU has no native bfloat16 (avx512_bf16 / amx_bf16): openvino-bf16 "
+                                          "is refused here, as tested by test_explicit_unavailable_backend_*")
+
+
+def _assert_same_outputs(a: Predictor, b: Predictor, batch: np.ndarray, tol: float) -> None:
+    oa, ob = a.outputs(batch), b.outputs(batch)
+    assert sorted(oa) == sorted(ob)
+    for name in oa:
+        assert oa[name].shape == ob[name].shape, name
+        assert np.max(np.abs(oa[name] - ob[name])) <= tol, name
+
+
+def test_openvino_gives_onnxruntimes_outputs_at_every_batch_size(ckpt):
+    ort, ov = Predictor(ckpt, device="cpu", backend="onnx"), Predictor(ckpt, device="cpu", backend="openvino")
+    assert ov.backend == "openvino" and ov.card == ort.card
+    batch = _synthetic(ort.image_size, 7)
+    # One compiled model serves 7, 1 and 3 images in a row (the last batch of a run is smaller).
+    for n in (7, 1, 3):
+        _assert_same_outputs(ort, ov, batch[:n], PROB_TOL)
+        _assert_same_probs(ort, ov, batch[:n])
+    flipped = Predictor(ckpt, device="cpu", backend="openvino", tta="flip")
+    _assert_same_probs(Predictor(ckpt, device="cpu", backend="onnx", tta="flip"), flipped, batch)
+
+
+def test_openvino_runs_an_onnx_file_too(ckpt):
+    onnx_file = backends.exported_onnx(ckpt).path
+    ov = Predictor(onnx_file, device="cpu", backend="openvino")
+    assert ov.backend == "openvino" and ov.checkpoint is None
+    _assert_same_probs(Predictor(onnx_file, device="cpu"), ov, _synthetic(ov.image_size, 4))
+
+
+@requires_bf16
+def test_openvino_bf16_stays_close_to_float32(ckpt):
+    ort, bf16 = Predictor(ckpt, device="cpu", backend="onnx"), Predictor(ckpt, device="cpu", backend="openvino-bf16")
+    assert bf16.backend == "openvino-bf16"
+    batch = _synthetic(ort.image_size, 6)
+    pa, _ = ort.predict_arrays(batch)
+    pb, _ = bf16.predict_arrays(batch)
+    # bfloat16 keeps 8 bits of mantissa: close, not equal (the backend check measures real models).
+    assert np.max(np.abs(pa - pb)) <= 0.05
+    assert np.max(np.abs(pa - pb)) > 0  # it does compute in bf16 (equal outputs would mean float32 ran)
+
+
+def _fake_record(model: Path, speeds: dict, accepted: dict, sha: str | None = None) -> None:
+    from bonexray.model.hub import file_sha256
+
+    record = {"format": backends.RECORD_FORMAT, "model_sha256": sha or file_sha256(model),
+              "backends": {n: {"img_s": s, "accepted": accepted[n]} for n, s in speeds.items()}}
+    backends.backend_record_path(model).write_text(json.dumps(record))
+
+
+def test_auto_follows_the_record_of_this_exact_file_and_the_cpu(ckpt, monkeypatch):
+    fast = {"onnx": 100.0, "openvino": 200.0, "openvino-bf16": 400.0}
+    _fake_record(ckpt, fast, {"onnx": True, "openvino": True, "openvino-bf16": True})
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: True)
+    assert backends.choose_backend("auto", "cpu", ckpt) == "openvino-bf16"
+    assert Predictor(ckpt, device="cpu").backend == "openvino-bf16"
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)  # bf16 only where the CPU has it
+    assert Predictor(ckpt, device="cpu").backend == "openvino"
+    assert backends.choose_backend("auto", "cuda", ckpt) == "torch"  # a GPU keeps PyTorch
+    # Refused engines, and engines the check measured slower than onnxruntime, are never chosen.
+    _fake_record(ckpt, fast, {"onnx": True, "openvino": False, "openvino-bf16": False})
+    assert Predictor(ckpt, device="cpu").backend == "onnx"
+    _fake_record(ckpt, {"onnx": 100.0, "openvino": 80.0}, {"onnx": True, "openvino": True})
+    assert Predictor(ckpt, device="cpu").backend == "onnx"
+    # A record made for another file's bytes is ignored.
+    _fake_record(ckpt, fast, {"onnx": True, "openvino": True, "openvino-bf16": True}, sha="0" * 64)
+    assert Predictor(ckpt, device="cpu").backend == "onnx"
+
+
+def test_a_damaged_record_is_ignored_with_a_note(ckpt, capsys):
+    backends.backend_record_path(ckpt).write_text("{not json")
+    assert Predictor(ckpt, device="cpu").backend == "onnx"
+    assert "unreadable backend record" in capsys.readouterr().err
+
+
+def test_auto_falls_back_to_onnxruntime_when_openvino_fails_here(ckpt, monkeypatch, capsys):
+    from bonexray.errors import CheckpointError
+    from bonexray.inference import openvino_engine
+
+    _fake_record(ckpt, {"onnx": 100.0, "openvino": 200.0}, {"onnx": True, "openvino": True})
+
+    def broken(path, *a, **k):
+        raise CheckpointError(f"{path}: OpenVINO cannot compile this ONNX model (test)")
+
+    monkeypatch.setattr(openvino_engine, "OpenVinoSession", broken)
+    pr = Predictor(ckpt, device="cpu")
+    assert pr.backend == "onnx" and pr.session is not None
+    assert "running it on onnxruntime" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="cannot compile"):
+        Predictor(ckpt, device="cpu", backend="openvino")
+
+
+def test_explicit_unavailable_backend_is_one_line_exit_2(ckpt, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(radiograph_like(3)).save(img)
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
+    assert main(["predict", str(ckpt), str(img), "--backend", "openvino-bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backend openvino-bf16" in err[0] and "no native bfloat16" in err[0]
+    monkeypatch.setattr(backends, "openvino_version", lambda: None)
+    assert main(["predict", str(ckpt), str(img), "--backend", "openvino"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OpenVINO is not installed" in err[0]
+
+
+def test_backend_check_writes_the_record_that_auto_reads(ckpt, trained_run, monkeypatch):
+    from bonexray.inference.backend_check import check_backends, format_record, write_record
+    from bonexray.model.hub import file_sha256
+
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)  # the same test on every CPU: float32 only
+    record = check_backends(ckpt, trained_run["manifest"], split="test", batch=4, rounds=1)
+    assert record["model_sha256"] == file_sha256(ckpt) and record["data"]["split"] == "test"
+    rows = record["backends"]
+    assert list(rows) == ["onnx", "openvino", "openvino-bf16"]
+    assert rows["onnx"]["accepted"] and rows["onnx"]["auroc_delta"] == 0
+    assert rows["openvino-bf16"] == {"accepted": False, "why": rows["openvino-bf16"]["why"]}
+    assert "no native bfloat16" in rows["openvino-bf16"]["why"]
+    ov = rows["openvino"]
+    assert ov["max_abs_prob_delta"] <= PROB_TOL and ov["verdict_changes"] == 0 and ov["accepted"] is True
+    assert ov["img_s"] > 0 and record["machine"]["cpu"] and record["versions"]["openvino"]
+    assert "openvino" in format_record(record)
+    path = write_record(ckpt, record)
+    assert path == ckpt.with_name("best.ckpt.backends.json")
+    expected = "openvino" if ov["img_s"] > rows["onnx"]["img_s"] else "onnx"  # the faster, as measured
+    assert Predictor(ckpt, device="cpu").backend == expected
+    # A tolerance nothing can meet (below zero) refuses OpenVINO, and auto stays on onnxruntime.
+    strict = check_backends(ckpt, trained_run["manifest"], split="test", batch=4, rounds=1, prob_tolerance=-1.0,
+                            candidates=("openvino",))
+    refused = strict["backends"]["openvino"]
+    assert refused["accepted"] is False and "max |prob delta|" in refused["why"]
+    write_record(ckpt, strict)
+    assert Predictor(ckpt, device="cpu").backend == "onnx"
+
+
+def test_cpu_bf16_detection_reads_the_flags(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert backends.cpu_has_bf16() is False
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert backends.cpu_has_bf16() is True
