@@ -130,7 +130,7 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
             row.update(accepted=not fails, why="; ".join(fails) or
                        f"|AUROC delta| <= {auroc_tolerance} and max |prob delta| <= {prob_tolerance}")
         rows[name] = row
-    ordered = {REFERENCE: rows.pop(REFERENCE), **rows}
+    ordered = {REFERENCE: rows[REFERENCE], **{name: rows[name] for name in candidates}}
     return {
         "format": RECORD_FORMAT,
         "model": path.name,

@@ -7,7 +7,9 @@ It reads the same ONNX file as onnxruntime (a checkpoint's cached export or the 
 compiles it for the CPU with ``INFERENCE_PRECISION_HINT`` f32 or bf16, one thread per physical core
 (or ``threads``), ``PERFORMANCE_HINT`` LATENCY (one batch at a time, as predict and evaluate run).
 The graph keeps its dynamic batch dimension: one compilation serves every batch size (the last,
-smaller batch too); see ``bench/RESULTS.md`` for the measurement against per-shape compilation.
+smaller batch too). Compiling costs seconds (about 11 s for the bundled 320-px EfficientNet-Lite0 on
+the shared 2-core machine), so a compilation per batch shape would add that for each new size;
+``bench/inference.py`` times this engine (row c) against a static-shape compilation (row f).
 """
 from __future__ import annotations
 
