@@ -253,7 +253,7 @@ def test_auto_falls_back_to_onnxruntime_when_openvino_fails_here(small_ckpt, mon
     _fake_record(small_ckpt, {"onnx": 100.0, "openvino": 200.0}, {"onnx": True, "openvino": True})
 
     def broken(path, *a, **k):
-        raise CheckpointError(f"{path}: OpenVINO cannot compile this ONNX model (test)")
+        raise openvino_engine.OpenVinoCompileError(f"{path}: OpenVINO cannot compile this ONNX model (test)")
 
     monkeypatch.setattr(openvino_engine, "OpenVinoSession", broken)
     pr = Predictor(small_ckpt, device="cpu")

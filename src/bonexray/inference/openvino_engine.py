@@ -42,6 +42,10 @@ def _port(port) -> PortInfo:
     return PortInfo(port.get_any_name(), dims)
 
 
+class OpenVinoCompileError(CheckpointError):
+    """OpenVINO cannot read or compile a graph that passed the integrity check (``auto`` falls back)."""
+
+
 class OpenVinoSession:
     """An ONNX file compiled by OpenVINO for the CPU. ``metadata``: the file's metadata_props (the model card)."""
 
@@ -61,7 +65,7 @@ class OpenVinoSession:
             })
         except RuntimeError as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise CheckpointError(f"{path}: OpenVINO cannot compile this ONNX model ({first})") from err
+            raise OpenVinoCompileError(f"{path}: OpenVINO cannot compile this ONNX model ({first})") from err
         self._inputs = [_port(p) for p in self._compiled.inputs]
         self._outputs = [_port(p) for p in self._compiled.outputs]
         self._index = {o.name: i for i, o in enumerate(self._outputs)}

@@ -144,9 +144,11 @@ class Predictor:
 
         if self.backend == "onnx":
             return _load_onnx(onnx_path, device, threads)
+        from .openvino_engine import OpenVinoCompileError
+
         try:
             return _load_onnx(onnx_path, "cpu", threads, engine=self.backend)
-        except CheckpointError as err:
+        except OpenVinoCompileError as err:  # a damaged file is not retried: it fails on every engine
             if not chosen_by_auto:
                 raise
             warn(f"{err}; running it on onnxruntime")
