@@ -6,12 +6,16 @@ runs each path once on the same uint8 batch, alternating, and the figures are me
   (a) baseline   plain eager PyTorch (torchvision resnet50 / timm efficientnet_lite0, 3 channels),
                  NCHW float32 input prepared in advance, ``torch.inference_mode``
   (b) checkpoint ``Predictor(ckpt, backend="torch")``: bonexray's PyTorch path (uint8 in, probabilities out)
-  (c) default    ``Predictor(ckpt)``: what ``bonexray predict/evaluate`` use (``--backend auto``)
+  (c) default    what ``bonexray predict/evaluate`` use (``--backend auto``): for a backbone with a bundled
+                 model (efficientnet_lite0), the engine ``auto`` picks for that model on this machine (its
+                 backend record: openvino-bf16 on a bf16 CPU), run on this network through ``Predictor``;
+                 otherwise ``Predictor(ckpt)`` (no record: onnxruntime float32)
   (d) int8       onnxruntime static quantization (QDQ, per-channel int8 weights, uint8 activations),
                  calibrated on training-split images (``--calib-data``), run through ``Predictor``
   (e) bf16       bonexray's network under ``torch.autocast("cpu", bfloat16)``, channels_last (CPUs with
                  AVX-512 BF16 or AMX only)
-  (f) openvino   fp32 and bf16 through OpenVINO, when it is installed (``pip install -e ".[bench]"``)
+  (f) openvino   fp32 and bf16 through OpenVINO's own API with a static batch shape (``model.reshape``),
+                 against (c)'s engine, which keeps the ONNX graph's dynamic batch dimension
 
 Each is reported as images/s, as a ratio to (a), and as GFLOP/s (the network's FLOPs per image,
 counted by ``torch.utils.flop_counter``) against the cores' float32 peak measured here with a large
@@ -52,8 +56,15 @@ def cpu_info() -> dict:
             "physical_cores": physical_cores()}
 
 
-def has_bf16(info: dict) -> bool:
-    return any(f in info["flags"] for f in ("avx512_bf16", "amx_bf16"))
+def default_backend(backbone: str, ckpt: Path) -> tuple[str, str]:
+    """(engine, why) that ``--backend auto`` runs for this backbone's bundled model here, else for ``ckpt``."""
+    from bonexray.inference.backends import choose_backend
+    from bonexray.model.hub import BUNDLED, verify_bundled
+
+    for m in BUNDLED:
+        if m.info().get("card", {}).get("backbone") == backbone and m.path.is_file():
+            return choose_backend("auto", "cpu", verify_bundled(m)), f"auto for bundled {m.name}"
+    return choose_backend("auto", "cpu", ckpt), "auto, no backend record"
 
 
 def gemm_gflops(n: int = 2048) -> float:
@@ -167,24 +178,25 @@ def build_paths(backbone: str, batch: int, work: Path, calib: np.ndarray, info: 
     """name -> callable running one batch; and the FLOPs per image of bonexray's network."""
     import torch
 
-    from bonexray.inference.backends import exported_onnx
+    from bonexray.inference.backends import cpu_has_bf16, exported_onnx
     from bonexray.inference.predictor import Predictor
 
     ckpt = random_checkpoint(backbone, work)
     u8 = np.random.default_rng(0).integers(0, 256, (batch, SIZE, SIZE), dtype=np.uint8)
     base, x3 = baseline_model(backbone), torch.rand(batch, 3, SIZE, SIZE)
-    torch_path, default_path = Predictor(ckpt, device="cpu", backend="torch"), Predictor(ckpt, device="cpu")
+    engine, why = default_backend(backbone, ckpt)
+    torch_path, default_path = Predictor(ckpt, device="cpu", backend="torch"), Predictor(ckpt, device="cpu", backend=engine)
 
     def baseline():
         with torch.inference_mode():
             base(x3)
 
     paths = {"(a) baseline eager fp32": baseline, "(b) checkpoint (torch)": lambda: torch_path.predict_arrays(u8),
-             f"(c) default ({default_path.backend})": lambda: default_path.predict_arrays(u8)}
+             f"(c) default ({default_path.backend}; {why})": lambda: default_path.predict_arrays(u8)}
     float_onnx = exported_onnx(ckpt).path
     int8 = Predictor(quantize_int8(float_onnx, calib, work / f"{backbone}.int8.onnx"), device="cpu")
     paths["(d) int8 (onnxruntime)"] = lambda: int8.predict_arrays(u8)
-    if has_bf16(info):
+    if cpu_has_bf16():
         net_cl = torch_path.net.to(memory_format=torch.channels_last)
         x1 = torch_path.to_tensor(u8).contiguous(memory_format=torch.channels_last)
 
@@ -198,13 +210,16 @@ def build_paths(backbone: str, batch: int, work: Path, calib: np.ndarray, info: 
     except ImportError:
         pass
     else:
+        from bonexray.inference.backends import physical_cores
+
         core = ov.Core()
         model = core.read_model(str(float_onnx))
         model.reshape({model.inputs[0].any_name: [batch, 1, SIZE, SIZE]})
         xf = (u8.astype(np.float32) / 255.0)[:, None]
-        for prec in ("f32", "bf16") if has_bf16(info) else ("f32",):
-            compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": prec})
-            paths[f"(f) openvino {prec}"] = (lambda c: lambda: c(xf))(compiled)
+        for prec in ("f32", "bf16") if cpu_has_bf16() else ("f32",):
+            compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": prec,
+                                                         "INFERENCE_NUM_THREADS": physical_cores()})
+            paths[f"(f) openvino {prec} static"] = (lambda c: lambda: c(xf))(compiled)
     return paths, flops_per_image(torch_path.net)
 
 
@@ -264,14 +279,14 @@ def main() -> None:
                 base = statistics.median(speeds["(a) baseline eager fp32"])
                 print(f"\n{backbone} {SIZE}px batch {batch}: {flops / 1e9:.2f} GFLOP/image; "
                       f"fp32 GEMM peak {peak:.0f} GFLOP/s (median of {a.rounds})")
-                print(f"  {'path':28s} {'img/s':>8s} {'x (a)':>7s} {'GFLOP/s':>8s} {'% peak':>7s}")
+                print(f"  {'path':58s} {'img/s':>8s} {'x (a)':>7s} {'GFLOP/s':>8s} {'% peak':>7s}")
                 for name, s in speeds.items():
                     ips = statistics.median(s)
                     row = {"model": backbone, "batch": batch, "path": name, "img_s": round(ips, 2),
                            "ratio": round(ips / base, 2), "gflop_s": round(ips * flops / 1e9, 1),
                            "pct_fp32_peak": round(100 * ips * flops / 1e9 / peak, 1), "peak_gflop_s": round(peak, 1)}
                     results["rows"].append(row)
-                    print(f"  {name:28s} {ips:8.2f} {row['ratio']:7.2f} {row['gflop_s']:8.1f} {row['pct_fp32_peak']:6.1f}%",
+                    print(f"  {name:58s} {ips:8.2f} {row['ratio']:7.2f} {row['gflop_s']:8.1f} {row['pct_fp32_peak']:6.1f}%",
                           flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -139,3 +139,180 @@ def test_backend_choice_on_the_command_line(ckpt, tmp_path, capsys):
 
 def test_physical_cores_is_within_the_allowed_cpus():
     assert 1 <= backends.physical_cores() <= len(os.sched_getaffinity(0))
+
+
+# --------------------------------------------------------------------------- OpenVINO and the backend record
+
+@pytest.fixture()
+def small_ckpt(tmp_path) -> Path:
+    """A small untrained checkpoint of its own (no training run needed: these tests compare engines)."""
+    from builders import make_checkpoint
+
+    target = tmp_path / "model" / "best.ckpt"
+    target.parent.mkdir()
+    return make_checkpoint(target)
+
+
+try:
+    import openvino  # noqa: F401 - the dev extra installs it
+    HAVE_OPENVINO = True
+except ImportError:
+    HAVE_OPENVINO = False
+requires_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="OpenVINO is not installed (pip install -e \".[openvino]\"); "
+                                       "its absence is tested by test_explicit_unavailable_backend_*")
+HAVE_BF16 = backends.cpu_has_bf16()
+requires_bf16 = pytest.mark.skipif(not HAVE_BF16,
+                                   reason="this CPU has no native bfloat16 (avx512_bf16 / amx_bf16): openvino-bf16 "
+                                          "is refused here, as tested by test_explicit_unavailable_backend_*")
+
+
+def _assert_same_outputs(a: Predictor, b: Predictor, batch: np.ndarray, tol: float) -> None:
+    oa, ob = a.outputs(batch), b.outputs(batch)
+    assert sorted(oa) == sorted(ob)
+    for name in oa:
+        assert oa[name].shape == ob[name].shape, name
+        scale = max(1.0, float(np.max(np.abs(oa[name]))))  # untrained features can be large: relative beyond 1
+        assert np.max(np.abs(oa[name] - ob[name])) <= tol * scale, name
+
+
+@requires_openvino
+def test_openvino_gives_onnxruntimes_outputs_at_every_batch_size(small_ckpt):
+    ort, ov = Predictor(small_ckpt, device="cpu", backend="onnx"), Predictor(small_ckpt, device="cpu", backend="openvino")
+    assert ov.backend == "openvino" and ov.card == ort.card
+    batch = _synthetic(ort.image_size, 7)
+    # One compiled model serves 7, 1 and 3 images in a row (the last batch of a run is smaller).
+    for n in (7, 1, 3):
+        _assert_same_outputs(ort, ov, batch[:n], PROB_TOL)
+        _assert_same_probs(ort, ov, batch[:n])
+    flipped = Predictor(small_ckpt, device="cpu", backend="openvino", tta="flip")
+    _assert_same_probs(Predictor(small_ckpt, device="cpu", backend="onnx", tta="flip"), flipped, batch)
+
+
+@requires_openvino
+def test_openvino_runs_an_onnx_file_too(small_ckpt):
+    onnx_file = backends.exported_onnx(small_ckpt).path
+    ov = Predictor(onnx_file, device="cpu", backend="openvino")
+    assert ov.backend == "openvino" and ov.checkpoint is None
+    _assert_same_probs(Predictor(onnx_file, device="cpu"), ov, _synthetic(ov.image_size, 4))
+
+
+@requires_openvino
+@requires_bf16
+def test_openvino_bf16_stays_close_to_float32(small_ckpt):
+    ort, bf16 = Predictor(small_ckpt, device="cpu", backend="onnx"), Predictor(small_ckpt, device="cpu", backend="openvino-bf16")
+    assert bf16.backend == "openvino-bf16"
+    batch = _synthetic(ort.image_size, 6)
+    pa, _ = ort.predict_arrays(batch)
+    pb, _ = bf16.predict_arrays(batch)
+    # bfloat16 keeps 8 bits of mantissa: close, not equal (the backend check measures real models).
+    assert np.max(np.abs(pa - pb)) <= 0.05
+    la, lb = ort.outputs(batch)["embedding"], bf16.outputs(batch)["embedding"]
+    assert np.max(np.abs(la - lb)) > 1e-4 * max(1.0, float(np.abs(la).max()))  # bf16 did run, not float32
+
+
+def _fake_record(model: Path, speeds: dict, accepted: dict, sha: str | None = None) -> None:
+    from bonexray.model.hub import file_sha256
+
+    record = {"format": backends.RECORD_FORMAT, "model_sha256": sha or file_sha256(model),
+              "backends": {n: {"img_s": s, "accepted": accepted[n]} for n, s in speeds.items()}}
+    backends.backend_record_path(model).write_text(json.dumps(record))
+
+
+@requires_openvino
+def test_auto_follows_the_record_of_this_exact_file_and_the_cpu(small_ckpt, monkeypatch):
+    fast = {"onnx": 100.0, "openvino": 200.0, "openvino-bf16": 400.0}
+    _fake_record(small_ckpt, fast, {"onnx": True, "openvino": True, "openvino-bf16": True})
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: True)
+    assert backends.choose_backend("auto", "cpu", small_ckpt) == "openvino-bf16"
+    if HAVE_BF16:  # compiling for bf16 needs the real thing
+        assert Predictor(small_ckpt, device="cpu").backend == "openvino-bf16"
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)  # bf16 only where the CPU has it
+    assert Predictor(small_ckpt, device="cpu").backend == "openvino"
+    assert backends.choose_backend("auto", "cuda", small_ckpt) == "torch"  # a GPU keeps PyTorch
+    # Refused engines, and engines the check measured slower than onnxruntime, are never chosen.
+    _fake_record(small_ckpt, fast, {"onnx": True, "openvino": False, "openvino-bf16": False})
+    assert Predictor(small_ckpt, device="cpu").backend == "onnx"
+    _fake_record(small_ckpt, {"onnx": 100.0, "openvino": 80.0}, {"onnx": True, "openvino": True})
+    assert Predictor(small_ckpt, device="cpu").backend == "onnx"
+    # A record made for another file's bytes is ignored.
+    _fake_record(small_ckpt, fast, {"onnx": True, "openvino": True, "openvino-bf16": True}, sha="0" * 64)
+    assert Predictor(small_ckpt, device="cpu").backend == "onnx"
+
+
+def test_a_damaged_record_is_ignored_with_a_note(small_ckpt, capsys):
+    backends.backend_record_path(small_ckpt).write_text("{not json")
+    assert Predictor(small_ckpt, device="cpu").backend == "onnx"
+    assert "unreadable backend record" in capsys.readouterr().err
+
+
+@requires_openvino
+def test_auto_falls_back_to_onnxruntime_when_openvino_fails_here(small_ckpt, monkeypatch, capsys):
+    from bonexray.errors import CheckpointError
+    from bonexray.inference import openvino_engine
+
+    _fake_record(small_ckpt, {"onnx": 100.0, "openvino": 200.0}, {"onnx": True, "openvino": True})
+
+    def broken(path, *a, **k):
+        raise openvino_engine.OpenVinoCompileError(f"{path}: OpenVINO cannot compile this ONNX model (test)")
+
+    monkeypatch.setattr(openvino_engine, "OpenVinoSession", broken)
+    pr = Predictor(small_ckpt, device="cpu")
+    assert pr.backend == "onnx" and pr.session is not None
+    assert "running it on onnxruntime" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="cannot compile"):
+        Predictor(small_ckpt, device="cpu", backend="openvino")
+
+
+def test_explicit_unavailable_backend_is_one_line_exit_2(small_ckpt, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(radiograph_like(3)).save(img)
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
+    assert main(["predict", str(small_ckpt), str(img), "--backend", "openvino-bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backend openvino-bf16" in err[0] and "no native bfloat16" in err[0]
+    monkeypatch.setattr(backends, "openvino_version", lambda: None)
+    assert main(["predict", str(small_ckpt), str(img), "--backend", "openvino"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OpenVINO is not installed" in err[0]
+
+
+@requires_openvino
+def test_backend_check_writes_the_record_that_auto_reads(small_ckpt, tmp_path, monkeypatch):
+    from builders import make_manifest
+
+    from bonexray.inference.backend_check import check_backends, format_record, write_record
+    from bonexray.model.hub import file_sha256
+
+    data = make_manifest(tmp_path / "data", n=16, parts=("hand", "leg", "shoulder"))
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)  # the same test on every CPU: float32 only
+    record = check_backends(small_ckpt, data, split="all", batch=4, rounds=1)
+    assert record["model_sha256"] == file_sha256(small_ckpt) and record["data"]["split"] == "all"
+    rows = record["backends"]
+    assert list(rows) == ["onnx", "openvino", "openvino-bf16"]
+    assert rows["onnx"]["accepted"] and rows["onnx"]["auroc_delta"] == 0
+    assert rows["openvino-bf16"] == {"accepted": False, "why": rows["openvino-bf16"]["why"]}
+    assert "no native bfloat16" in rows["openvino-bf16"]["why"]
+    ov = rows["openvino"]
+    assert ov["max_abs_prob_delta"] <= PROB_TOL and ov["verdict_changes"] == 0 and ov["accepted"] is True
+    assert ov["img_s"] > 0 and record["machine"]["cpu"] and record["versions"]["openvino"]
+    assert "openvino" in format_record(record)
+    path = write_record(small_ckpt, record)
+    assert path == small_ckpt.with_name("best.ckpt.backends.json")
+    expected = "openvino" if ov["img_s"] > rows["onnx"]["img_s"] else "onnx"  # the faster, as measured
+    assert Predictor(small_ckpt, device="cpu").backend == expected
+    # A tolerance nothing can meet (below zero) refuses OpenVINO, and auto stays on onnxruntime.
+    strict = check_backends(small_ckpt, data, split="all", batch=4, rounds=1, prob_tolerance=-1.0,
+                            candidates=("openvino",))
+    refused = strict["backends"]["openvino"]
+    assert refused["accepted"] is False and "max |prob delta|" in refused["why"]
+    write_record(small_ckpt, strict)
+    assert Predictor(small_ckpt, device="cpu").backend == "onnx"
+
+
+def test_cpu_bf16_detection_reads_the_flags(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert backends.cpu_has_bf16() is False
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert backends.cpu_has_bf16() is True

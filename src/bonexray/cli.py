@@ -13,6 +13,7 @@ import warnings
 
 from . import __version__
 from .errors import BonexrayError, BonexrayWarning
+from .inference.backends import BACKENDS
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -149,9 +150,11 @@ def cmd_pacs(args: argparse.Namespace) -> int:
                       quiet_seconds=args.quiet_seconds, device=args.device, backend=args.backend)
 
 
-BACKEND_HELP = ("engine for a checkpoint: 'auto' (default) runs it through onnxruntime on CPU (exported once, "
-                "cached beside the checkpoint as NAME.<sha256>.onnx) and through PyTorch on a GPU; 'torch' or 'onnx' "
-                "choose explicitly. --cam always uses the PyTorch network")
+BACKEND_HELP = ("engine: 'auto' (default) on CPU runs the model's ONNX export (made once, cached beside a checkpoint "
+                "as NAME.<sha256>.onnx) on the fastest engine that the model's backend record (MODEL.backends.json, "
+                "written by bench/backends.py for that exact file) accepts and this machine has, else onnxruntime "
+                "float32; on a GPU, PyTorch. 'torch', 'onnx' (onnxruntime), 'openvino' (float32) and 'openvino-bf16' "
+                "(CPUs with AVX-512 BF16 or AMX) choose explicitly. --cam always uses the PyTorch network")
 
 
 def _add_process_arguments(p: argparse.ArgumentParser) -> None:
@@ -217,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: 'flip' averages each image with its mirror; the threshold is then "
                         "re-chosen on the run's valid split under the same TTA, except for train+valid fits (default none)")
-    e.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
+    e.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     e.add_argument("--map-body-part", action="append", default=[], metavar="DATA=MODEL",
                    help="map a dataset body part onto a model class (repeatable)")
     _add_process_arguments(e)
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tta", choices=["none", "flip"], default="none",
                     help="'flip' averages each image with its mirror (twice the compute); decisions still use "
                          "the checkpoint's threshold")
-    pr.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
+    pr.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     _add_process_arguments(pr)
     pr.add_argument("--no-scope-check", action="store_true", help=NO_SCOPE_HELP)
     pr.set_defaults(func=cmd_predict)
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--password", default=None, help="its password (default: $BONEXRAY_PACS_PASSWORD)")
     an.add_argument("--dry-run", action="store_true", help="analyse and build the results, store nothing")
     an.add_argument("--device", default="auto")
-    an.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
+    an.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     an.set_defaults(func=cmd_pacs)
     li = pas.add_parser("listen", help="DICOM storage SCP: analyse each study pushed to it, C-STORE the results on",
                         description="Receive instances by C-STORE, analyse a study once no instance of it has "
@@ -321,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--quiet-seconds", type=float, default=5.0,
                     help="a study is complete when nothing of it arrived for this long (default 5)")
     li.add_argument("--device", default="auto")
-    li.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help=BACKEND_HELP)
+    li.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     li.set_defaults(func=cmd_pacs)
     return p
 

@@ -300,9 +300,11 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         metrics["localization"] = _localization(chosen, found[0], predictor.image_size, n_bootstrap)
     info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
             "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
-            "image_size": predictor.image_size, "skipped_unreadable": len(skipped)}
+            "image_size": predictor.image_size, "skipped_unreadable": len(skipped),
+            # The engine that ran (an ensemble: each member's), e.g. openvino-bf16 chosen by --backend auto.
+            "backend": ", ".join(m.backend for m in getattr(predictor, "members", [predictor]))}
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
-                                         "skipped_unreadable")})
+                                         "skipped_unreadable", "backend")})
 
     results.mkdir(parents=True, exist_ok=True)
     text_cols = [c for c in table.columns if table[c].dtype == object]
@@ -326,7 +328,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         return "n/a" if x is None else f"{x:.3f}"
 
     return (f"evaluated {metrics['n_images']} images / {metrics['n_studies']} studies ({split}; {how}) "
-            f"in {time.perf_counter() - t0:.1f}s\n"
+            f"in {time.perf_counter() - t0:.1f}s on {info['backend']}\n"
             f"  abnormality image: AUROC {f(m_img['auroc'])}  acc {f(m_img['accuracy'])}  "
             f"sens {f(m_img['recall'])}  spec {f(m_img['specificity'])}  kappa {f(m_img['kappa'])}\n"
             f"  abnormality study: AUROC {f(m_study['auroc'])}  kappa {f(m_study['kappa'])}\n"

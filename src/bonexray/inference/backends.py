@@ -1,16 +1,22 @@
-"""Which engine runs a checkpoint: PyTorch, or its ONNX export in onnxruntime (faster on CPU).
+"""Which engine runs a model: PyTorch, or its ONNX export in onnxruntime or OpenVINO (faster on CPU).
 
-``--backend auto`` (the default) runs a checkpoint on the CPU through onnxruntime: the export is
-made once and cached beside the checkpoint as ``<name>.<digest>.onnx``, where the digest is the
-SHA-256 of the checkpoint's bytes, so a retrained or edited checkpoint never reuses a stale graph.
-Where that folder is not writable the export goes to the per-user cache
-(``$BONEXRAY_CACHE/onnx``, default ``~/.cache/bonexray/onnx``), and where that fails too it is
-made in a temporary folder, loaded into memory and deleted. On a GPU, ``auto`` keeps PyTorch.
-``bench/inference.py`` measures the engines against plain eager PyTorch.
+A checkpoint runs on an ONNX engine through its export, made once and cached beside the checkpoint
+as ``<name>.<digest>.onnx``, where the digest is the SHA-256 of the checkpoint's bytes, so a
+retrained or edited checkpoint never reuses a stale graph. Where that folder is not writable the
+export goes to the per-user cache (``$BONEXRAY_CACHE/onnx``, default ``~/.cache/bonexray/onnx``), and
+where that fails too it is made in a temporary folder, loaded into memory and deleted.
+
+Engines: ``onnx`` (onnxruntime, float32), ``openvino`` (OpenVINO, float32) and ``openvino-bf16``
+(OpenVINO computing in bfloat16; only on CPUs with AVX-512 BF16 or AMX). ``--backend auto`` (the
+default) on CPU runs the fastest engine that the model's backend record
+(``inference/backend_check.py``: ``<model>.backends.json``, written by ``bench/backends.py`` for that
+exact file's SHA-256) accepts and this machine has; without a record it stays on onnxruntime float32.
+On a GPU, ``auto`` keeps PyTorch. ``bench/inference.py`` measures the engines against eager PyTorch.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -18,7 +24,13 @@ from pathlib import Path
 
 from ..errors import BonexrayError
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "openvino", "openvino-bf16")
+#: Engines that run an ONNX graph (a checkpoint's cached export, or the user's .onnx file).
+ONNX_ENGINES = ("onnx", "openvino", "openvino-bf16")
+#: CPU flags (``/proc/cpuinfo``) that give native bfloat16 arithmetic.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: The backend record's format tag (inference/backend_check.py writes it; :func:`accepted_backends` reads it).
+RECORD_FORMAT = "bonexray-backends-1"
 #: Part of the cache key: bump when the export itself changes (opset, graph), so old files are not reused.
 EXPORT_FORMAT = "bonexray-onnx-3"  # 2: graph SHA-256 in the metadata; 3: embedding and box outputs
 DIGEST_CHARS = 16
@@ -51,19 +63,113 @@ def ort_session_options(threads: int | None = None):
     return opts
 
 
-def choose_backend(backend: str, device: str) -> str:
-    """``auto`` -> ``onnx`` on CPU when onnxruntime is installed, else ``torch``; explicit names pass."""
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this machine's CPU (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 on this CPU (AVX-512 BF16 or AMX): the one test every bf16 path uses."""
+    return any(f in cpu_flags() for f in BF16_FLAGS)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def openvino_version() -> str | None:
+    """OpenVINO's version, or None when it is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__
+
+
+def backend_unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None when it can."""
+    if backend in ("openvino", "openvino-bf16") and openvino_version() is None:
+        return "OpenVINO is not installed (pip install openvino)"
+    if backend == "openvino-bf16" and not cpu_has_bf16():
+        return f"this CPU ({cpu_model()}) has no native bfloat16 (none of the flags {', '.join(BF16_FLAGS)})"
+    if backend == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed"
+    return None
+
+
+def choose_backend(backend: str, device: str, model: str | os.PathLike | None = None) -> str:
+    """The engine that runs ``model``: explicit names pass (after checking this machine has them); ``auto``
+    -> torch on a GPU; on CPU the fastest engine that ``model``'s backend record accepts and this machine
+    has (:func:`bonexray.inference.backend_check.accepted_backends`), else ``onnx`` (else ``torch``)."""
     if backend not in BACKENDS:
         raise BonexrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
+        if backend.startswith("openvino") and str(device).startswith("cuda"):
+            raise BonexrayError(f"--backend {backend} runs on the CPU; use --device cpu (or --backend torch on a GPU)")
+        why = backend_unavailable(backend)
+        if why is not None:
+            raise BonexrayError(f"--backend {backend}: {why}")
         return backend
     if str(device).startswith("cuda"):
         return "torch"
+    if model is not None:
+        for name in accepted_backends(model):  # fastest first, as measured by the check
+            if backend_unavailable(name) is None:
+                return name
+    return "onnx" if backend_unavailable("onnx") is None else "torch"
+
+
+def backend_record_path(model: str | os.PathLike) -> Path:
+    """Where the backend check's verdict for ``model`` lives: ``<model file>.backends.json`` beside it."""
+    return Path(f"{model}.backends.json")
+
+
+def read_backend_record(model: str | os.PathLike) -> dict | None:
+    """The backend record of ``model`` when there is one *for these exact bytes* (its ``model_sha256`` is the
+    file's SHA-256); None otherwise. A record that cannot be read is ignored with a note."""
+    from ..model.hub import file_sha256
+
+    path = backend_record_path(model)
+    if not path.is_file():
+        return None
     try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "onnx"
+        record = json.loads(path.read_text())
+        if record.get("format") != RECORD_FORMAT:
+            raise ValueError(f"format {record.get('format')!r}, want {RECORD_FORMAT!r}")
+    except (OSError, ValueError, AttributeError) as err:
+        warn(f"{path}: unreadable backend record ({err}); ignored")
+        return None
+    return record if record.get("model_sha256") == file_sha256(model) else None
+
+
+def accepted_backends(model: str | os.PathLike) -> list[str]:
+    """The engines ``model``'s record accepts, fastest first as its check measured them (the float32
+    onnxruntime reference among them); [] without a record for this file."""
+    record = read_backend_record(model)
+    if record is None:
+        return []
+    rows = record.get("backends") or {}
+    ok = [(float(r.get("img_s") or 0.0), name) for name, r in rows.items()
+          if name in ONNX_ENGINES and r.get("accepted") is True]
+    return [name for _, name in sorted(ok, reverse=True)]
 
 
 def checkpoint_digest(path: str | os.PathLike) -> str:

@@ -125,9 +125,10 @@ def onnx_graph_sha256(model) -> str:
     return h.hexdigest()
 
 
-def verify_onnx_integrity(path: Path, require_hash: bool = False) -> None:
+def verify_onnx_integrity(path: Path, require_hash: bool = False) -> dict[str, str]:
     """Refuse an ONNX file whose graph or model card does not match the SHA-256 recorded at export
-    (``require_hash``: also one that records none, e.g. bonexray's own cached exports, which always do)."""
+    (``require_hash``: also one that records none, e.g. bonexray's own cached exports, which always do).
+    Returns the file's metadata (``metadata_props``: the model card among them)."""
     import onnx
 
     try:
@@ -135,16 +136,18 @@ def verify_onnx_integrity(path: Path, require_hash: bool = False) -> None:
     except Exception as err:  # noqa: BLE001 - protobuf DecodeError and friends
         first = " ".join(str(err).split())[:160] or type(err).__name__
         raise CheckpointError(f"{path}: corrupt ONNX model (cannot be parsed: {first})") from err
-    recorded = {p.key: p.value for p in model.metadata_props}.get(ONNX_HASH_KEY)
+    meta = {p.key: p.value for p in model.metadata_props}
+    recorded = meta.get(ONNX_HASH_KEY)
     if recorded is None:
         if require_hash:
             raise CheckpointError(f"{path}: corrupt ONNX model (no graph SHA-256 recorded)")
-        if any(p.key == ONNX_CARD_KEY for p in model.metadata_props):
+        if ONNX_CARD_KEY in meta:
             warnings.warn(f"{path}: no graph SHA-256 recorded (exported before bonexray recorded one); "
                           "loaded without an integrity check", BonexrayWarning, stacklevel=3)
-        return
+        return meta
     if onnx_graph_sha256(model) != recorded:
         raise CheckpointError(f"{path}: corrupt ONNX model (weights do not match their recorded SHA-256)")
+    return meta
 
 
 def _check_parity(path: Path, graph, names: list[str], x) -> None:

@@ -1,5 +1,5 @@
 """Model backends behind one interface: :class:`Predictor` (a checkpoint on torch or its cached ONNX
-export, or an ONNX file on onnxruntime) and :class:`Ensemble` (several, probabilities averaged).
+export, or an ONNX file, on onnxruntime or OpenVINO) and :class:`Ensemble` (several, probabilities averaged).
 
 Both engines return *logits*; the probabilities are computed here by the same numpy code, so a
 checkpoint and its export give the same answers. Used by predict, evaluate, serve and the Python API.
@@ -78,21 +78,22 @@ def decode_output_boxes(out: dict[str, np.ndarray], settings) -> list[np.ndarray
 
 
 class Predictor:
-    """A loaded model: a checkpoint (torch, or its cached ONNX export) or an ONNX file (onnxruntime).
+    """A loaded model: a checkpoint (torch, or its cached ONNX export) or an ONNX file.
 
     ``model``: a file, or a bundled model's name (model/hub.py ``resolve_model``; None = the default).
     ``predict_arrays(uint8 (N, S, S))`` -> ``(prob_abnormal (N,), body_part_probs (N, K))`` with
     S = ``card.image_size``; the arrays are what :func:`load_for_model` returns. ``backend``
-    (``auto``, ``torch``, ``onnx``; see :mod:`bonexray.inference.backends`) picks the engine for a
-    checkpoint; ``self.backend`` says which one runs. ``net`` (the torch network, for CAMs) is
-    loaded on first use when a checkpoint runs on onnxruntime. ``threads``: onnxruntime's intra-op
-    threads (default one per physical core; several processes on one machine share the cores).
+    (``auto``, ``torch``, ``onnx``, ``openvino``, ``openvino-bf16``; see
+    :mod:`bonexray.inference.backends`) picks the engine; ``self.backend`` says which one runs.
+    ``net`` (the torch network, for CAMs) is loaded on first use when a checkpoint runs on an ONNX
+    engine. ``threads``: the ONNX engine's threads (default one per physical core; several processes
+    on one machine share the cores).
     """
 
     def __init__(self, model: str | os.PathLike | None, device: str = "auto", tta: str = "none",
                  backend: str = "auto", threads: int | None = None) -> None:
         from ..model.hub import resolve_model
-        from .backends import BACKENDS, choose_backend, exported_onnx, warn
+        from .backends import BACKENDS, ONNX_ENGINES, choose_backend, exported_onnx, warn
 
         if tta not in TTA_MODES:
             raise BonexrayError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
@@ -106,25 +107,28 @@ class Predictor:
         if is_onnx_file(self.path):
             if backend == "torch":
                 raise BonexrayError(f"{self.path}: --backend torch needs a checkpoint (.ckpt), not an ONNX file")
-            self.backend = "onnx"
+            # On a GPU, auto keeps an ONNX file on onnxruntime (its CUDA provider); _load_onnx says when
+            # onnxruntime is missing.
+            chosen = choose_backend(backend, _onnx_device(device), self.path)
+            self.backend = "onnx" if chosen == "torch" else chosen
         else:
             self.checkpoint = self.path
-            self.backend = choose_backend(backend, resolve_device(device))
-        if self.backend == "onnx":
+            self.backend = choose_backend(backend, resolve_device(device), self.path)
+        if self.backend in ONNX_ENGINES:
             onnx_path, exported = self.path, None
             if self.checkpoint is not None:
                 try:
                     exported = exported_onnx(self.checkpoint)
                 except BonexrayError as err:
-                    if backend == "onnx" or isinstance(err, CheckpointError):
+                    if backend != "auto" or isinstance(err, CheckpointError):
                         raise
                     warn(f"{self.path}: ONNX export failed ({err}); running it with PyTorch")
                     self.backend = "torch"
                 else:
                     onnx_path = exported.path
-            if self.backend == "onnx":
+            if self.backend in ONNX_ENGINES:
                 try:
-                    self.card, self.session = _load_onnx(onnx_path, device, threads)
+                    self.card, self.session = self._load_engine(onnx_path, device, threads, chosen_by_auto=backend == "auto")
                 finally:
                     if exported is not None:
                         exported.discard()
@@ -132,6 +136,24 @@ class Predictor:
         if self.backend == "torch":
             self.device = resolve_device(device)
             self.net, self.card = self._load_net()
+
+    def _load_engine(self, onnx_path: Path, device: str, threads: int | None, chosen_by_auto: bool):
+        """(card, session) on ``self.backend``; an OpenVINO engine that ``auto`` chose but that fails to
+        compile here falls back to onnxruntime with a note (an explicit choice fails with one line)."""
+        from .backends import warn
+
+        if self.backend == "onnx":
+            return _load_onnx(onnx_path, device, threads)
+        from .openvino_engine import OpenVinoCompileError
+
+        try:
+            return _load_onnx(onnx_path, "cpu", threads, engine=self.backend)
+        except OpenVinoCompileError as err:  # a damaged file is not retried: it fails on every engine
+            if not chosen_by_auto:
+                raise
+            warn(f"{err}; running it on onnxruntime")
+            self.backend = "onnx"
+            return _load_onnx(onnx_path, device, threads)
 
     def _load_net(self):
         from ..model.checkpoint import load_model
@@ -299,20 +321,35 @@ class Ensemble:
                                preds[0].embedding, found)
 
 
-def _load_onnx(path: Path, device: str, threads: int | None = None):
-    from ..model.checkpoint import ModelCard
+def _onnx_device(device: str | None) -> str:
+    """Where an ONNX file runs: ``auto`` -> cuda when onnxruntime has its CUDA provider, else cpu."""
+    if device not in (None, "", "auto"):
+        return str(device)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "cpu"
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
+
+def _load_onnx(path: Path, device: str, threads: int | None = None, engine: str = "onnx"):
+    """(card, session) for an ONNX file on ``engine``: ``onnx`` (onnxruntime) or an OpenVINO engine
+    (inference/openvino_engine.py, the same session interface); the card is checked against the graph."""
     if not path.exists():
         raise CheckpointError(f"{path}: model file not found")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    from .export import verify_onnx_integrity
+
+    metadata = verify_onnx_integrity(path)
+    if engine != "onnx":
+        from .openvino_engine import PRECISIONS, OpenVinoSession
+
+        return _card_of_session(path, OpenVinoSession(path, PRECISIONS[engine], threads, metadata))
     try:
         import onnxruntime as ort
     except ImportError as err:  # a declared dependency, but say so clearly
         raise CheckpointError(f"{path}: ONNX model, but onnxruntime is not installed") from err
-    from .export import verify_onnx_integrity
-
-    verify_onnx_integrity(path)
     providers = ["CPUExecutionProvider"]
     if device not in ("cpu",) and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -326,6 +363,13 @@ def _load_onnx(path: Path, device: str, threads: int | None = None):
     except Exception as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(f"{path}: not a readable ONNX model ({first})") from err
+    return _card_of_session(path, session)
+
+
+def _card_of_session(path: Path, session):
+    """The model card in an ONNX session's metadata, checked against its signature and graph."""
+    from ..model.checkpoint import ModelCard
+
     meta = session.get_modelmeta().custom_metadata_map
     if ONNX_CARD_KEY not in meta:
         raise CheckpointError(f"{path}: ONNX file has no bonexray model card (not made by `bonexray export`?)")
