@@ -234,6 +234,9 @@ def test_auto_follows_the_record_of_this_exact_file_and_the_cpu(small_ckpt, monk
     assert Predictor(small_ckpt, device="cpu").backend == "onnx"
     _fake_record(small_ckpt, {"onnx": 100.0, "openvino": 80.0}, {"onnx": True, "openvino": True})
     assert Predictor(small_ckpt, device="cpu").backend == "onnx"
+    # Nor one whose gain would not pay OpenVINO's compile time on every load.
+    _fake_record(small_ckpt, {"onnx": 100.0, "openvino": 100.0 * backends.MIN_SPEEDUP - 1}, {"onnx": True, "openvino": True})
+    assert Predictor(small_ckpt, device="cpu").backend == "onnx"
     # A record made for another file's bytes is ignored.
     _fake_record(small_ckpt, fast, {"onnx": True, "openvino": True, "openvino-bf16": True}, sha="0" * 64)
     assert Predictor(small_ckpt, device="cpu").backend == "onnx"
@@ -312,7 +315,10 @@ def test_backend_check_writes_the_record_that_auto_reads(small_ckpt, tmp_path, m
 
 
 def test_cpu_bf16_detection_reads_the_flags(monkeypatch):
-    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "avx512f"})
+    from bonexray import hardware
+
+    assert backends.cpu_has_bf16 is hardware.cpu_has_bf16  # one definition for training and inference
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f"})
     assert backends.cpu_has_bf16() is False
-    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     assert backends.cpu_has_bf16() is True

@@ -152,7 +152,8 @@ def cmd_pacs(args: argparse.Namespace) -> int:
 
 BACKEND_HELP = ("engine: 'auto' (default) on CPU runs the model's ONNX export (made once, cached beside a checkpoint "
                 "as NAME.<sha256>.onnx) on the fastest engine that the model's backend record (MODEL.backends.json, "
-                "written by bench/backends.py for that exact file) accepts and this machine has, else onnxruntime "
+                "written by bench/backends.py for that exact file) accepts and this machine has (another engine only "
+                "when measured >= 1.25x faster), else onnxruntime "
                 "float32; on a GPU, PyTorch. 'torch', 'onnx' (onnxruntime), 'openvino' (float32) and 'openvino-bf16' "
                 "(CPUs with AVX-512 BF16 or AMX) choose explicitly. --cam always uses the PyTorch network")
 
