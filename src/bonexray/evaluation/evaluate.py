@@ -174,7 +174,7 @@ def _same_split(predictor, checkpoints: Sequence[Path]) -> Path | None:
 
 
 def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "test", out: str = "results",
-                   batch_size: int = 64, device: str = "auto", n_bootstrap: int = 1000,
+                   batch_size: int = 16, device: str = "auto", n_bootstrap: int = 1000,
                    body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
                    tta: str = "none", splits: str | None = None, backend: str = "auto", devices: str | int = 1,
                    num_nodes: int = 1, strategy: str = "ddp") -> str | None:
