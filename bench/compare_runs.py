@@ -22,7 +22,13 @@ def load(folder: str) -> pd.DataFrame:
         df = pd.read_csv(f"{folder}/predictions.csv")
     except OSError as err:
         sys.exit(f"{folder}: no predictions.csv ({err.strerror}); give a `bonexray evaluate --out` folder")
-    return df.set_index("path")[["study_id", "abnormal", "prob_abnormal"]]
+    except (ValueError, pd.errors.ParserError) as err:
+        sys.exit(f"{folder}/predictions.csv: not a readable table ({err})")
+    wanted = ["path", "study_id", "abnormal", "prob_abnormal"]
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        sys.exit(f"{folder}/predictions.csv: no column {', '.join(missing)}; give a `bonexray evaluate --out` folder")
+    return df.set_index("path")[wanted[1:]]
 
 
 def main() -> int:

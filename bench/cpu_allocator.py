@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -107,18 +106,10 @@ def _worker(backbone: str, size: int, batch: int, steps: int, setting: dict) -> 
 
 
 def cpu_line() -> str:
-    model, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(shown) or 'n/a'}"
+    from bonexray.hardware import cpu_flags, cpu_model
+
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, flags: {' '.join(shown) or 'n/a'}"
 
 
 def main() -> None:

@@ -156,3 +156,24 @@ def test_scale_bench_judges_the_targets():
     assert v["time_per_image_change"] == pytest.approx(0.30) and not v["time_target_met"]
     assert v["rss_growth_mb"] == 1100 and not v["rss_flat"] and v["rss_under_2gb"] and v["holds_all_images"]
     assert v["marginal_s_per_image"] == pytest.approx(42.0 / 3000) and v["startup_s"] == pytest.approx(10 - 14.0)
+
+
+def test_scale_bench_judges_linearity_by_the_marginal_cost_and_training_without_start_up():
+    """Three sizes: the cost of one more image over the lower pair of sizes against the upper pair; the
+    train row (start-up plus fixed steps) gets no time verdict, its "train steps" row does."""
+    scale = _load("scale")
+
+    def row(stage, n, items, seconds):
+        return {"n": n, "stage": stage, "items": items, "seconds": seconds, "s_per_image": seconds / items,
+                "peak_rss_mb": 900, "peak_tree_rss_mb": 900, "peak_tree_anon_mb": 600}
+
+    # evaluate: 10 s start-up + 5 ms per image up to 10k, then 8 ms per image: not linear.
+    rows = [row("evaluate", 2000, 2000, 20.0), row("evaluate", 10000, 10000, 60.0), row("evaluate", 40000, 40000, 300.0)]
+    rows += [row("predict", n, n, 10.0 + 0.006 * n) for n in (2000, 10000, 40000)]
+    rows += [row("train", n, 64, 10.0 + n / 4000) for n in (2000, 10000, 40000)]
+    rows += [row("train steps", n, 320, s) for n, s in ((2000, 8.2), (10000, 8.0), (40000, 7.8))]
+    v = {x["stage"]: x for x in scale.judge(rows)}
+    assert v["evaluate"]["marginal_change"] == pytest.approx(0.008 / 0.005 - 1) and not v["evaluate"]["marginal_target_met"]
+    assert v["predict"]["marginal_change"] == pytest.approx(0.0) and v["predict"]["marginal_target_met"]
+    assert v["train"]["time_target_met"] is None  # start-up grows with N: judged on "train steps"
+    assert v["train steps"]["time_target_met"] and v["train steps"]["time_per_image_change"] == pytest.approx(0.4 / 8.2)

@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run's splits.csv to take the split from (checked against the model card)")
     e.add_argument("--out", required=True, help="results folder")
     e.add_argument("--cache", default=None, help="preprocessed cache folder (default: per-user cache)")
-    e.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16: larger batches grow onnxruntime's memory arena, not the speed; bench/RESULTS.md, Scale)")
+    e.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16: batch 64 needs about 0.6 GB more memory for onnxruntime's "
+                        "arena; bench/RESULTS.md, Scale)")
     e.add_argument("--device", default="auto")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
     e.add_argument("--tta", choices=["none", "flip"], default="none",

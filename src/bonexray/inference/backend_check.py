@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BonexrayError
-from .backends import (ONNX_ENGINES, RECORD_FORMAT, backend_record_path, backend_unavailable, cpu_flags, cpu_model,
-                       openvino_version, physical_cores)
+from .backends import (MIN_SPEEDUP, ONNX_ENGINES, RECORD_FORMAT, backend_record_path, backend_unavailable, cpu_flags,
+                       cpu_model, openvino_version, physical_cores, ranked_engines)
 
 #: Accepted: test AUROC within this of float32 onnxruntime's (the project's rule for any faster path).
 AUROC_TOLERANCE = 0.005
@@ -92,7 +92,18 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
 
     path = resolve_model(model)
     threads = threads or physical_cores()
-    ref = Predictor(path, device="cpu", backend=REFERENCE, threads=threads)
+    load_s: dict[str, float] = {}
+
+    def load(name: str):
+        # What every start pays (integrity check, session or OpenVINO compilation): the second of two
+        # loads, so the first's one-time costs (imports, the ONNX export) do not count against one engine.
+        Predictor(path, device="cpu", backend=name, threads=threads)
+        t = time.perf_counter()
+        predictor = Predictor(path, device="cpu", backend=name, threads=threads)
+        load_s[name] = time.perf_counter() - t
+        return predictor
+
+    ref = load(REFERENCE)
     tiles, labels, how = split_tiles(path, data, split, ref.image_size, ref.card.split, progress)
     if len(set(labels.tolist())) < 2:
         raise BonexrayError(f"{data}: split {split!r} has only one class; the AUROC check needs both")
@@ -106,7 +117,7 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
         if why is not None:
             rows[name] = {"accepted": False, "why": f"not measured: {why}"}
             continue
-        predictors[name] = Predictor(path, device="cpu", backend=name, threads=threads)
+        predictors[name] = load(name)
     probs = {name: _probabilities(p, tiles, batch) for name, p in predictors.items()}
     if not all(np.isfinite(v).all() for v in probs.values()):
         raise BonexrayError(f"{path}: the model's output is not a finite number (NaN/inf) on some images; no check")
@@ -116,7 +127,7 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
     for name, p in probs.items():
         dp = np.abs(p - probs[REFERENCE])
         auroc = float(roc_auc_score(labels, p))
-        row = {"img_s": round(speeds[name], 1), "auroc": round(auroc, 5), "auroc_delta": round(auroc - ref_auroc, 5),
+        row = {"img_s": round(speeds[name], 1), "load_s": round(load_s[name], 2), "auroc": round(auroc, 5), "auroc_delta": round(auroc - ref_auroc, 5),
                "max_abs_prob_delta": float(f"{dp.max():.3g}"), "p99_abs_prob_delta": float(f"{np.quantile(dp, 0.99):.3g}"),
                "verdict_changes": int(((p >= threshold) != (probs[REFERENCE] >= threshold)).sum())}
         if name == REFERENCE:
@@ -183,13 +194,16 @@ def format_record(record: dict) -> str:
     lines = [f"{record['model']} on {record['data']['name']} {record['data']['split']} "
              f"({record['data']['images']} images, {record['data']['abnormal']} abnormal); batch {record['batch']}, "
              f"{record['machine']['threads']} threads; CPU {record['machine']['cpu']}",
-             f"  {'backend':14s} {'img/s':>7s} {'AUROC':>7s} {'dAUROC':>8s} {'max|dp|':>8s} {'p99|dp|':>8s} "
-             f"{'flips':>5s}  verdict"]
+             f"  {'backend':14s} {'img/s':>7s} {'load s':>6s} {'AUROC':>7s} {'dAUROC':>8s} {'max|dp|':>8s} "
+             f"{'p99|dp|':>8s} {'flips':>5s}  verdict"]
     for name, r in record["backends"].items():
         if "img_s" not in r:
             lines.append(f"  {name:14s} {r['why']}")
             continue
-        lines.append(f"  {name:14s} {r['img_s']:7.1f} {r['auroc']:7.4f} {r['auroc_delta']:+8.4f} "
+        lines.append(f"  {name:14s} {r['img_s']:7.1f} {r.get('load_s', float('nan')):6.1f} {r['auroc']:7.4f} {r['auroc_delta']:+8.4f} "
                      f"{r['max_abs_prob_delta']:8.2g} {r['p99_abs_prob_delta']:8.2g} {r['verdict_changes']:5d}  "
                      f"{'accepted' if r['accepted'] else 'refused'}: {r['why']}")
+    ranked = ranked_engines(record)
+    lines.append(f"--backend auto runs {ranked[0] if ranked else REFERENCE} (accepted engines other than {REFERENCE} "
+                 f"only when at least x{MIN_SPEEDUP} its images/s; bf16 only on a CPU with bf16)")
     return "\n".join(lines)

@@ -7,9 +7,9 @@ It reads the same ONNX file as onnxruntime (a checkpoint's cached export or the 
 compiles it for the CPU with ``INFERENCE_PRECISION_HINT`` f32 or bf16, one thread per physical core
 (or ``threads``), ``PERFORMANCE_HINT`` LATENCY (one batch at a time, as predict and evaluate run).
 The graph keeps its dynamic batch dimension: one compilation serves every batch size (the last,
-smaller batch too). Compiling costs seconds (about 11 s for the bundled 320-px EfficientNet-Lite0 on
-the shared 2-core machine), so a compilation per batch shape would add that for each new size;
-``bench/inference.py`` times this engine (row c) against a static-shape compilation (row f).
+smaller batch too). Compiling costs seconds (``bench/backends.py`` records it as ``load_s``), so a
+compilation per batch shape would add that for each new size; ``bench/inference.py`` times this
+engine against a static-shape compilation (row f).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class OpenVinoSession:
     def __init__(self, path: Path, precision: str, threads: int | None, metadata: dict) -> None:
         import openvino as ov
 
-        from .backends import physical_cores
+        from ..hardware import physical_cores
 
         self.precision = precision
         core = ov.Core()
