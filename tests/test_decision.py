@@ -1,0 +1,45 @@
+from types import SimpleNamespace
+
+import math
+import pytest
+
+from bonexray.core.decision import (OperatingPoints, calibrated, finding_state, operating_points,
+                                    worst_finding)
+
+
+def test_three_states_at_the_two_operating_points():
+    pts = OperatingPoints(0.2, 0.7, "test")
+    assert finding_state(0.19, pts) == "negative"
+    assert finding_state(0.2, pts) == "suspicious"
+    assert finding_state(0.69, pts) == "suspicious"
+    assert finding_state(0.7, pts) == "positive"
+    assert finding_state(float("nan"), pts) is None
+    assert finding_state(None, pts) is None
+
+
+def test_card_without_points_falls_back_to_threshold_and_band():
+    pts = operating_points(SimpleNamespace(threshold=0.5, borderline_band=0.1, borderline_source="valid"))
+    assert (pts.suspicious, pts.definite) == pytest.approx((0.4, 0.6))
+    pts = operating_points(SimpleNamespace(threshold=0.05))
+    assert pts.suspicious == 0.0 and "default" in pts.source
+    stated = operating_points(SimpleNamespace(threshold=0.5, operating_points={"suspicious": 0.3, "definite": 0.8}))
+    assert (stated.suspicious, stated.definite) == (0.3, 0.8)
+
+
+def test_operating_points_must_be_ordered():
+    with pytest.raises(ValueError, match="suspicious <= definite"):
+        OperatingPoints(0.8, 0.3, "bad")
+
+
+def test_worst_finding_of_a_study():
+    assert worst_finding(["negative", None, "suspicious"]) == "suspicious"
+    assert worst_finding(["negative", "positive"]) == "positive"
+    assert worst_finding([None, None]) is None
+
+
+def test_temperature_scaling_keeps_the_order_and_moves_towards_half():
+    card = SimpleNamespace(calibration={"temperature": 2.0})
+    assert calibrated(0.5, card) == pytest.approx(0.5)
+    assert 0.5 < calibrated(0.9, card) < 0.9
+    assert calibrated(0.9, SimpleNamespace()) == 0.9
+    assert math.isnan(calibrated(float("nan"), card))
