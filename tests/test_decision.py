@@ -43,3 +43,16 @@ def test_temperature_scaling_keeps_the_order_and_moves_towards_half():
     assert 0.5 < calibrated(0.9, card) < 0.9
     assert calibrated(0.9, SimpleNamespace()) == 0.9
     assert math.isnan(calibrated(float("nan"), card))
+
+
+def test_model_card_refuses_bad_calibration_and_operating_points():
+    from bonexray.errors import CheckpointError
+    from bonexray.model.checkpoint import ModelCard
+
+    base = dict(backbone="efficientnet_lite0", image_size=64, body_parts=["hand", "leg"])
+    card = ModelCard(**base, calibration={"temperature": 1.5}, operating_points={"suspicious": 0.2, "definite": 0.7})
+    assert operating_points(card).definite == 0.7 and calibrated(0.9, card) < 0.9
+    with pytest.raises(CheckpointError, match="temperature"):
+        ModelCard(**base, calibration={"temperature": 0})
+    with pytest.raises(CheckpointError, match="operating_points"):
+        ModelCard(**base, operating_points={"suspicious": 0.8, "definite": 0.2})

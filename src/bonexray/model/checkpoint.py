@@ -82,6 +82,12 @@ class ModelCard:
     #: Half-width of the "borderline" band around ``threshold`` and how it was set; None: the stated default.
     borderline_band: float | None = None
     borderline_source: str | None = None
+    #: Probability calibration fitted on held-out predictions (core/decision.py ``calibrated``):
+    #: {"method": "temperature", "temperature": T, "fitted_on": ...}; None: probabilities as the net gives them.
+    calibration: dict | None = None
+    #: The two operating points of the three-state finding (core/decision.py): {"suspicious": p_low,
+    #: "definite": p_high, "source": ...} on the calibrated probability; None: threshold -/+ band.
+    operating_points: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
@@ -120,6 +126,18 @@ class ModelCard:
         band = self.borderline_band
         if band is not None and not (isinstance(band, (int, float)) and math.isfinite(band) and 0.0 <= band < 0.5):
             raise CheckpointError(f"model card borderline_band {band!r} is not a probability distance in [0, 0.5)")
+        cal = self.calibration
+        if cal is not None:
+            t = cal.get("temperature") if isinstance(cal, Mapping) else None
+            if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+                raise CheckpointError(f"model card calibration {cal!r} has no positive finite temperature")
+        pts = self.operating_points
+        if pts is not None:
+            lo = pts.get("suspicious") if isinstance(pts, Mapping) else None
+            hi = pts.get("definite") if isinstance(pts, Mapping) else None
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi)) or not 0 <= lo <= hi <= 1:
+                raise CheckpointError(f"model card operating_points {pts!r} are not two probabilities with "
+                                      "suspicious <= definite")
         if self.scope is not None:
             need = ("k", "dim", "mean", "components", "variances", "residual_mean", "threshold", "far_threshold")
             lacking = [k for k in need if not isinstance(self.scope, Mapping) or k not in self.scope]
