@@ -1,4 +1,4 @@
-"""Print README results-table rows from ``bonexray evaluate`` results folders.
+"""Print results-table rows (docs/results.md) from ``bonexray evaluate`` results folders.
 
     python bench/results_row.py results/fa-r320tv-s0 results/fa-r320tv-s1 ...     # one row per folder
     python bench/results_row.py --mean results/fa-r320tv-s{0,1,2}                  # + their mean (AUROC range)
