@@ -1,47 +1,51 @@
 """``bonexray predict``: abnormality + body part for images, folders, studies and DICOM files.
 
-A MODEL is either a bonexray checkpoint (``load_model``) or an ONNX file written by
-``bonexray export`` (run with onnxruntime; the model card comes from the ONNX metadata). Both
-backends return *logits*; the probabilities are computed here, by the same numpy code for both,
-so a checkpoint and its export give the same answers.
-
-Every image goes through :func:`bonexray.data.preprocess.load_for_model`, the decode path the
-training cache uses, so predict sees exactly what training saw.
+A MODEL is either a bonexray checkpoint or an ONNX file written by ``bonexray export`` (run with
+onnxruntime; the model card comes from the ONNX metadata). Every image goes through
+:mod:`bonexray.pipeline` (one decode, the scope gate, the verdict of every front end), so predict
+gives what the Python API, ``serve`` and ``pacs`` give for the same file.
 
 Output (stdout), one record per image, in input order:
 
-* JSON lines (default): ``{"type": "image", "path", "prob_abnormal", "abnormal", "body_part",
-  "prob_<part>" for every class, "truncated"}`` (+ ``"study"`` when the image belongs to an
+* JSON lines (default): :meth:`bonexray.core.findings.ImageFinding.record`: ``{"type": "image", "path",
+  "prob_abnormal", "abnormal", "finding", "body_part", "confidence", "in_scope", "scope_reason",
+  "prob_<part>" for every class, "truncated", "boxes"}`` (+ ``"study"`` when the image belongs to an
   aggregated study, + ``"cam"`` with ``--cam``).
-* With ``--study``, or for a PATH that is a MURA-style study folder (``studyN[_positive|_negative]``), one more line per
-  study after all image lines: ``{"type": "study", "study", "n_images", "prob_abnormal"
-  (mean of its images), "abnormal", "body_part" (majority vote; ties: highest mean
-  probability), "prob_<part>" (mean)}``. A study is an image's parent folder.
+* With ``--study``, or for a PATH that is a MURA-style study folder (``studyN[_positive|_negative]``),
+  one more line per study after all image lines (:class:`bonexray.core.findings.StudyFinding`:
+  ``n_images``, ``n_out_of_scope``, ``n_assessed``, ``n_positive/suspicious/negative``,
+  ``prob_abnormal`` (mean of its in-scope images), ``abnormal``, ``finding`` (the worst),
+  ``body_part`` (majority vote; ties: highest mean probability), ``body_parts``,
+  ``mixed_body_parts``, ``prob_<part>`` (mean)). A DICOM image belongs to the study of its
+  StudyInstanceUID (the study is named by it), so a study never mixes two; any other image's study
+  is its parent folder.
 * CSV (``--format csv``): ONE table with a header, a ``type`` column (``image`` / ``study``) and
   the union of the fields above; study rows come after the image rows, empty cells where a field
-  does not apply (``path`` for studies, ``n_images`` for images). Booleans are written 1/0.
+  does not apply (``path`` for studies, ``n_images`` for images). Booleans are written 1/0, lists
+  (boxes, body_parts) as one JSON cell. File names that are not valid UTF-8 are written with each
+  undecodable byte as ``\\xNN``.
 
 Unreadable inputs (PATHs that do not exist, symlink loops, broken links, images that cannot be
 decoded, images for which the model's output is not a finite number) give one line on stderr,
 ``bonexray predict: <path>: <reason>``; the others are still predicted and the exit status is 1.
 Every file met in a folder is either predicted or named on stderr: files that are not images and
 hidden files/folders as ``bonexray predict: <path>: skipped: <why>`` (these do not change the
-exit status).
+exit status). A ``--cam`` folder that cannot be written (read-only, disk full) is one line naming it;
+the records are still written, without ``cam``, and the exit status is 1.
 """
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 import numpy as np
 
 from ..errors import BonexrayError, ImageReadError
+from ..pipeline import study_keys
 from .inputs import InputItem, collect_inputs
-from .predictor import Predictor, is_onnx_file
-from .results import ImageResult, box_records, finite_rows, image_record, nonfinite_reason, original_boxes, study_records
+from .predictor import BatchPrediction, Predictor, is_onnx_file
 from .writers import Writer
 
 # The CLI runner only: the model classes live in predictor.py / loading.py, the ONNX names in onnx_format.py.
@@ -116,15 +120,16 @@ def run_predict(
         predictor = Predictor(model, device=device, tta=tta, backend=backend)
     plan = collect_inputs(paths, study=study)
     if distributed:
-        from ..data.preprocess import read_for_model
+        from ..pipeline import Analyser, decode
         from .distributed import predict_distributed
 
         def load(i: int):
-            m = read_for_model(plan.items[i].path, predictor.image_size)
-            return m.tile, m.truncated, m.geometry
+            d = decode(plan.items[i].path, predictor.image_size)
+            return d.tile, d.truncated, (d.geometry, d.tags)
 
         outcomes = predict_distributed(predictor, len(plan.items), load, batch_size=batch_size, devices=devices,
-                                       num_nodes=num_nodes, strategy=strategy, boxes=predictor.has_boxes)
+                                       num_nodes=num_nodes, strategy=strategy, boxes=predictor.has_boxes,
+                                       box_settings=Analyser(predictor, scope_check=False).box_settings)
         if outcomes is None:  # not global rank 0: rank 0 writes everything
             return 0
     failed = 0
@@ -164,114 +169,88 @@ def _cores() -> int:
 
 def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int,
                    scope_check: bool = True) -> int:
-    """Decode, predict and write ``items`` batch by batch; returns the number of failed files."""
-    from ..data.preprocess import read_for_model
-    from .scope import ScopeGate, borderline_band, source_evidence
+    """Decode, predict and write ``items`` batch by batch (bonexray.pipeline); returns the number of failed files."""
+    from ..pipeline import Analyser, decode
 
-    gate = ScopeGate(predictor.card, enabled=scope_check)
-    band, _ = borderline_band(predictor.card)
-    failed = 0
-    size = predictor.image_size
-    studies = _StudyAccumulator()
+    analyser = Analyser(predictor, scope_check=scope_check)
+    out = _Output(writer, cam_writer)
     for chunk in _batches(items, batch_size):
-        arrays, ok_items, truncated, geometry, pixels, evidence = [], [], [], [], [], []
+        decoded, ok_items = [], []
         for item in chunk:
             try:
-                m = read_for_model(item.path, size)
+                decoded.append(decode(item.path, predictor.image_size))
+                ok_items.append(item)
             except ImageReadError as err:
-                _error(str(item.path), err.reason)
-                failed += 1
-                continue
+                out.fail(str(item.path), err.reason)
             except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
-                _error(str(item.path), f"{type(err).__name__}: {err}")
-                failed += 1
-                continue
-            arrays.append(m.tile)
-            ok_items.append(item)
-            truncated.append(m.truncated)
-            geometry.append(m.geometry)
-            pixels.append(m.decoded.pixels if m.decoded is not None else None)
-            evidence.append(source_evidence(item.path) if scope_check else None)
-        if not arrays:
-            continue
-        batch = np.stack(arrays)
-        pred = predictor.predict_batch(batch)
-        reasons = gate.reasons(pixels, truncated, evidence, pred.embedding)
-        failed += _emit(predictor, ok_items, truncated, geometry, pred.prob, pred.parts, pred.boxes, batch,
-                        writer, cam_writer, studies, reasons=reasons, scope_check=scope_check, band=band)
-    for rec in studies.records(predictor.body_parts, predictor.threshold, band):
-        writer.write(rec)
-    writer.flush()
-    return failed
+                out.fail(str(item.path), f"{type(err).__name__}: {err}")
+        if decoded:
+            studies = study_keys(decoded, [it.study for it in ok_items])
+            out.emit(analyser.interpret(decoded, analyser.run(decoded), studies), decoded)
+    out.finish(analyser)
+    return out.failed
 
 
 def _write_outcomes(predictor: Predictor, items: Sequence[InputItem], outcomes, writer: Writer, batch_size: int) -> int:
     """Write what the ranks found (in input order) exactly as :func:`_predict_items` writes it."""
-    failed = 0
-    studies = _StudyAccumulator()
+    from ..pipeline import Analyser, Decoded
+
+    analyser = Analyser(predictor, scope_check=False)
+    out = _Output(writer, None)
     for start in range(0, len(items), batch_size):
         chunk = outcomes[start : start + batch_size]
         for o in chunk:
             if o.error is not None:
-                _error(str(items[o.index].path), o.error)
-                failed += 1
+                out.fail(str(items[o.index].path), o.error)
         ok = [o for o in chunk if o.error is None]
         if not ok:
             continue
-        boxes = [o.boxes for o in ok] if predictor.has_boxes else None
-        failed += _emit(predictor, [items[o.index] for o in ok], [o.truncated for o in ok], [o.extra for o in ok],
-                        np.array([o.prob for o in ok]), np.stack([o.parts for o in ok]), boxes, None, writer, None,
-                        studies)
-    for rec in studies.records(predictor.body_parts, predictor.threshold):
-        writer.write(rec)
-    writer.flush()
-    return failed
+        decoded = [Decoded(str(items[o.index].path), str(items[o.index].path), None, o.truncated, o.extra[0],
+                           tags=o.extra[1]) for o in ok]
+        pred = BatchPrediction(np.array([o.prob for o in ok]), np.stack([o.parts for o in ok]), None,
+                               [o.boxes for o in ok] if predictor.has_boxes else None)
+        studies = study_keys(decoded, [items[o.index].study for o in ok])
+        out.emit(analyser.interpret(decoded, pred, studies), decoded)
+    out.finish(analyser)
+    return out.failed
 
 
-def _emit(predictor, ok_items, truncated, geometry, probs, bp_probs, tile_boxes, batch, writer, cam_writer, studies,
-          reasons=None, scope_check: bool = False, band: float | None = None) -> int:
-    """Write one batch's image records (no verdict for a non-finite output, nor for an image the scope gate
-    refused: ``reasons`` per image, None when in scope); returns the failures."""
-    failed = 0
-    reasons = list(reasons) if reasons is not None else [None] * len(ok_items)
-    boxes = ([original_boxes(b, g) for b, g in zip(tile_boxes, geometry)] if tile_boxes is not None
-             else [None] * len(ok_items))
-    finite = finite_rows(probs, bp_probs)
-    if not finite.all():
-        # A NaN probability compares False with the threshold: it would read "normal". No verdict (one policy:
-        # inference/results.py).
-        for item in (it for it, ok in zip(ok_items, finite) if not ok):
-            _error(str(item.path), nonfinite_reason(predictor.path))
-            failed += 1
-        keep = np.flatnonzero(finite)
-        ok_items, truncated = [ok_items[i] for i in keep], [truncated[i] for i in keep]
-        boxes, geometry = [boxes[i] for i in keep], [geometry[i] for i in keep]
-        reasons = [reasons[i] for i in keep]
-        probs, bp_probs = probs[keep], bp_probs[keep]
-        batch = batch[keep] if batch is not None else None
-        if not ok_items:
-            return failed
-    cams: list[str | None] = [None] * len(ok_items)
-    if cam_writer is not None:
-        cams = cam_writer.write_batch([it.path for it in ok_items], batch, probs, bp_probs, boxes=boxes, geometry=geometry)
-    for item, p, bp, trunc, cam_path, bx, why in zip(ok_items, probs, bp_probs, truncated, cams, boxes, reasons):
-        res = ImageResult(str(item.path), float(p), np.asarray(bp), trunc, item.study, cam_path, box_records(bx),
-                          scope_reason=why, scope_checked=scope_check)
-        studies.add(res)
-        writer.write(image_record(res, predictor.body_parts, predictor.threshold, band))
-    writer.flush()
-    return failed
+class _Output:
+    """Writes image records as batches finish and the study records at the end; counts failed files."""
 
+    def __init__(self, writer: Writer, cam_writer) -> None:
+        self.writer, self.cam_writer = writer, cam_writer
+        self.failed = 0
+        self.findings: list = []
 
-class _StudyAccumulator:
-    """The images that belong to a study, for the study lines written after all image lines."""
+    def fail(self, path: str, reason: str) -> None:
+        _error(path, reason)
+        self.failed += 1
 
-    def __init__(self) -> None:
-        self._members: list[ImageResult] = []
+    def emit(self, result, decoded) -> None:
+        for p in result.problems:
+            self.fail(p.label, p.reason)
+        findings = result.findings
+        if self.cam_writer is not None and findings:
+            findings = self._with_cams(findings, [decoded[i] for i in result.kept])
+        for f in findings:
+            if f.study is not None:  # the scope decision stays: a study verdict uses in-scope images only
+                self.findings.append(f)
+            self.writer.write(f.record())
+        self.writer.flush()
 
-    def add(self, res: ImageResult) -> None:
-        if res.study is not None:  # the scope decision stays: a study verdict uses in-scope images only
-            self._members.append(replace(res, cam=None, boxes=None))
+    def _with_cams(self, findings, decoded):
+        try:
+            cams = self.cam_writer.write_batch(findings, decoded)
+        except OSError as err:
+            # The predictions are still written; no more pictures are tried.
+            self.fail(str(self.cam_writer.out_dir), f"--cam: cannot write the heatmap pictures "
+                                                    f"({err.strerror or err}); predictions are written without them")
+            self.cam_writer = None
+            return findings
+        return [f.model_copy(update={"cam": c}) for f, c in zip(findings, cams, strict=True)]
 
-    def records(self, body_parts, threshold, band=None):
-        return study_records(self._members, body_parts, threshold, band)
+    def finish(self, analyser) -> None:
+        for study in analyser.aggregate(self.findings):
+            self.writer.write(study.record())
+        self.writer.flush()
