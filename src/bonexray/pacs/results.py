@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import BonexrayError
 from .analysis import MANUFACTURER, AnalysedImage, StudyAnalysis
 from .codes import (ABNORMAL, BOX_SCORE, CANNOT_ASSESS, COMMENT, FINDING, FRACTURE, NORMAL, PROB_ABNORMAL, UNITLESS,

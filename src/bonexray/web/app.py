@@ -38,7 +38,7 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import __version__
+from .._version import __version__
 from ..errors import BonexrayError
 from ..core.findings import ImageFinding, StudyFinding
 from ..pipeline import Analyser, Decoded, decode, study_keys
@@ -164,7 +164,7 @@ def _training_data(model_path: Path) -> TrainingData | None:
     """What the model learned from, read from its run directory (RUN/checkpoints/x.ckpt)."""
     import yaml
 
-    from ..evaluation.evaluate import find_run_dir
+    from ..runs import find_run_dir
 
     run = find_run_dir(model_path)
     if run is None:
@@ -474,7 +474,9 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [FIELD],
             "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
-                                   "description": "PNG, JPEG or DICOM files"}}}}}}},
+                                   "description": "PNG, JPEG or DICOM files"},
+                           "grouping": {"type": "string", "enum": ["auto", "one"], "default": "auto",
+                                        "description": GROUPING_HELP}}}}}}},
     )
     async def predict(request: Request, heatmap: bool = Query(False, description="add the original image and "
                                                               "heatmaps as base64 PNGs"),

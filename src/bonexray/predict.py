@@ -42,11 +42,11 @@ from typing import TextIO
 
 import numpy as np
 
-from ..errors import BonexrayError, ImageReadError
-from ..pipeline import study_keys
-from .inputs import InputItem, collect_inputs
-from .predictor import BatchPrediction, Predictor, is_onnx_file
-from .writers import Writer
+from .errors import BonexrayError, ImageReadError
+from .pipeline import study_keys
+from .inference.inputs import InputItem, collect_inputs
+from .inference.predictor import BatchPrediction, Predictor, is_onnx_file
+from .inference.writers import Writer
 
 # The CLI runner only: the model classes live in predictor.py / loading.py, the ONNX names in onnx_format.py.
 __all__ = ["run_predict"]
@@ -94,7 +94,7 @@ def run_predict(
     across processes yet: such a run needs ``scope_check=False``.
     A bad model file raises :class:`CheckpointError` (the CLI turns it into exit status 2).
     """
-    from .distributed import local_world_size, rank_device, wants_distributed
+    from .inference.distributed import local_world_size, rank_device, wants_distributed
 
     if batch_size < 1:
         raise BonexrayError(f"--batch-size must be >= 1, got {batch_size}")
@@ -120,8 +120,8 @@ def run_predict(
         predictor = Predictor(model, device=device, tta=tta, backend=backend)
     plan = collect_inputs(paths, study=study)
     if distributed:
-        from ..pipeline import Analyser, decode
-        from .distributed import predict_distributed
+        from .pipeline import Analyser, decode
+        from .inference.distributed import predict_distributed
 
         def load(i: int):
             d = decode(plan.items[i].path, predictor.image_size)
@@ -141,7 +141,7 @@ def run_predict(
 
     cam_writer = None
     if cam_dir is not None:
-        from .cam import CamWriter
+        from .inference.cam import CamWriter
 
         cam_writer = CamWriter(cam_dir, predictor, method=cam_method)
 
@@ -162,7 +162,7 @@ def run_predict(
 
 
 def _cores() -> int:
-    from .backends import physical_cores
+    from .inference.backends import physical_cores
 
     return physical_cores()
 
@@ -170,7 +170,7 @@ def _cores() -> int:
 def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Writer, cam_writer, batch_size: int,
                    scope_check: bool = True) -> int:
     """Decode, predict and write ``items`` batch by batch (bonexray.pipeline); returns the number of failed files."""
-    from ..pipeline import Analyser, decode
+    from .pipeline import Analyser, decode
 
     analyser = Analyser(predictor, scope_check=scope_check)
     out = _Output(writer, cam_writer)
@@ -193,7 +193,7 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
 
 def _write_outcomes(predictor: Predictor, items: Sequence[InputItem], outcomes, writer: Writer, batch_size: int) -> int:
     """Write what the ranks found (in input order) exactly as :func:`_predict_items` writes it."""
-    from ..pipeline import Analyser, Decoded
+    from .pipeline import Analyser, Decoded
 
     analyser = Analyser(predictor, scope_check=False)
     out = _Output(writer, None)
