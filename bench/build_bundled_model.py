@@ -67,7 +67,7 @@ def test_metrics(metrics_path: Path) -> dict:
 def reference_predictions(model: Path, data: Path, images=REFERENCE_IMAGES) -> list[dict]:
     """``bonexray predict``'s records (PyTorch engine) for the reference images, paths relative to ``data``
     (the dataset folder, or the folder of a manifest CSV)."""
-    from bonexray.inference.predict import run_predict
+    from bonexray.predict import run_predict
 
     data = data if data.is_dir() else data.parent
     buf = io.StringIO()

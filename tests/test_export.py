@@ -15,7 +15,7 @@ from PIL import Image
 from bonexray.cli import main
 from bonexray.inference.export import export_onnx
 from bonexray.inference.onnx_format import ONNX_CARD_KEY
-from bonexray.inference.predict import run_predict
+from bonexray.predict import run_predict
 from bonexray.inference.predictor import Predictor
 from bonexray.model.checkpoint import ModelCard, load_model, save_model
 from bonexray.model.network import BoneXrayNet

@@ -131,7 +131,7 @@ def test_a_changed_bundled_file_is_refused(registered, tmp_path, monkeypatch):
 
 @requires_shared_data
 def test_the_shipped_bundled_model_matches_its_pin_and_recorded_predictions():
-    from bonexray.inference.predict import run_predict
+    from bonexray.predict import run_predict
 
     model = hub.BUNDLED[0]
     if not model.path.is_file():

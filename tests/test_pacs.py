@@ -221,8 +221,12 @@ def test_sr_and_capture_carry_boxes_scope_and_references(pacs_model):
     analysis = analyse_study(predictor, study, [Instance("a", first), Instance("b", second)])
     assert not analysis.problems and len(analysis.images) == 2
     rec_a, rec_b = analysis.images[0].record, analysis.images[1].record
-    rec_a.update(body_part="leg", boxes=[{"x0": 10.0, "y0": 20.0, "x1": 50.0, "y1": 70.0, "score": 0.8}])
-    rec_b.update(in_scope=False, scope_reason="not a bone radiograph", abnormal=None, body_part=None, boxes=[])
+    from bonexray.core.findings import Box
+
+    rec_a = analysis.images[0].record = rec_a.model_copy(update=dict(
+        body_part="leg", boxes=[Box(x0=10.0, y0=20.0, x1=50.0, y1=70.0, score=0.8, level="definite")]))
+    rec_b = analysis.images[1].record = rec_b.model_copy(update=dict(
+        in_scope=False, scope_reason="not a bone radiograph", abnormal=None, finding=None, body_part=None, boxes=[]))
     model = ModelIdentity.from_predictor(predictor)
     results = build_results(analysis, model)
     *captures, sr = results
@@ -347,7 +351,7 @@ def test_analyze_over_dicomweb_stores_sr_and_captures_once(orthanc, pacs_model, 
 @pytest.mark.skipif(not RG3.exists(), reason=f"real DICOM not found at {RG3} (see shared/data/README.md)")
 def test_analyze_real_cr_matches_predict_study(orthanc, pacs_model, capsys):
     """The SR's probabilities are those `bonexray predict --study` gives for the same file (one decode path)."""
-    from bonexray.inference.predict import run_predict
+    from bonexray.predict import run_predict
 
     orthanc.upload(RG3.read_bytes())
     study = str(pydicom.dcmread(RG3, stop_before_pixels=True).StudyInstanceUID)

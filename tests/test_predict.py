@@ -325,9 +325,48 @@ def test_flip_tta_averages_image_and_mirror(ckpt):
         Predictor(ckpt, device="cpu", tta="rotate")
 
 
+def _finding(prob: float, scope_reason: str | None = None):
+    from types import SimpleNamespace
+
+    from bonexray.core.findings import ReadingPolicy, read_image
+
+    card = SimpleNamespace(body_parts=["hand", "hip"], threshold=0.5, borderline_band=0.1, operating_points=None,
+                           calibration=None, boxes=None)
+    return read_image(ReadingPolicy.from_card(card, 0.1), path="x.png", prob=prob, part_probs=[0.01, 0.99],
+                      scope_reason=scope_reason)
+
+
 def test_cam_caption_says_which_map():
     from bonexray.inference.cam import caption
 
-    assert caption(0.9, 0.5, "hand", 0.99)[0].startswith("ABNORMAL")
-    assert "learned fracture map" in caption(0.1, 0.5, "hand", 0.99, "localization")[-1]
-    assert "Grad-CAM++ of p(abnormal)" in caption(0.1, 0.5, "hand", 0.99, "gradcam++")[-1]
+    assert caption(_finding(0.9), 0.5)[0].startswith("ABNORMAL")
+    assert caption(_finding(0.9), 0.5)[1] == "body part: hip (99%)"
+    assert "learned fracture map" in caption(_finding(0.1), 0.5, "localization")[-1]
+    assert "Grad-CAM++ of p(abnormal)" in caption(_finding(0.1), 0.5, "gradcam++")[-1]
+
+
+def test_cam_caption_of_an_out_of_scope_image_states_no_verdict():
+    lines = __import__("bonexray.inference.cam", fromlist=["caption"]).caption(
+        _finding(0.219, scope_reason="not a radiograph"), 0.5, "gradcam++")
+    text = " ".join(lines)
+    assert lines[0] == "out of scope: not a radiograph"
+    assert "normal" not in text.replace("abnormal)", "") and "hip" not in text and "0.219" not in text
+
+
+def test_cam_onto_a_full_disk_is_one_line_and_the_records_are_written(ckpt, capsys, tmp_path, monkeypatch):
+    import errno
+
+    import bonexray.inference.cam as cam
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cam, "atomic_write", full_disk)  # a read-only folder fails the same way (EROFS)
+    imgs = _cam_inputs(tmp_path)
+    out_dir = tmp_path / "cams"
+    rc, lines, err = run_cli(capsys, ckpt, *imgs, "--cam", out_dir)
+    assert rc == 1 and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if "cannot write" in ln]
+    assert str(out_dir) in line and "No space left on device" in line
+    recs = parse_json_lines(lines)
+    assert len([r for r in recs if r["type"] == "image"]) == len(imgs) and not any("cam" in r for r in recs)

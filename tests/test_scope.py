@@ -215,7 +215,7 @@ def test_serve_api_says_cannot_assess(calibrated, ood_files):
 
     client = TestClient(create_app(calibrated, device="cpu"))
     files = [("files", (p.name, p.read_bytes())) for p in (ood_files["photo"], ood_files["ct"], ood_files["radiograph"])]
-    r = client.post("/api/predict", files=files)
+    r = client.post("/api/predict", files=files, data={"grouping": "one"})
     assert r.status_code == 200, r.text
     body = r.json()
     by = {rec["path"]: rec for rec in body["images"]}
@@ -223,8 +223,12 @@ def test_serve_api_says_cannot_assess(calibrated, ood_files):
     assert by["photo.png"]["in_scope"] is False and by["photo.png"]["abnormal"] is None and by["photo.png"]["body_part"] is None
     assert by["ct.dcm"]["scope_reason"] == scope.NOT_RADIOGRAPH
     assert by["img000.png"]["in_scope"] is True
-    assert body["study"]["n_out_of_scope"] == 2 and body["study"]["n_images"] == 3
-    assert body["study"]["prob_abnormal"] == by["img000.png"]["prob_abnormal"]
+    # grouping=one: the two non-DICOM files are one study; the DICOM is the study of its StudyInstanceUID.
+    studies = {st["study"]: st for st in body["studies"]}
+    assert sum(st["n_out_of_scope"] for st in studies.values()) == 2 and sum(st["n_images"] for st in studies.values()) == 3
+    assert studies["upload"]["n_images"] == 2 and studies["upload"]["n_out_of_scope"] == 1
+    assert studies["upload"]["prob_abnormal"] == by["img000.png"]["prob_abnormal"]
+    assert studies[by["ct.dcm"]["study"]]["prob_abnormal"] is None
     info = client.get("/api/model").json()
     assert "feature distance" in info["scope_check"] and info["borderline_band"] > 0
 

@@ -84,14 +84,14 @@ def test_predict_one_image_matches_predict_cli(client, checkpoint, tmp_path, cap
     assert {k for k, v in cli.items() if v is not None} - {"path"} <= set(img)
     for key in ("prob_abnormal", "abnormal", "body_part", "prob_hand", "prob_leg", "prob_shoulder", "truncated"):
         assert img[key] == cli[key], key
-    assert img["path"] == "wrist.png" and img["study"] == "upload"
+    assert img["path"] == "wrist.png" and img["study"] == "image 1"  # grouping=auto: a file alone is its study
     assert body["study"]["n_images"] == 1 and body["study"]["prob_abnormal"] == img["prob_abnormal"]
     assert body["threshold"] == 0.5
 
 
 def test_study_of_several_images_is_their_mean(client):
     files = _files(*((f"view{i}.png", _png(i, abnormal=i % 2)) for i in range(3)))
-    body = client.post("/api/predict", files=files).json()
+    body = client.post("/api/predict", files=files, data={"grouping": "one"}).json()
     probs = [im["prob_abnormal"] for im in body["images"]]
     assert [im["path"] for im in body["images"]] == ["view0.png", "view1.png", "view2.png"]
     assert body["study"]["type"] == "study" and body["study"]["n_images"] == 3
@@ -178,7 +178,9 @@ def test_openapi_schema_matches_the_api(client):
     files = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["files"]
     assert files == {"type": "array", "items": {"type": "string", "format": "binary"},
                      "description": "PNG, JPEG or DICOM files"}
-    assert [p["name"] for p in post["parameters"]] == ["heatmap", "studies"]
+    assert [p["name"] for p in post["parameters"]] == ["heatmap", "grouping"]
+    grouping = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["grouping"]
+    assert grouping["enum"] == ["auto", "one"]
     assert {"200", "400", "413", "415", "422"} <= set(post["responses"])
     components = schema["components"]["schemas"]
     assert {"images", "study", "threshold"} <= set(components["PredictResponse"]["properties"])
@@ -243,7 +245,7 @@ def test_too_many_files_and_too_large(checkpoint):
 def test_mixed_batch_gives_the_good_results_and_names_the_bad_files(client):
     # Defect 4: one unreadable file used to discard every good image of the request (422).
     corrupt = _png(5)[:60] + b"\0" * 200
-    r = client.post("/api/predict?heatmap=1", files=_files(("ok.png", _png(1)), ("bad.png", corrupt),
+    r = client.post("/api/predict?heatmap=1&grouping=one", files=_files(("ok.png", _png(1)), ("bad.png", corrupt),
                                                            ("ok2.png", _png(2)), ("empty.png", b"")))
     assert r.status_code == 200, r.text
     body = r.json()
@@ -289,15 +291,16 @@ def test_heatmap_crop_follows_letterbox():
         assert crop.min() == 255 and crop.size == np.count_nonzero(tile), (w, h)
 
 
-def test_studies_one_each_and_by_dicom_study_uid(client, tmp_path):
-    # Defect 8: every set of files was one study.
+def test_studies_auto_one_and_by_dicom_study_uid(client, tmp_path):
+    # Defect 8: every set of files was one study. Now each non-DICOM file is its own study unless
+    # grouping=one asks for all of them together (the shared study contract).
     files = _files(("a.png", _png(1)), ("b.png", _png(2)), ("c.png", _png(3)))
-    one = client.post("/api/predict", files=files).json()
+    auto = client.post("/api/predict", files=files).json()
+    assert [s["n_images"] for s in auto["studies"]] == [1, 1, 1]
+    assert len({i["study"] for i in auto["images"]}) == 3
+    one = client.post("/api/predict?grouping=one", files=files).json()
     assert len(one["studies"]) == 1 and one["studies"][0]["n_images"] == 3
-    each = client.post("/api/predict?studies=each", files=files).json()
-    assert [s["n_images"] for s in each["studies"]] == [1, 1, 1]
-    assert len({i["study"] for i in each["images"]}) == 3
-    _assert_error(client.post("/api/predict?studies=some", files=files), 422, "studies")
+    _assert_error(client.post("/api/predict?grouping=some", files=files), 422, "grouping")
 
 
 @requires_shared_data

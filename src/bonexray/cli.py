@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from . import __version__
+from ._version import __version__
 from .errors import BonexrayError, BonexrayWarning
 from .inference.backends import BACKENDS
 
@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference.predict import run_predict
+    from .predict import run_predict
 
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
                        device=args.device, batch_size=args.batch_size, tta=args.tta,

@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_write_text
 from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError
 from .imageio import DecodedImage, read_image, read_image_bytes, to_uint8

@@ -194,3 +194,51 @@ def read_splits(recordset: RecordSet, path: str | Path) -> RecordSet:
         s = by_real.get(os.path.realpath(r.path)) or by_rel.get(relative_key(r.path, recordset.root)) or "none"
         out.append(replace(r, split=s))
     return RecordSet(out, recordset.source, recordset.root, list(recordset.problems))
+
+
+def assign_eval_splits(records: RecordSet, card_split: dict | None, run_dir: Path | None,
+                       splits_file: str | Path | None = None) -> tuple[RecordSet, str]:
+    """The exact split the model was trained with, or a clear refusal; returns (records, how it was found).
+
+    The model card carries the split's recipe (seed, fractions, --limit) and a fingerprint of its
+    (image, split) pairs, so ONNX files and copied checkpoints know it too. In order: ``--splits FILE``;
+    the split recomputed from the card; the run's ``splits.csv`` beside the checkpoint. Each must
+    match the card's fingerprint (when the card has one); otherwise evaluation is refused rather
+    than scoring a "test" split that may hold training images.
+    """
+    want = (card_split or {}).get("fingerprint")
+
+    def verified(rs: RecordSet) -> bool:
+        return want is None or split_fingerprint(rs) == want
+
+    if splits_file is not None:
+        rs = read_splits(records, splits_file)
+        if not verified(rs):
+            raise DatasetError(f"{splits_file}: this split is not the one the model was trained with (its fingerprint "
+                               "differs from the model card's); pass the splits.csv of the model's own training run")
+        if not any(r.split in ("train", "valid", "test") for r in rs):
+            raise DatasetError(f"{splits_file}: lists none of the images of {records.root}")
+        return rs, f"from {splits_file}" + (" (verified against the model card)" if want else "")
+    if want is not None:
+        c = card_split
+        limited = limit_records(records, c.get("limit"), int(c.get("seed", 0)))
+        rs = make_splits(limited, float(c.get("valid_frac", 0.15)), float(c.get("test_frac", 0.15)), seed=int(c.get("seed", 0)))
+        if verified(rs):
+            chosen = {r.path: r.split for r in rs}
+            out = RecordSet([replace(r, split=chosen.get(r.path, "none")) for r in records], records.source, records.root,
+                            list(records.problems))
+            return out, (f"the training split, recomputed from the model card and verified (seed {c.get('seed')}, "
+                         f"valid {c.get('valid_frac')}, test {c.get('test_frac')}, limit {c.get('limit')})")
+    if run_dir is not None and (run_dir / "splits.csv").is_file():
+        rs = read_splits(records, run_dir / "splits.csv")
+        if any(r.split in ("train", "valid", "test") for r in rs) and verified(rs):
+            return rs, f"recorded by the training run ({run_dir / 'splits.csv'})"
+    if want is not None:
+        raise DatasetError(
+            f"{records.root}: cannot find the split this model was trained with: this dataset does not reproduce it "
+            f"(different images or version?) and no matching splits.csv was found. Pass --splits RUN/splits.csv "
+            f"from its training run, or --split all to score every image (only for data the model never saw)")
+    raise DatasetError(
+        "this model does not record its training split (a model from before bonexray kept it in the model card) and "
+        "no splits.csv of its run was found beside it. Pass --splits RUN/splits.csv, or --split all to score every "
+        "image (only for data the model never saw)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -19,20 +18,14 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import load_dataset
 from ..data.preprocess import build_cache, check_output_folder, default_cache_dir
-from ..data.records import RecordSet
-from ..data.splits import make_splits
+from ..data.splits import assign_eval_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
 from .localization import localization_metrics, plot_froc
 from ..inference.results import finite_rows
 from ..inference.writers import csv_safe
+from ..runs import find_run_dir
 from .metrics import choose_threshold, compute_metrics, study_table
 from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
-
-
-def find_run_dir(checkpoint: Path) -> Path | None:
-    """RUN/checkpoints/x.ckpt -> RUN when RUN looks like a bonexray run directory."""
-    run = checkpoint.resolve().parent.parent
-    return run if (run / "config.yaml").is_file() else None
 
 
 def parse_body_part_map(pairs: Sequence[str]) -> dict[str, str]:
@@ -43,56 +36,6 @@ def parse_body_part_map(pairs: Sequence[str]) -> dict[str, str]:
         src, dst = (s.strip().lower() for s in pair.split("=", 1))
         mapping[src] = dst
     return mapping
-
-
-def assign_eval_splits(records: RecordSet, card_split: dict | None, run_dir: Path | None,
-                       splits_file: str | Path | None = None) -> tuple[RecordSet, str]:
-    """The exact split the model was trained with, or a clear refusal; returns (records, how it was found).
-
-    The model card carries the split's recipe (seed, fractions, --limit) and a fingerprint of its
-    (image, split) pairs, so ONNX files and copied checkpoints know it too. In order: ``--splits FILE``;
-    the split recomputed from the card; the run's ``splits.csv`` beside the checkpoint. Each must
-    match the card's fingerprint (when the card has one); otherwise evaluation is refused rather
-    than scoring a "test" split that may hold training images.
-    """
-    from ..data.splits import limit_records, read_splits, split_fingerprint
-
-    want = (card_split or {}).get("fingerprint")
-
-    def verified(rs: RecordSet) -> bool:
-        return want is None or split_fingerprint(rs) == want
-
-    if splits_file is not None:
-        rs = read_splits(records, splits_file)
-        if not verified(rs):
-            raise DatasetError(f"{splits_file}: this split is not the one the model was trained with (its fingerprint "
-                               "differs from the model card's); pass the splits.csv of the model's own training run")
-        if not any(r.split in ("train", "valid", "test") for r in rs):
-            raise DatasetError(f"{splits_file}: lists none of the images of {records.root}")
-        return rs, f"from {splits_file}" + (" (verified against the model card)" if want else "")
-    if want is not None:
-        c = card_split
-        limited = limit_records(records, c.get("limit"), int(c.get("seed", 0)))
-        rs = make_splits(limited, float(c.get("valid_frac", 0.15)), float(c.get("test_frac", 0.15)), seed=int(c.get("seed", 0)))
-        if verified(rs):
-            chosen = {r.path: r.split for r in rs}
-            out = RecordSet([replace(r, split=chosen.get(r.path, "none")) for r in records], records.source, records.root,
-                            list(records.problems))
-            return out, (f"the training split, recomputed from the model card and verified (seed {c.get('seed')}, "
-                         f"valid {c.get('valid_frac')}, test {c.get('test_frac')}, limit {c.get('limit')})")
-    if run_dir is not None and (run_dir / "splits.csv").is_file():
-        rs = read_splits(records, run_dir / "splits.csv")
-        if any(r.split in ("train", "valid", "test") for r in rs) and verified(rs):
-            return rs, f"recorded by the training run ({run_dir / 'splits.csv'})"
-    if want is not None:
-        raise DatasetError(
-            f"{records.root}: cannot find the split this model was trained with: this dataset does not reproduce it "
-            f"(different images or version?) and no matching splits.csv was found. Pass --splits RUN/splits.csv "
-            f"from its training run, or --split all to score every image (only for data the model never saw)")
-    raise DatasetError(
-        "this model does not record its training split (a model from before bonexray kept it in the model card) and "
-        "no splits.csv of its run was found beside it. Pass --splits RUN/splits.csv, or --split all to score every "
-        "image (only for data the model never saw)")
 
 
 #: Boxes scored for AP and FROC: everything down to this score, up to COCO's 100 per image.

@@ -43,7 +43,8 @@ def split_tiles(model: Path, data: str | os.PathLike, split: str, size: int, car
     from ..data.datasets import load_dataset
     from ..data.preprocess import build_cache, default_cache_dir
     from ..errors import DatasetError
-    from ..evaluation.evaluate import assign_eval_splits, find_run_dir
+    from ..data.splits import assign_eval_splits
+    from ..runs import find_run_dir
 
     records = load_dataset(str(data))
     cache, _ = build_cache(records, default_cache_dir(records.root, size), size=size, progress=progress)

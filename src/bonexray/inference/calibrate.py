@@ -44,7 +44,8 @@ def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantil
     """Card fields ``scope``, ``borderline_band``, ``borderline_source`` for ``model`` on its training data."""
     from ..data.datasets import load_dataset
     from ..data.preprocess import build_cache, default_cache_dir
-    from ..evaluation.evaluate import assign_eval_splits, find_run_dir
+    from ..data.splits import assign_eval_splits
+    from ..runs import find_run_dir
     from .predictor import Predictor
 
     if not 0.5 <= quantile < 1:

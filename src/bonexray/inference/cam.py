@@ -230,12 +230,17 @@ def cam_to_original(cam: np.ndarray, geometry) -> np.ndarray:
     return np.asarray(part.resize((int(w), int(h)), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
-def caption(prob: float, threshold: float, body_part: str, body_part_prob: float, method: str = "") -> list[str]:
-    verdict = "ABNORMAL" if prob >= threshold else "normal"
-    lines = [
-        f"{verdict}: p(abnormal) = {prob:.3f} (threshold {threshold:.2f})",
-        f"body part: {body_part} ({body_part_prob:.0%})",
-    ]
+def caption(finding, threshold: float, method: str = "") -> list[str]:
+    """The lines above a heatmap picture, from the image's core/findings.py ImageFinding: an image out of
+    scope gets the reason and no verdict, no body part."""
+    if finding.in_scope is False:
+        lines = [f"out of scope: {finding.scope_reason}", "no verdict: the model cannot judge this image"]
+    else:
+        verdict = "ABNORMAL" if finding.abnormal else "normal"
+        state = f", finding {finding.finding}" if finding.finding else ""
+        part = finding.body_part
+        lines = [f"{verdict}: p(abnormal) = {finding.prob_abnormal:.3f} (threshold {threshold:.2f}){state}",
+                 f"body part: {part} ({finding.body_part_probs.get(part, 0.0):.0%})"]
     if method:  # say what the colours are: a learned fracture probability or a rescaled CAM
         key = method.strip().lower()
         lines.append("heatmap: learned fracture map (probability)" if key == LOCALIZATION_METHOD
@@ -277,37 +282,32 @@ class CamWriter:
         self._used.add(name.lower())
         return self.out_dir / name
 
-    def write_batch(
-        self,
-        paths: Sequence[str | os.PathLike],
-        batch: np.ndarray,
-        probs: np.ndarray,
-        body_part_probs: np.ndarray,
-        boxes: Sequence[np.ndarray | None] | None = None,
-        geometry: Sequence | None = None,
-    ) -> list[str]:
-        """One overlay per image. With ``geometry`` (each image's Letterbox) the picture is the original
-        radiograph at full resolution, decoded again without draft scaling, with the map cut to the image
-        and ``boxes`` ((n, 5) in original pixels) outlined; without it, the model's tile upscaled."""
-        from ..data.imageio import read_image, to_uint8
-
+    def write_batch(self, findings: Sequence, decoded: Sequence) -> list[str]:
+        """One overlay per image (``findings``: their core/findings.py ImageFinding; ``decoded``: their
+        bonexray.pipeline Decoded): the original radiograph at full resolution, decoded again without draft
+        scaling, with the map cut to the image and the reported boxes outlined (none when out of scope).
+        An image without a file (array) gets its tile upscaled. Writing errors (OSError) reach the caller."""
         pr = self.predictor
+        batch = np.stack([d.tile for d in decoded])
         maps = cam_for_batch(pr.net, pr.to_tensor(batch), method=self.method)
         written = []
-        boxes = list(boxes) if boxes is not None else [None] * len(paths)
-        for i, (path, gray, cam, p, bp) in enumerate(zip(paths, batch, maps, probs, body_part_probs)):
-            k = int(np.argmax(bp))
-            lines = caption(float(p), pr.threshold, pr.body_parts[k], float(bp[k]), self.method)
-            if boxes[i] is not None:
-                lines.append(f"boxes: {len(boxes[i])} at score >= {pr.box_settings.threshold:.2f}" if len(boxes[i])
-                             else f"boxes: none at score >= {pr.box_settings.threshold:.2f}")
-            if geometry is not None:
-                full = to_uint8(read_image(path).pixels)
-                img = render_overlay(full, cam_to_original(cam, geometry[i]), lines, display_size=None, boxes=boxes[i])
-            else:
-                img = render_overlay(gray, cam, lines, boxes=boxes[i])
-            out = self._name(path)
+        for f, d, cam in zip(findings, decoded, maps, strict=True):
+            img = self._picture(f, d, cam)
+            out = self._name(d.path or d.label)
             with atomic_write(out) as tmp:
                 img.save(tmp, format="PNG")
             written.append(str(out))
         return written
+
+    def _picture(self, finding, decoded, cam: np.ndarray) -> Image.Image:
+        from ..data.imageio import read_image, to_uint8
+
+        lines = caption(finding, self.predictor.threshold, self.method)
+        boxes = None
+        if finding.boxes is not None:
+            boxes = np.array([[b.x0, b.y0, b.x1, b.y1, b.score] for b in finding.boxes]).reshape(-1, 5)
+            lines.append(f"boxes: {len(boxes)} reported" if len(boxes) else "boxes: none reported")
+        if decoded.path is None:
+            return render_overlay(decoded.tile, cam, lines, boxes=boxes)
+        full = to_uint8(read_image(decoded.path).pixels)
+        return render_overlay(full, cam_to_original(cam, decoded.geometry), lines, display_size=None, boxes=boxes)

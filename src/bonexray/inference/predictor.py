@@ -65,13 +65,11 @@ class BatchPrediction:
 
 
 def decode_output_boxes(out: dict[str, np.ndarray], settings) -> list[np.ndarray]:
-    """The box maps of a batch (numpy, from either engine) -> per image (n, 5) boxes in tile pixels."""
-    import torch
+    """The box maps of a batch (numpy, from any engine) -> per image (n, 5) boxes in tile pixels (core/boxes.py: numpy,
+    no torch)."""
+    from ..core.boxes import decode_boxes
 
-    from ..model.detection import decode_boxes
-
-    maps = [torch.from_numpy(np.ascontiguousarray(out[k], dtype=np.float32)) for k in BOX_MAPS]
-    return [b.numpy().astype(np.float64) for b in decode_boxes(*maps, settings)]
+    return [b.astype(np.float64) for b in decode_boxes(*(out[k] for k in BOX_MAPS), settings)]
 
 
 # --------------------------------------------------------------------------- predictor
@@ -198,7 +196,7 @@ class Predictor:
 
     @property
     def box_settings(self):
-        from ..model.detection import BoxSettings
+        from ..core.boxes import BoxSettings
 
         return BoxSettings.from_card(self.card.boxes) if self.has_boxes else None
 
@@ -232,7 +230,7 @@ class Predictor:
     def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_settings=None) -> BatchPrediction:
         """Probabilities, embedding and (with a box head, when ``boxes``) boxes for a uint8 (N, S, S) batch.
 
-        ``box_settings`` (model/detection.py BoxSettings) overrides the card's operating point
+        ``box_settings`` (core/boxes.py BoxSettings) overrides the card's operating point
         (evaluation traces FROC and AP from a low threshold and more detections per image). With ``tta="flip"`` the probabilities average the image and its mirror; boxes and
         the embedding come from the image as given.
         """

@@ -31,7 +31,8 @@ class Writer:
         self.stream = stream
         self.columns = ["type", "path", "study", "n_images", "prob_abnormal", "abnormal", "body_part",
                         *[f"prob_{b}" for b in body_parts], "truncated", "boxes", "confidence", "in_scope", "scope_reason",
-                        "n_out_of_scope"] + (["cam"] if with_cam else [])
+                        "n_out_of_scope", "finding", "n_assessed", "n_positive", "n_suspicious", "n_negative", "body_parts",
+                        "mixed_body_parts"] + (["cam"] if with_cam else [])
         self._csv = None
         if fmt == "csv":
             self._csv = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
@@ -53,6 +54,6 @@ class Writer:
 def _csv_value(v: Any) -> Any:
     if isinstance(v, bool):
         return int(v)
-    if isinstance(v, list):  # boxes: one JSON cell, e.g. [{"x0": 12.0, ..., "score": 0.81}]
+    if isinstance(v, list):  # boxes, body_parts: one JSON cell, e.g. [{"x0": 12.0, ..., "score": 0.81}]
         return json.dumps(v, allow_nan=False)
     return "" if v is None else csv_safe(v)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bonexray import __version__
+from .._version import __version__
 from bonexray.atomic import atomic_write
 from bonexray.errors import BonexrayError, BonexrayWarning, CheckpointError
 from bonexray.model.network import BoneXrayNet

@@ -13,38 +13,14 @@ a box too small to hold any cell centre gets the cell nearest its centre.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Stride of the grid the boxes are predicted on (at 320 px: a 40 x 40 grid).
-BOX_STRIDE = 8
-#: Centre sampling radius, in strides (FCOS's "center sampling").
-CENTER_RADIUS = 1.5
+from ..core.boxes import BOX_STRIDE, BoxSettings
+
 #: Names of the box maps among the network's outputs (ONNX output names too).
 BOX_OUTPUTS = ("box_logits", "box_ltrb", "box_centerness")
-
-
-@dataclass(frozen=True)
-class BoxSettings:
-    """How dense maps become reported boxes; stored in the model card under ``boxes``.
-
-    ``threshold``: the operating point (a box is reported when its score reaches it); ``nms_iou``:
-    boxes overlapping a better one by more than this are dropped; ``max_detections``: per image.
-    """
-
-    threshold: float = 0.3
-    nms_iou: float = 0.5
-    max_detections: int = 10
-    stride: int = BOX_STRIDE
-
-    @classmethod
-    def from_card(cls, d: dict | None) -> "BoxSettings":
-        d = dict(d or {})
-        return cls(threshold=float(d.get("threshold", cls.threshold)), nms_iou=float(d.get("nms_iou", cls.nms_iou)),
-                   max_detections=int(d.get("max_detections", cls.max_detections)), stride=int(d.get("stride", BOX_STRIDE)))
 
 
 def _conv_gn(c_in: int, c_out: int) -> nn.Sequential:

@@ -2,22 +2,25 @@
 
 Whatever front end delivered the instances (WADO-RS or C-STORE), they go through the same steps:
 instances that are not radiographs (SR, PDF, CT, bonexray's own results) are skipped and named;
-each radiograph is decoded by :func:`bonexray.data.preprocess.read_bytes_for_model` (the decode
-path of training, predict and serve: Modality LUT, VOI LUT/window, MONOCHROME1 inverted), predicted
-by :meth:`Predictor.predict_arrays` and turned into records by
-:func:`bonexray.inference.results.records_from_outputs`. A file that cannot be decoded, or whose
-model output is not finite, is one problem line; the rest of the study is analysed.
+each radiograph goes through :mod:`bonexray.pipeline` (the decode path of training, predict and
+serve: Modality LUT, VOI LUT/window, MONOCHROME1 inverted; the scope gate with the instance's own
+Modality; the verdict of every front end). A file that cannot be decoded, or whose model output is
+not finite, is one problem line; the rest of the study is analysed.
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..core.findings import ImageFinding, StudyFinding
+from ..data.imageio import to_uint8
 from ..errors import BonexrayError, ImageReadError
+from ..pipeline import Analyser, Decoded, decode, part10_bytes
+
+__all__ = ["AnalysedImage", "Instance", "StudyAnalysis", "analyse_study", "part10_bytes", "skip_reason"]
 
 #: Radiograph storage classes bonexray reads: CR, and DX for presentation and for processing.
 RADIOGRAPH_SOP_CLASSES = {
@@ -41,14 +44,14 @@ class Instance:
 class AnalysedImage:
     dataset: Any  # the source instance (its header is what results reference and copy)
     pixels: np.ndarray  # decoded, full resolution, uint8, bone bright (what the secondary capture shows)
-    record: dict[str, Any]  # bonexray predict's image record
+    record: ImageFinding  # what bonexray says about it (the SR's and the capture's input)
 
 
 @dataclass
 class StudyAnalysis:
     study_uid: str
     images: list[AnalysedImage] = field(default_factory=list)
-    study_record: dict[str, Any] | None = None
+    study_record: StudyFinding | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)  # (instance, reason): unreadable radiographs
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (instance, why): not radiographs
     radiograph_uids: list[str] = field(default_factory=list)  # every radiograph met, readable or not
@@ -71,38 +74,12 @@ def skip_reason(ds: Any) -> str | None:
     return None
 
 
-def part10_bytes(ds: Any) -> bytes:
-    """A dataset as the bytes of a DICOM file, for the byte-level decode path."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        meta = FileMetaDataset(meta) if meta is not None else FileMetaDataset()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-    if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    if "MediaStorageSOPInstanceUID" not in meta and "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def analyse_study(predictor, study_uid: str, instances: Iterable[Instance]) -> StudyAnalysis:
+def analyse_study(predictor, study_uid: str, instances: Iterable[Instance],
+                  analyser: Analyser | None = None) -> StudyAnalysis:
     """Decode and predict every radiograph of one study; see the module docstring."""
-    from ..data.preprocess import read_bytes_for_model
-    from ..inference.results import box_records, finite_rows, nonfinite_reason, original_boxes, records_from_outputs
-    from ..inference.scope import ScopeGate, SourceEvidence, borderline_band
-
+    analyser = analyser or Analyser(predictor)
     out = StudyAnalysis(study_uid)
-    size = predictor.image_size
-    kept: list[tuple[Instance, np.ndarray, bool]] = []
-    evidence: list[SourceEvidence] = []
-    geometry = []
-    tiles: list[np.ndarray] = []
+    decoded: list[tuple[Instance, Decoded]] = []
     for inst in instances:
         why = skip_reason(inst.dataset)
         if why is not None:
@@ -110,41 +87,22 @@ def analyse_study(predictor, study_uid: str, instances: Iterable[Instance]) -> S
             continue
         out.radiograph_uids.append(str(inst.dataset.get("SOPInstanceUID", inst.name)))
         try:
-            data = inst.data if inst.data is not None else part10_bytes(inst.dataset)
-            m = read_bytes_for_model(data, f"{inst.name}.dcm", size)
+            source = inst.data if inst.data is not None else inst.dataset
+            decoded.append((inst, decode(source, predictor.image_size, name=inst.name)))
         except ImageReadError as err:
             out.problems.append((inst.name, err.reason))
-            continue
         except BonexrayError as err:
             out.problems.append((inst.name, str(err)))
-            continue
         except Exception as err:  # noqa: BLE001 - one damaged instance must not stop the study
             out.problems.append((inst.name, f"cannot decode ({type(err).__name__}: {err})"))
-            continue
-        kept.append((inst, m.decoded.pixels, m.truncated))
-        evidence.append(SourceEvidence(modality=str(inst.dataset.get("Modality", "")).strip().upper() or None))
-        tiles.append(m.tile)
-        geometry.append(m.geometry)
-    if not kept:
+    if not decoded:
         return out
-    pred = predictor.predict_batch(np.stack(tiles))
-    probs, parts = pred.prob, pred.parts
-    finite = finite_rows(probs, parts)  # the one NaN policy (inference/results.py): no verdict, same words
-    for (inst, _, _), ok in zip(kept, finite):
-        if not ok:
-            out.problems.append((inst.name, nonfinite_reason(predictor.path)))
-    keep = np.flatnonzero(finite)
-    if len(keep) == 0:
+    images = [d for _, d in decoded]
+    result = analyser.interpret(images, analyser.run(images), [study_uid] * len(images))
+    out.problems += [(p.label, p.reason) for p in result.problems]
+    if not result.findings:
         return out
-    gate = ScopeGate(predictor.card)
-    reasons = gate.reasons([kept[i][1] for i in keep], [kept[i][2] for i in keep], [evidence[i] for i in keep],
-                           None if pred.embedding is None else pred.embedding[keep])
-    kept = [kept[i] for i in keep]
-    boxes = None if pred.boxes is None else [box_records(original_boxes(pred.boxes[i], geometry[i])) for i in keep]
-    images, study = records_from_outputs(
-        [inst.name for inst, _, _ in kept], probs[keep], parts[keep], [t for _, _, t in kept], study_uid,
-        predictor.body_parts, predictor.threshold, boxes=boxes, scope_reasons=reasons,
-        band=borderline_band(predictor.card)[0])
-    out.images = [AnalysedImage(inst.dataset, pixels, rec) for (inst, pixels, _), rec in zip(kept, images)]
-    out.study_record = study
+    out.images = [AnalysedImage(decoded[i][0].dataset, to_uint8(decoded[i][1].pixels), f)
+                  for i, f in zip(result.kept, result.findings, strict=True)]
+    out.study_record = analyser.aggregate(result.findings)[0]
     return out

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import BonexrayError
 from .analysis import MANUFACTURER, AnalysedImage, StudyAnalysis
 from .codes import (ABNORMAL, BOX_SCORE, CANNOT_ASSESS, COMMENT, FINDING, FRACTURE, NORMAL, PROB_ABNORMAL, UNITLESS,
@@ -95,8 +95,9 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(float(x))
 
 
-def _verdict_items(rec: dict[str, Any], tracking, algorithm, source_images, hd, codes_mod) -> Any:
-    """One TID 1501 group: the verdict (or "cannot assess" and why) of an image or of the study."""
+def _verdict_items(rec, tracking, algorithm, source_images, hd, codes_mod) -> Any:
+    """One TID 1501 group: the verdict (or "cannot assess" and why) of an image or of the study (``rec``: its
+    core/findings.py ImageFinding or StudyFinding, read through their record mapping)."""
     in_scope = rec.get("in_scope") is not False
     site = body_part_code(rec.get("body_part")) if in_scope else None
     if in_scope and isinstance(rec.get("abnormal"), bool):
@@ -110,6 +111,8 @@ def _verdict_items(rec: dict[str, Any], tracking, algorithm, source_images, hd, 
         finding_sites=[hd.sr.FindingSite(site)] if site is not None else None,
         measurements=measurements or None, qualitative_evaluations=evaluations)
     notes = []
+    if in_scope and rec.get("finding"):  # the three-state reading (core/decision.py) beside the binary verdict
+        notes.append(f"finding: {rec['finding']}")
     if not in_scope:
         notes.append(f"cannot assess: {rec.get('scope_reason') or 'outside what the model was trained on'}")
     elif site is None and rec.get("body_part"):

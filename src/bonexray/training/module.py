@@ -10,7 +10,7 @@ import torch
 from torchmetrics import CatMetric
 from torchmetrics.functional.classification import binary_auroc
 
-from .. import __version__
+from .._version import __version__
 from ..model.checkpoint import stamp_weights_sha256
 from ..model.network import BoneXrayNet
 from .augment import AugmentConfig, augment_batch

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_write_text
 from ..errors import BonexrayError, DatasetError
 from .config import TrainConfig

@@ -2,8 +2,10 @@
 
 * ``GET /``: the page (``static/``: plain HTML, CSS and JS, no build step, nothing from outside).
 * ``POST /api/predict``: multipart field ``files`` (one or more images) -> the records of
-  ``bonexray predict`` (one per image) plus one record per study: all images are one study unless
-  ``?studies=each`` or their DICOM StudyInstanceUIDs differ. Files that cannot be read are named in
+  ``bonexray predict`` (core/findings.py ImageFinding, one per image) plus one StudyFinding per
+  study: a DICOM image belongs to the study of its StudyInstanceUID; any other file is its own
+  study unless the request says ``grouping=one`` (form field or query; all non-DICOM files of the
+  request as one study); default ``grouping=auto``. Files that cannot be read are named in
   ``errors`` beside the results of the good ones (422 only when none is good). ``?heatmap=1`` adds,
   per image, the original radiograph at full resolution (8-bit PNG after the file's own VOI
   window, MONOCHROME1 inverted) with its size, the heatmap mapped from the letterboxed tile back
@@ -11,9 +13,8 @@
 * ``GET /api/model``: the model card; ``GET /healthz``; ``/docs``: the OpenAPI page, served
   from the ``fastapi-offline`` package (no CDN).
 
-Decoding goes through ``read_image_bytes`` + ``letterbox`` (the decode path of training and predict,
-``load_bytes_for_model``, from memory), prediction through :class:`Predictor`, heatmaps through
-``inference.cam``. One model is shared by all requests; model calls take a lock (Grad-CAM hooks
+Decoding, the scope gate and the verdict go through :mod:`bonexray.pipeline` (what predict, the
+Python API and pacs use), prediction through :class:`Predictor`, heatmaps through ``inference.cam``. One model is shared by all requests; model calls take a lock (Grad-CAM hooks
 the network, so two at once would mix their activations), decoding runs in parallel beside it.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import os
 import secrets
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,9 +38,10 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import __version__
+from .._version import __version__
 from ..errors import BonexrayError
-from ..inference.results import finite_rows, nonfinite_reason
+from ..core.findings import ImageFinding, StudyFinding
+from ..pipeline import Analyser, Decoded, decode, study_keys
 from .uploads import FIELD, UploadError, UploadLimits, read_uploads
 
 log = logging.getLogger("bonexray.serve")
@@ -47,7 +49,7 @@ log = logging.getLogger("bonexray.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "BONEXRAY_API_KEY"
-STUDY_NAME = "upload"  # by default a request is one study: the images a person dropped together
+STUDY_NAME = "upload"  # grouping=one: the non-DICOM images a person dropped together
 INTENDED_USE = ("Not a medical device: research and teaching software, not for diagnosis or treatment "
                 "decisions. Every result must be checked by a qualified reader.")
 HEATMAP_NAMES = {"localization": "learned fracture map", "gradcam++": "Grad-CAM++"}
@@ -65,25 +67,10 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; 
 # --------------------------------------------------------------------------- schemas
 
 
-class ImagePrediction(BaseModel):
-    """One image: the fields of ``bonexray predict``, and ``prob_<part>`` for every body part."""
+class ImagePrediction(ImageFinding):
+    """One image: the record of ``bonexray predict`` (core/findings.py ImageFinding, with ``prob_<part>`` for
+    every body part) and, with ``?heatmap=1``, its pictures."""
 
-    model_config = ConfigDict(extra="allow")
-    type: Literal["image"]
-    path: str = Field(description="the uploaded file's name")
-    prob_abnormal: float = Field(description="kept for research also when the image is out of scope")
-    abnormal: bool | None = Field(description="prob_abnormal >= the model's threshold; null when out of scope")
-    body_part: str | None = Field(description="null when out of scope")
-    confidence: Literal["clear", "borderline"] | None = Field(
-        description="borderline: |prob_abnormal - threshold| < the model card's band; null when out of scope")
-    in_scope: bool | None = Field(description="false: the model cannot judge this image (no verdict, see "
-                                  "scope_reason); null: not checked (serve --no-scope-check)")
-    scope_reason: str | None = Field(None, description="why the image is out of scope")
-    truncated: bool = Field(description="the file ended early; what was there was decoded")
-    boxes: list[dict[str, float]] | None = Field(description="fracture boxes {x0, y0, x1, y1, score} in the original "
-                                                 "image's pixels, best first, at the model's box threshold; null for a "
-                                                 "model without a box head")
-    study: str
     heatmap_png: str | None = Field(None, description="with ?heatmap=1 and a checkpoint: base64 PNG, radiograph with the heatmap")
     image_png: str | None = Field(None, description="with ?heatmap=1: base64 PNG, the radiograph as the model saw it")
     original_png: str | None = Field(None, description="with ?heatmap=1: base64 8-bit PNG, the radiograph at its own "
@@ -95,20 +82,8 @@ class ImagePrediction(BaseModel):
                                          "off; stretch it to original_width x original_height")
 
 
-class StudyPrediction(BaseModel):
-    """All images of the request as one study: mean probability, majority body part (``predict --study``)."""
-
-    model_config = ConfigDict(extra="allow")
-    type: Literal["study"]
-    study: str
-    n_images: int
-    n_out_of_scope: int = Field(description="images left out of the verdict: out of scope")
-    prob_abnormal: float | None = Field(description="mean over the in-scope images; null when none is in scope")
-    abnormal: bool | None
-    body_part: str | None
-    confidence: Literal["clear", "borderline"] | None
-    in_scope: bool | None
-    scope_reason: str | None = None
+#: A study of the request (core/findings.py StudyFinding, with ``prob_<part>`` means).
+StudyPrediction = StudyFinding
 
 
 class FileProblem(BaseModel):
@@ -118,8 +93,7 @@ class FileProblem(BaseModel):
 
 class PredictResponse(BaseModel):
     images: list[ImagePrediction]
-    study: StudyPrediction = Field(description="the first study (the only one unless ?studies=each or DICOM "
-                                               "StudyInstanceUIDs differ)")
+    study: StudyPrediction = Field(description="the first study")
     studies: list[StudyPrediction] = Field(description="one record per study, in order of first appearance")
     threshold: float
     heatmap: str | None = Field(None, description="what the heatmaps show (with ?heatmap=1)")
@@ -177,6 +151,9 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+GROUPING_HELP = ("how images without a DICOM StudyInstanceUID form studies: 'auto' (default): each file is its own "
+                 "study; 'one': all of them are one study. DICOM images always go to the study of their "
+                 "StudyInstanceUID. Also accepted as the form field 'grouping'.")
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500)}
 
 
@@ -187,7 +164,7 @@ def _training_data(model_path: Path) -> TrainingData | None:
     """What the model learned from, read from its run directory (RUN/checkpoints/x.ckpt)."""
     import yaml
 
-    from ..evaluation.evaluate import find_run_dir
+    from ..runs import find_run_dir
 
     run = find_run_dir(model_path)
     if run is None:
@@ -264,10 +241,10 @@ class ModelService:
 
         self.predictor = Predictor(model_path, device=device)  # a path or a bundled name (None: the default)
         self.path = self.predictor.path
-        from ..inference.scope import ScopeGate, borderline_band
-
-        self.scope = ScopeGate(self.predictor.card, enabled=scope_check)
-        self.band, self.band_source = borderline_band(self.predictor.card)
+        # Non-finite outputs name the model file, never its folder on the server.
+        self.analyser = Analyser(self.predictor, scope_check=scope_check, model_label=self.path.name)
+        self.scope = self.analyser.gate
+        self.band, self.band_source = self.analyser.band, self.analyser.band_source
         self.format: Literal["checkpoint", "onnx"] = "onnx" if is_onnx_file(self.path) else "checkpoint"
         self.cam_net = None
         self.heatmap_method: str | None = None
@@ -293,7 +270,7 @@ class ModelService:
         from ..inference.cam import cam_for_batch
 
         with self._lock:
-            pred = self.predictor.predict_batch(batch)
+            pred = self.predictor.predict_batch(batch, box_settings=self.analyser.box_settings)
             maps = None
             if heatmap and self.cam_net is not None:
                 maps = cam_for_batch(self.cam_net, batch, method=self.heatmap_method)
@@ -345,54 +322,30 @@ def heatmap_on_original(heat: np.ndarray, geometry) -> np.ndarray:
     return np.rint(crop * 255.0).astype(np.uint8)
 
 
-def _dicom_study_uid(data: bytes) -> str | None:
-    """StudyInstanceUID from a DICOM header (pixels untouched), or None for other files."""
-    if data[128:132] != b"DICM":
-        return None
-    try:
-        import warnings
-
-        import pydicom
-
-        with warnings.catch_warnings():  # a damaged header is reported by the pixel decoder, once
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        uid = ds.get("StudyInstanceUID")
-        return str(uid).strip() or None if uid is not None else None
-    except Exception:  # noqa: BLE001 - no UID is no grouping hint, not an error
-        return None
-
-
 @dataclass
-class Decoded:
+class Upload:
+    """One upload through the pipeline's decode (bonexray.pipeline.decode), with the picture serve shows."""
+
     name: str
-    tile: np.ndarray  # uint8 (S, S): what the model sees
-    truncated: bool
+    decoded: Decoded
     original: np.ndarray | None  # uint8 (H, W) at full resolution, when pictures are wanted
-    geometry: Any  # data/preprocess.py Letterbox: tile <-> original pixels (boxes, heatmap)
-    study_uid: str | None
-    pixels: np.ndarray | None = None  # the decoded gray image (scope statistics)
-    evidence: Any = None  # inference/scope.py SourceEvidence (colour, DICOM modality)
 
     @property
     def original_wh(self) -> tuple[int, int]:
-        return self.geometry.original_size
+        return self.decoded.geometry.original_size
 
 
-def _decode_one(up, size: int, max_pixels: int, want_original: bool) -> Decoded:
-    """One upload through the decode path of training and predict (data.preprocess.read_bytes_for_model)."""
+def _decode_one(up, size: int, max_pixels: int, want_original: bool) -> Upload:
     from ..data.imageio import read_image_bytes, to_uint8
-    from ..data.preprocess import read_bytes_for_model
 
-    m = read_bytes_for_model(up.data, up.name, size, max_pixels=max_pixels)
-    full = m.decoded
-    if want_original and full.pixels.shape[::-1] != tuple(m.geometry.original_size):  # a JPEG decoded at 1/2..1/8 scale
-        full = read_image_bytes(up.data, up.name, max_pixels=max_pixels)
-    from ..inference.scope import source_evidence
-
-    original = to_uint8(full.pixels) if want_original else None
-    return Decoded(up.name, m.tile, m.truncated, original, m.geometry, _dicom_study_uid(up.data),
-                   m.decoded.pixels if m.decoded is not None else None, source_evidence(up.data))
+    d = decode(up.data, size, name=up.name, max_pixels=max_pixels)
+    original = None
+    if want_original:
+        full = d.pixels
+        if full.shape[::-1] != tuple(d.geometry.original_size):  # a JPEG decoded at 1/2..1/8 scale
+            full = read_image_bytes(up.data, up.name, max_pixels=max_pixels).pixels
+        original = to_uint8(full)
+    return Upload(up.name, d, original)
 
 
 def _decode_all(uploads, size: int, max_pixels: int, want_original: bool = False):
@@ -407,16 +360,11 @@ def _decode_all(uploads, size: int, max_pixels: int, want_original: bool = False
     return good, problems
 
 
-def study_names(decoded: list[Decoded], each: bool) -> list[str]:
-    """One study for all images, unless asked (``each``) or the DICOM StudyInstanceUIDs differ."""
-    if each:
-        return [f"image {i + 1}" for i in range(len(decoded))]
-    uids = {d.study_uid for d in decoded if d.study_uid}
-    if len(uids) <= 1:
-        return [STUDY_NAME] * len(decoded)
-    # Files without a UID go with the first study; every distinct UID is its own study.
-    first = next(d.study_uid for d in decoded if d.study_uid)
-    return [d.study_uid or first for d in decoded]
+def study_names(good: list[Upload], grouping: str) -> list[str]:
+    """Each upload's study: its DICOM StudyInstanceUID where it states one; other files each alone
+    (``grouping="auto"``) or together (``"one"``)."""
+    fallback = [STUDY_NAME if grouping == "one" else f"image {i + 1}" for i in range(len(good))]
+    return study_keys([u.decoded for u in good], fallback)
 
 
 # --------------------------------------------------------------------------- the app
@@ -526,15 +474,17 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": [FIELD],
             "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
-                                   "description": "PNG, JPEG or DICOM files"}}}}}}},
+                                   "description": "PNG, JPEG or DICOM files"},
+                           "grouping": {"type": "string", "enum": ["auto", "one"], "default": "auto",
+                                        "description": GROUPING_HELP}}}}}}},
     )
     async def predict(request: Request, heatmap: bool = Query(False, description="add the original image and "
                                                               "heatmaps as base64 PNGs"),
-                      studies: Literal["one", "each"] = Query("one", description="'one': all images are one study "
-                                                               "(split only where DICOM StudyInstanceUIDs differ); "
-                                                               "'each': every image is its own study")):
+                      grouping: Literal["auto", "one"] | None = Query(None, description=GROUPING_HELP)):
+        form: dict[str, str] = {}
         uploads = await read_uploads(request.headers.get("content-type"), request.headers.get("content-length"),
-                                     request.stream(), limits)
+                                     request.stream(), limits, fields=form)
+        grouping = grouping or _form_grouping(form)
         good, problems = await anyio.to_thread.run_sync(
             _decode_all, uploads, service.image_size, limits.max_pixels, heatmap, limiter=decode_limiter)
         del uploads  # the bytes are not needed any more
@@ -543,22 +493,12 @@ def create_app(
             detail = (f"{first.file}: {first.reason}" if len(problems) == 1
                       else f"{len(problems)} files could not be read ({bad}); first: {first.file}: {first.reason}")
             return _error(422, detail, problems)
-        batch = np.stack([d.tile for d in good])
-        pred, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
-        finite = finite_rows(pred.prob, pred.parts)
-        if not finite.all():  # the one NaN policy (inference/results.py): no verdict for those, say why
-            reason = nonfinite_reason(service.path.name)
-            problems += [FileProblem(file=d.name, reason=reason) for d, ok in zip(good, finite) if not ok]
-            if not finite.any():
-                return _error(500, f"{problems[-1].file}: {reason}", problems)
-            keep = np.flatnonzero(finite)
-            good, batch = [good[i] for i in keep], batch[keep]
-            pred = replace(pred, prob=pred.prob[keep], parts=pred.parts[keep],
-                           boxes=None if pred.boxes is None else [pred.boxes[i] for i in keep],
-                           embedding=None if pred.embedding is None else pred.embedding[keep])
-            maps = None if maps is None else maps[keep]
-        body = await anyio.to_thread.run_sync(_response, service, good, study_names(good, studies == "each"),
-                                              pred, maps, heatmap)
+        pred, maps = await anyio.to_thread.run_sync(service.run, np.stack([u.decoded.tile for u in good]), heatmap)
+        found = service.analyser.interpret([u.decoded for u in good], pred, study_names(good, grouping))
+        problems += [FileProblem(file=p.label, reason=p.reason) for p in found.problems]
+        if not found.findings:  # every output was non-finite
+            return _error(500, f"{problems[-1].file}: {problems[-1].reason}", problems)
+        body = await anyio.to_thread.run_sync(_response, service, found, good, maps, heatmap)
         if problems:  # the good files were analysed; the bad ones are named beside them
             body["errors"] = [p.model_dump() for p in problems]
         return body
@@ -566,32 +506,31 @@ def create_app(
     return app
 
 
-def _response(service: ModelService, good: list[Decoded], studies: list[str], pred, maps,
-              want_pictures: bool) -> dict[str, Any]:
+def _form_grouping(form: dict[str, str]) -> str:
+    value = form.get("grouping") or "auto"
+    if value not in ("auto", "one"):
+        raise UploadError(422, f"grouping: must be 'auto' or 'one', got {value[:20]!r}")
+    return value
+
+
+def _response(service: ModelService, found, good: list[Upload], maps, want_pictures: bool) -> dict[str, Any]:
+    """The JSON body: the findings' records, their studies, and with ``want_pictures`` each image's pictures."""
+    images = [f.record() for f in found.findings]
+    if want_pictures:
+        for rec, i in zip(images, found.kept, strict=True):
+            _add_pictures(rec, good[i], None if maps is None else maps[i])
+    study_list = [s.record() for s in service.analyser.aggregate(found.findings)]
+    return {"images": images, "study": study_list[0], "studies": study_list, "threshold": service.predictor.threshold,
+            "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}
+
+
+def _add_pictures(rec: dict[str, Any], up: Upload, heat: np.ndarray | None) -> None:
     from PIL import Image
 
-    from ..inference.results import ImageResult, box_records, image_record, original_boxes, study_records
-
-    pr = service.predictor
-    boxes = ([box_records(original_boxes(b, d.geometry)) for b, d in zip(pred.boxes, good)] if pred.boxes is not None
-             else [None] * len(good))
-    gate = service.scope
-    reasons = gate.reasons([d.pixels for d in good], [d.truncated for d in good], [d.evidence for d in good],
-                           pred.embedding)
-    results = [ImageResult(d.name, float(p), np.asarray(bp), bool(d.truncated), st, boxes=bx, scope_reason=why,
-                           scope_checked=gate.enabled)
-               for d, p, bp, st, bx, why in zip(good, pred.prob, pred.parts, studies, boxes, reasons)]
-    images = [image_record(r, pr.body_parts, pr.threshold, service.band) for r in results]
-    if want_pictures:
-        for i, (rec, d) in enumerate(zip(images, good)):
-            heat = None if maps is None else maps[i]
-            overlay, rec["image_png"] = _pictures(d.tile, heat)
-            if overlay is not None:  # unset, not null, when there is no heatmap (fields are sent only when set)
-                rec["heatmap_png"] = overlay
-            rec["original_png"] = _png_b64(Image.fromarray(d.original))
-            rec["original_width"], rec["original_height"] = d.original_wh
-            if heat is not None:
-                rec["heatmap_gray_png"] = _png_b64(Image.fromarray(heatmap_on_original(heat, d.geometry)))
-    study_list = study_records(results, pr.body_parts, pr.threshold, service.band)
-    return {"images": images, "study": study_list[0], "studies": study_list, "threshold": pr.threshold,
-            "heatmap": HEATMAP_NAMES[service.heatmap_method] if maps is not None else None}
+    overlay, rec["image_png"] = _pictures(up.decoded.tile, heat)
+    if overlay is not None:  # unset, not null, when there is no heatmap (fields are sent only when set)
+        rec["heatmap_png"] = overlay
+    rec["original_png"] = _png_b64(Image.fromarray(up.original))
+    rec["original_width"], rec["original_height"] = up.original_wh
+    if heat is not None:
+        rec["heatmap_gray_png"] = _png_b64(Image.fromarray(heatmap_on_original(heat, up.decoded.geometry)))

@@ -18,6 +18,9 @@ from ..errors import BonexrayError
 
 FIELD = "files"
 _MAX_OTHER_FIELDS = 8  # plain form fields are ignored, but never collected without bound
+#: Plain text fields whose (short) value is kept for the caller (``fields`` of read_uploads).
+TEXT_FIELDS = ("grouping",)
+_MAX_TEXT = 64
 _MAX_NAME = 120
 
 
@@ -63,8 +66,9 @@ def _mb(n: int) -> str:
 
 
 async def read_uploads(content_type: str | None, content_length: str | None, body: AsyncIterator[bytes],
-                       limits: UploadLimits) -> list[Upload]:
-    """The files of form field ``files``, in order; raises :class:`UploadError` for a bad request."""
+                       limits: UploadLimits, fields: dict[str, str] | None = None) -> list[Upload]:
+    """The files of form field ``files``, in order; raises :class:`UploadError` for a bad request.
+    ``fields``: filled with the values of the :data:`TEXT_FIELDS` the request sends (at most 64 bytes each)."""
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data":
         raise UploadError(415, f"send the images as multipart/form-data in the form field '{FIELD}' "
@@ -113,7 +117,9 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
     def on_part_data(data: bytes, start: int, end: int) -> None:
         state["size"] += end - start
         if state["name"] != FIELD:
-            return  # ignored fields are counted, not kept
+            if fields is not None and state["name"] in TEXT_FIELDS and state["size"] <= _MAX_TEXT:
+                state["buf"] += data[start:end]
+            return  # other fields are counted, not kept
         if state["size"] > limits.max_file_bytes:
             shown = display_name(state["file"] or "", len(uploads))
             raise UploadError(413, f"{shown}: file exceeds the limit of {_mb(limits.max_file_bytes)}")
@@ -124,6 +130,8 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
             if state["file"] is None:
                 raise UploadError(400, f"form field '{FIELD}' must carry files, not text")
             uploads.append(Upload(display_name(state["file"], len(uploads)), bytes(state["buf"])))
+        elif fields is not None and state["name"] in TEXT_FIELDS and state["file"] is None:
+            fields[state["name"]] = bytes(state["buf"]).decode("utf-8", "replace").strip()
         state["buf"] = None
 
     parser = MultipartParser(boundary, {
