@@ -1,4 +1,5 @@
-"""Localisation metrics (AP, FROC, pointing game): hand-worked cases and a direct torchmetrics check."""
+"""Localisation metrics (AP, FROC, pointing game): hand-worked cases and a direct torchmetrics check
+(pycocotools and faster-coco-eval: tests/test_localization_coco.py)."""
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ def test_perfect_predictions():
     preds = [np.array([det(10, 10, 50, 40, 0.9)]),
              np.array([det(60, 60, 90, 100, 0.8), det(0, 0, 30, 30, 0.7)]),
              NO_PRED, NO_PRED]
-    m = run(preds, gts, n_bootstrap=50, n_bootstrap_ap=5)
+    m = run(preds, gts, n_bootstrap=50)
     assert m["ap50"] == pytest.approx(1.0) and m["ap50_95"] == pytest.approx(1.0)
     assert m["pointing"] == 1.0
     assert m["froc_sensitivity"] == {"0.5": 1.0, "1": 1.0, "2": 1.0}
@@ -161,10 +162,10 @@ def test_unannotated_images_are_left_out_entirely():
     preds = [np.array([det(0, 0, 10, 10, 0.9)]), np.array([det(3, 3, 9, 9, 0.8)]),
              np.array([det(5, 5, 30, 30, 0.4), det(40, 40, 50, 50, 0.7)])]
     groups = ["a", "b", "c"]
-    base = run(preds, gts, groups, n_bootstrap=100, n_bootstrap_ap=10)
+    base = run(preds, gts, groups, n_bootstrap=100)
     # An unannotated fractured image with boxes that would be FPs (and its own group).
     with_unknown = run(preds + [np.array([det(60, 60, 70, 70, 0.99)])], gts + [None], groups + ["d"],
-                       n_bootstrap=100, n_bootstrap_ap=10)
+                       n_bootstrap=100)
     assert with_unknown.pop("n_unannotated_excluded") == 1 and base.pop("n_unannotated_excluded") == 0
     assert with_unknown == base
 
@@ -237,8 +238,10 @@ def test_ap_equals_a_direct_torchmetrics_call():
 
 def test_cis_bracket_the_point_estimates_and_resample_groups():
     preds, gts, groups = _random_set()
-    m = run(preds, gts, groups, n_bootstrap=300, n_bootstrap_ap=40, seed=3)
-    assert m["ci95_resamples"] == {"ap50": 40, "ap50_95": 40, "pointing": 300, "froc_sensitivity": 300}
+    m = run(preds, gts, groups, n_bootstrap=300, seed=3)
+    # Every CI from the same number of resamples (AP no longer reruns COCO per resample).
+    assert m["ci95_resamples"] == {"ap50": 300, "ap50_95": 300, "pointing": 300, "froc_sensitivity": 300}
+    assert m["fractured_only"]["ci95_resamples"] == 300
     ci = m["ci95"]
     for key in ("ap50", "ap50_95", "pointing"):
         lo, hi = ci[key]
@@ -246,12 +249,18 @@ def test_cis_bracket_the_point_estimates_and_resample_groups():
     for key in FROC_KEYS:
         lo, hi = ci["froc_sensitivity"][key]
         assert lo <= m["froc_sensitivity"][key] <= hi and lo < hi, key
+    frac = m["fractured_only"]
+    for key in ("ap50", "ap50_95"):
+        lo, hi = frac["ci95"][key]
+        assert lo <= frac[key] <= hi and lo < hi, key
     # Same seed, same answer.
-    assert run(preds, gts, groups, n_bootstrap=300, n_bootstrap_ap=40, seed=3) == m
+    assert run(preds, gts, groups, n_bootstrap=300, seed=3) == m
     # One exam group: every resample is the whole set, so each CI collapses to the point estimate.
-    one = run(preds, gts, ["same exam"] * len(preds), n_bootstrap=50, n_bootstrap_ap=5)
+    one = run(preds, gts, ["same exam"] * len(preds), n_bootstrap=50)
     for key in ("ap50", "ap50_95", "pointing"):
         assert one["ci95"][key] == pytest.approx([one[key]] * 2)
+    for key in ("ap50", "ap50_95"):
+        assert one["fractured_only"]["ci95"][key] == pytest.approx([one["fractured_only"][key]] * 2)
     for key in FROC_KEYS:
         assert one["ci95"]["froc_sensitivity"][key] == pytest.approx([one["froc_sensitivity"][key]] * 2)
 
@@ -273,11 +282,13 @@ def test_plot_froc_writes_a_png(tmp_path):
 def test_report_section_shows_values_cis_and_na():
     gts = [np.array([[0, 0, 10, 10], [20, 20, 30, 30]])]
     preds = [np.array([det(0, 0, 10, 10, 0.9), det(1, 1, 10, 10, 0.8), det(20, 20, 30, 30, 0.7)])]
-    m = run(preds, gts, n_bootstrap=20, n_bootstrap_ap=3)
+    m = run(preds, gts, n_bootstrap=20)
     text = report_section(m)
     assert text.startswith("## Localization")
-    assert f"{AP_TP_FP_TP:.3f} [" in text  # one image, one group: CI [0.835, 0.835]
-    assert "| FROC sensitivity at 1 FP/image | 1.000 [1.000, 1.000] |" in text
-    assert "![FROC](froc.png)" in text and "20 for the others" in text
+    ap = f"{AP_TP_FP_TP:.3f} [{AP_TP_FP_TP:.3f}, {AP_TP_FP_TP:.3f}]"  # one image, one group: the CI collapses
+    assert f"| AP50 (COCO) | {ap} | {ap} |" in text  # all images, and fractured images only (the same image here)
+    assert "| FROC sensitivity at 1 FP/image | 1.000 [1.000, 1.000] | – |" in text
+    assert "![FROC](froc.png)" in text and "20 resamples for every value" in text
+    assert "FracAtlas's official protocol" in text
     empty = report_section(run([NO_PRED], [NO_BOX]), froc_png=None)
-    assert "| AP50 (COCO) | n/a |" in empty and "![FROC]" not in empty
+    assert "| AP50 (COCO) | n/a | n/a |" in empty and "![FROC]" not in empty

@@ -9,14 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from bonexray.evaluation.figures import plot_confusion, plot_curves, plot_roc
 from bonexray.evaluation.metrics import compute_metrics, study_table
-from bonexray.evaluation.report import (
-    plot_confusion,
-    plot_curves,
-    plot_roc,
-    write_metrics_json,
-    write_report,
-)
+from bonexray.evaluation.report import write_metrics_json, write_report
 
 PARTS = ["elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist"]
 
@@ -116,16 +111,16 @@ def test_plot_curves_variants(tmp_path):
 
 def test_plot_curves_aggregates_per_epoch(tmp_path, monkeypatch):
     """Check the plotted data, not just the file: capture the Line2D objects."""
-    import matplotlib.pyplot as plt
+    from bonexray.evaluation import figures
 
     captured = {}
-    real_close = plt.close
+    real_save = figures.save_figure
 
-    def fake_close(fig=None):
+    def keep(fig, path):
         captured["fig"] = fig
-        # keep the figure open for inspection
+        return real_save(fig, path)
 
-    monkeypatch.setattr(plt, "close", fake_close)
+    monkeypatch.setattr(figures, "save_figure", keep)
     assert plot_curves(_lightning_csv(tmp_path / "m.csv", epochs=4), tmp_path / "c.png")
     fig = captured["fig"]
     titles = [ax.get_title() for ax in fig.axes]
@@ -136,7 +131,6 @@ def test_plot_curves_aggregates_per_epoch(tmp_path, monkeypatch):
     assert list(loss["valid"].get_ydata()) == pytest.approx([1.2, 0.6, 0.4, 0.3])
     labels = {ln.get_label() for ln in fig.axes[1].get_lines()}
     assert labels == {"train acc", "valid acc", "valid AUROC"}
-    real_close(fig)
 
 
 def test_write_report_contains_numbers_and_links(tmp_path, preds, metrics):
@@ -194,3 +188,68 @@ def test_write_metrics_json_sorted_strict_atomic(tmp_path, metrics):
     # Writing twice is byte-identical (stable diffs between runs).
     write_metrics_json(path, {**metrics, "extra": {"a": 3, "b": math.nan}})
     assert path.read_text() == text
+
+
+def test_evaluation_modules_import_without_cycles_or_private_names():
+    """The evaluation modules form no import cycle (lazy imports included) and import no private name
+    (``_fmt``, ``_clean``, ``_save``, ...) from one another."""
+    import ast
+    from pathlib import Path
+
+    import bonexray.evaluation as package
+
+    folder = Path(package.__file__).parent
+    graph, private = {}, []
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+                private += [f"{path.stem} <- {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+        graph[path.stem] = deps & {p.stem for p in folder.glob("*.py")}
+    assert not private, private
+
+    def reach(start, seen):
+        for d in graph[start]:
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+
+    cycles = [m for m in graph if m in reach(m, set())]
+    assert not cycles, {m: graph[m] for m in cycles}
+
+
+def test_figures_leave_the_matplotlib_backend_alone(tmp_path):
+    """No backend is selected at import or when a figure is saved (a notebook keeps its own), and no figure
+    is left registered with pyplot (third-party imports may load pyplot; our figures do not use it)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, matplotlib
+matplotlib.use("svg")
+from bonexray.evaluation import calibration, evaluate, figures, localization, report
+figures.plot_confusion([[1, 2], [0, 3]], ["normal", "abnormal"], r"{tmp_path / 'c.png'}", "t")
+localization.plot_froc({{"fp_per_image": [0, 0.5, 1.5], "sensitivity": [0, 0.4, 0.6], "n_images": 4, "n_boxes": 5}},
+                       r"{tmp_path / 'f.png'}")
+cal = calibration.calibration_metrics([0, 1, 1, 0], [0.2, 0.7, 0.9, 0.4])
+calibration.plot_reliability(cal, r"{tmp_path / 'r.png'}")
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("c.png", "f.png", "r.png"):
+        _assert_png(tmp_path / name, min_side=200)
+
+
+def test_report_shows_both_box_protocols(tmp_path, metrics):
+    from bonexray.evaluation.localization import localization_metrics
+
+    gts = [np.array([[0, 0, 10, 10]]), np.zeros((0, 4))]
+    preds = [np.array([[0, 0, 10, 10, 0.5]]), np.array([[0, 0, 10, 10, 0.9]])]  # an FP on the normal image first
+    loc = localization_metrics(preds, gts, ["a", "b"], n_bootstrap=20)
+    text = write_report(tmp_path, {**metrics, "localization": loc}, PARTS, {}).read_text()
+    assert "| AP50 (COCO) | 0.500 [" in text and "| 1.000 [1.000, 1.000] |" in text  # all images | fractured only
+    assert "Fractured images only" in text and "FracAtlas's official protocol" in text

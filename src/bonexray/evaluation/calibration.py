@@ -42,14 +42,9 @@ def band_error_rates(y, p, threshold: float, band: float, source: str) -> dict[s
 
 def plot_reliability(cal: dict[str, Any], path: str | os.PathLike) -> None:
     """Reliability diagram: observed share of abnormal images against the mean predicted probability per bin."""
-    import matplotlib
+    from .figures import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import _save
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = new_figure(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", label="perfect calibration")
     pts = [(b["mean_prob"], b["frac_abnormal"], b["n"]) for b in cal["bins"] if b["n"]]
     if pts:
@@ -63,4 +58,21 @@ def plot_reliability(cal: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_ylabel("observed share abnormal")
     ax.set_title(f"Reliability ({cal['n_bins']} bins; numbers: images)")
     ax.legend(loc="upper left", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def report_section(cal: dict[str, Any], band: dict[str, Any] | None = None) -> str:
+    """The "Calibration and the borderline band" section of report.md (``calibration_metrics`` and
+    ``band_error_rates`` results)."""
+    from .markdown import fmt
+
+    out = ["## Calibration and the borderline band", "",
+           f"Expected calibration error: **{fmt(cal.get('ece'))}** ({cal.get('n_bins')} equal-width bins; "
+           "reliability diagram below)."]
+    if band:
+        i, o = band["inside"], band["outside"]
+        out += [f"Borderline band |p - threshold| < {fmt(band['band'])} ({band['source']}): "
+                f"error rate {fmt(i['error_rate'])} on {i['n']} images inside, {fmt(o['error_rate'])} on "
+                f"{o['n']} images outside."]
+    out += [""]
+    return "\n".join(out)

@@ -20,12 +20,13 @@ from ..data.datasets import load_dataset
 from ..data.preprocess import build_cache, check_output_folder, default_cache_dir
 from ..data.splits import assign_eval_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
-from .localization import localization_metrics, plot_froc
 from ..inference.results import finite_rows
 from ..inference.writers import csv_safe
 from ..runs import find_run_dir
+from .figures import plot_confusion, plot_curves, plot_roc
+from .localization import localization_metrics, plot_froc
 from .metrics import choose_threshold, compute_metrics, study_table
-from .report import plot_confusion, plot_curves, plot_roc, write_metrics_json, write_report
+from .report import write_metrics_json, write_report
 
 
 def parse_body_part_map(pairs: Sequence[str]) -> dict[str, str]:
@@ -213,6 +214,9 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         threshold, threshold_source = _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of,
                                                                  status, batch_size, progress, known=known)
 
+    phases = _Phases(["abnormality metrics", "calibration"] + (["box metrics"] if with_boxes else [])
+                     + ["predictions.csv and figures", "report"], progress)
+    phases.next()
     table = pd.DataFrame({
         "path": [r.path for r in chosen],
         "study_id": [r.study_id for r in chosen],
@@ -232,6 +236,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
         studies = study_table(table)
     metrics["studies_with_mixed_labels"] = mixed
+    phases.next()
     from ..inference.scope import borderline_band
     from .calibration import band_error_rates, calibration_metrics, plot_reliability
 
@@ -240,7 +245,8 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     metrics["abnormality"]["borderline"] = band_error_rates(table["abnormal"], table["prob_abnormal"], threshold,
                                                             band, band_source)
     if with_boxes:
-        metrics["localization"] = _localization(chosen, found[0], predictor.image_size, n_bootstrap)
+        phases.next()
+        metrics["localization"] = _localization(chosen, found[0], predictor.image_size, n_bootstrap, progress)
     info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
             "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
             "image_size": predictor.image_size, "skipped_unreadable": len(skipped),
@@ -249,6 +255,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
                                          "skipped_unreadable", "backend")})
 
+    phases.next()
     results.mkdir(parents=True, exist_ok=True)
     text_cols = [c for c in table.columns if table[c].dtype == object]
     table.assign(**{c: table[c].map(csv_safe) for c in text_cols}).to_csv(  # no spreadsheet formulas
@@ -263,8 +270,10 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         plot_froc(loc["froc_curve"], results / "froc.png", ci=loc["ci95"]["froc_sensitivity"])
     if run_dir is not None and (run_dir / "metrics.csv").is_file():
         plot_curves(run_dir / "metrics.csv", results / "curves.png")
+    phases.next()
     write_metrics_json(results / "metrics.json", metrics)
     report = write_report(results, metrics, body_parts, info)
+    phases.close()
     m_img, m_study = metrics["abnormality"]["image"], metrics["abnormality"]["study"]
 
     def f(x):
@@ -312,7 +321,29 @@ def _wait_for_cache(records, cache_dir: Path, size: int, stall_s: float = CACHE_
     return ImageCache.open(cache_dir)
 
 
-def _localization(chosen, found: list[np.ndarray], size: int, n_bootstrap: int) -> dict:
+class _Phases:
+    """One progress line over the steps after inference, naming the step that runs (tqdm on stderr)."""
+
+    def __init__(self, names: Sequence[str], progress: bool) -> None:
+        self.names = list(names)
+        self.bar = tqdm(total=len(self.names), desc="metrics", unit="step", disable=not progress,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}]{postfix}")
+        self.started = 0
+
+    def next(self) -> None:
+        """The previous step is done; the next one starts."""
+        if self.started:
+            self.bar.update(1)
+        self.bar.set_postfix_str(self.names[self.started])
+        self.started += 1
+
+    def close(self) -> None:
+        self.bar.update(len(self.names) - self.bar.n)
+        self.bar.set_postfix_str("done")
+        self.bar.close()
+
+
+def _localization(chosen, found: list[np.ndarray], size: int, n_bootstrap: int, progress: bool = False) -> dict:
     """Box metrics against the dataset's fracture boxes, both in tile pixels (the letterbox is a uniform
     scale plus a shift, so IoU, hits and counts are those of the original pixels). Images whose fracture
     nobody annotated are left out."""
@@ -326,11 +357,13 @@ def _localization(chosen, found: list[np.ndarray], size: int, n_bootstrap: int) 
             truth.append(letterbox_boxes(r.extras["boxes"], r.extras["annotated_size"], size))
         else:
             truth.append(np.zeros((0, 4), np.float32))
-    loc = localization_metrics(found, truth, [r.study_id for r in chosen], n_bootstrap=n_bootstrap)
+    loc = localization_metrics(found, truth, [r.study_id for r in chosen], n_bootstrap=n_bootstrap, progress=progress)
     loc["protocol"] = (f"boxes down to score {EVAL_BOX_THRESHOLD} (at most {EVAL_MAX_DETECTIONS} per image) against the "
-                       "dataset's fracture boxes; AP: COCO (torchmetrics), every evaluated image counted; FROC: "
-                       "sensitivity per fracture box at IoU >= 0.5; pointing: top box centre inside a fracture box; "
-                       "CIs: bootstrap over exam groups")
+                       "dataset's fracture boxes; AP: COCO (one matching pass, pycocotools' rules), every evaluated "
+                       "image counted; fractured_only: the same AP on the images with fracture boxes alone "
+                       "(FracAtlas's official protocol); FROC: sensitivity per fracture box at IoU >= 0.5; pointing: "
+                       f"top box centre inside a fracture box; CIs: bootstrap over exam groups ({n_bootstrap} "
+                       "resamples for every value)")
     return loc
 
 
@@ -339,6 +372,9 @@ def _localization_line(loc: dict) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
     froc = loc.get("froc_sensitivity") or {}
+    frac = loc.get("fractured_only") or {}
     return (f"  boxes: AP50 {f(loc.get('ap50'))}  AP50:95 {f(loc.get('ap50_95'))}  pointing {f(loc.get('pointing'))}  "
             f"FROC sens @0.5/1/2 FP {f(froc.get('0.5'))}/{f(froc.get('1'))}/{f(froc.get('2'))}  "
-            f"({loc.get('n_images')} images, {loc.get('n_boxes')} boxes)\n")
+            f"({loc.get('n_images')} images, {loc.get('n_boxes')} boxes)\n"
+            f"  boxes, fractured images only: AP50 {f(frac.get('ap50'))}  AP50:95 {f(frac.get('ap50_95'))}  "
+            f"({frac.get('n_images')} images)\n")

@@ -20,7 +20,6 @@ uses small vectorised re-implementations of AUROC and kappa because calling scik
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +39,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-__all__ = ["compute_metrics", "choose_threshold", "study_table", "binary_metrics"]
+from .intervals import finite_or_none, percentile_ci
+
+__all__ = ["compute_metrics", "choose_threshold", "study_table", "binary_metrics", "report_section"]
 
 REQUIRED_COLUMNS = ("study_id", "body_part", "abnormal", "prob_abnormal")
 IMAGE_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "auroc",
@@ -52,14 +53,6 @@ _BOOT_CHUNK_ELEMS = 5_000_000
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _clean(x: Any) -> float | None:
-    """Python float, or None for NaN/inf/None (JSON has no NaN)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _quiet(fn, *args, **kwargs):
@@ -175,22 +168,22 @@ def binary_metrics(y_true: Any, prob: Any, threshold: float, *, with_ap: bool = 
     pred = (p >= threshold).astype(int)
     both = len(np.unique(y)) == 2
     nan = np.nan
-    out["accuracy"] = _clean(_quiet(accuracy_score, y, pred))
-    out["precision"] = _clean(_quiet(precision_score, y, pred, labels=[0, 1], pos_label=1,
+    out["accuracy"] = finite_or_none(_quiet(accuracy_score, y, pred))
+    out["precision"] = finite_or_none(_quiet(precision_score, y, pred, labels=[0, 1], pos_label=1,
                                      zero_division=nan))
-    out["recall"] = _clean(_quiet(recall_score, y, pred, labels=[0, 1], pos_label=1,
+    out["recall"] = finite_or_none(_quiet(recall_score, y, pred, labels=[0, 1], pos_label=1,
                                   zero_division=nan))
-    out["specificity"] = _clean(_quiet(recall_score, y, pred, labels=[0, 1], pos_label=0,
+    out["specificity"] = finite_or_none(_quiet(recall_score, y, pred, labels=[0, 1], pos_label=0,
                                        zero_division=nan))
-    out["f1"] = _clean(_quiet(f1_score, y, pred, labels=[0, 1], pos_label=1, zero_division=nan))
-    out["auroc"] = _clean(_quiet(roc_auc_score, y, p)) if both else None
+    out["f1"] = finite_or_none(_quiet(f1_score, y, pred, labels=[0, 1], pos_label=1, zero_division=nan))
+    out["auroc"] = finite_or_none(_quiet(roc_auc_score, y, p)) if both else None
     if with_ap:
-        out["average_precision"] = _clean(_quiet(average_precision_score, y, p)) if y.any() \
+        out["average_precision"] = finite_or_none(_quiet(average_precision_score, y, p)) if y.any() \
             else None
     tn, fp, fn, tp = _quiet(confusion_matrix, y, pred, labels=[0, 1]).ravel()
     # sklearn divides by zero (warning + NaN) when chance agreement is 1; test it ourselves.
     if np.isfinite(_kappa_from_cells(tn, fp, fn, tp)):
-        out["kappa"] = _clean(_quiet(cohen_kappa_score, y, pred, labels=[0, 1]))
+        out["kappa"] = finite_or_none(_quiet(cohen_kappa_score, y, pred, labels=[0, 1]))
     return out
 
 
@@ -221,14 +214,6 @@ def _cells(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """One-hot (n, 4) of confusion cell [tn, fp, fn, tp] per item."""
     idx = 2 * y.astype(int) + pred.astype(int)
     return np.eye(4)[idx]
-
-
-def _percentile_ci(values: np.ndarray) -> list[float] | None:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return None
-    lo, hi = np.percentile(finite, [2.5, 97.5])
-    return [float(lo), float(hi)]
 
 
 def _bootstrap_ci(img_study: np.ndarray, y_img: np.ndarray, p_img: np.ndarray,
@@ -265,7 +250,7 @@ def _bootstrap_ci(img_study: np.ndarray, y_img: np.ndarray, p_img: np.ndarray,
         res["study_kappa"].append(_kappa_from_cells(*sc.T))
         res["image_kappa"].append(_kappa_from_cells(*ic.T))
         done += b
-    return {k: _percentile_ci(np.concatenate(v)) for k, v in res.items()}
+    return {k: percentile_ci(np.concatenate(v)) for k, v in res.items()}
 
 
 # --------------------------------------------------------------------------- main API
@@ -288,12 +273,12 @@ def _body_part_metrics(df: pd.DataFrame, body_parts: Sequence[str]) -> tuple[dic
         # Classes where the score is undefined (no support / no predictions) are left out,
         # as scikit-learn does with zero_division=nan.
         a = np.asarray(a, dtype=float)
-        return _clean(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else None
+        return finite_or_none(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else None
 
-    per_class = {p: {"precision": _clean(prec[i]), "recall": _clean(rec[i]),
+    per_class = {p: {"precision": finite_or_none(prec[i]), "recall": finite_or_none(rec[i]),
                      "support": int(sup[i])} for i, p in enumerate(labels)}
     cm = _quiet(confusion_matrix, y, pr, labels=labels) if k else np.zeros((0, 0), int)
-    return ({"accuracy": _clean(_quiet(accuracy_score, y, pr)), "macro_precision": macro(prec),
+    return ({"accuracy": finite_or_none(_quiet(accuracy_score, y, pr)), "macro_precision": macro(prec),
              "macro_recall": macro(rec), "macro_f1": macro(f1), "per_class": per_class},
             cm.astype(int).tolist())
 
@@ -401,3 +386,67 @@ def choose_threshold(y_true: Any, prob: Any, method: str = "youden", target: flo
         # tpr is non-decreasing as thresholds decrease; tpr reaches 1 at the last point.
         i = int(np.flatnonzero(tpr >= target - 1e-12)[0])
     return float(thr[i])
+
+
+# --------------------------------------------------------------------------- report section
+
+
+def report_section(metrics: dict[str, Any], body_parts: Sequence[str], threshold: float | None = None) -> str:
+    """The abnormality and body-part sections of report.md for ``compute_metrics(...)``'s dict."""
+    from .markdown import fmt, fmt_ci, table
+
+    ab = metrics.get("abnormality", {})
+    img, st, ci = ab.get("image", {}), ab.get("study", {}), ab.get("ci95", {}) or {}
+    threshold = metrics.get("threshold") if threshold is None else threshold
+    out = [f"An image or study is called abnormal when its probability is ≥ "
+           f"{fmt(threshold)}. A study's probability is the mean over its images "
+           "(MURA protocol). 95% CIs (in brackets) are percentile bootstrap intervals "
+           "resampling studies.", ""]
+
+    out += ["## Abnormality", ""]
+    rows = []
+    names = [("accuracy", "Accuracy"), ("precision", "Precision"),
+             ("recall", "Recall (sensitivity)"), ("specificity", "Specificity"),
+             ("f1", "F1"), ("auroc", "AUROC"), ("average_precision", "Average precision"),
+             ("kappa", "Cohen's kappa"), ("n", "n")]
+    for key, label in names:
+        if key in ("auroc", "kappa"):
+            rows.append([label, fmt_ci(img.get(key), ci.get(f"image_{key}")),
+                         fmt_ci(st.get(key), ci.get(f"study_{key}"))])
+        else:
+            rows.append([label, fmt(img.get(key)),
+                         fmt(st.get(key)) if key in st else "–"])
+    out += table(["Metric", "Image level", "Study level"], rows, align="l")
+    out.append("")
+
+    per = ab.get("per_body_part", {}) or {}
+    if per:
+        out += ["### Per body part", ""]
+        rows = []
+        for part in body_parts:
+            pm = per.get(part)
+            if pm is None:
+                continue
+            s, i = pm.get("study", {}), pm.get("image", {})
+            rows.append([part, fmt(s.get("n")), fmt(i.get("n")), fmt(s.get("kappa")),
+                         fmt(s.get("auroc")), fmt(s.get("accuracy")),
+                         fmt(i.get("accuracy"))])
+        out += table(["Body part", "Studies", "Images", "Study kappa", "Study AUROC",
+                      "Study accuracy", "Image accuracy"], rows)
+        out.append("")
+
+    bp = metrics.get("body_part", {}) or {}
+    out += ["## Body-part classification (image level)", ""]
+    rows = []
+    pc = bp.get("per_class", {}) or {}
+    for part in body_parts:
+        c = pc.get(part, {})
+        rows.append([part, fmt(c.get("precision")), fmt(c.get("recall")),
+                     fmt(c.get("support"))])
+    total = sum(int(pc.get(p, {}).get("support") or 0) for p in body_parts)
+    rows.append(["**macro average**", fmt(bp.get("macro_precision")),
+                 fmt(bp.get("macro_recall")), fmt(total)])
+    out += table(["Class", "Precision", "Recall", "Support"], rows)
+    out += ["", f"Accuracy: **{fmt(bp.get('accuracy'))}**, macro F1: "
+            f"**{fmt(bp.get('macro_f1'))}**.", ""]
+    return "\n".join(out)
