@@ -24,9 +24,9 @@ Output (stdout), one record per image, in input order:
 Unreadable inputs (PATHs that do not exist, symlink loops, broken links, images that cannot be
 decoded, images for which the model's output is not a finite number) give one line on stderr,
 ``bonexray predict: <path>: <reason>``; the others are still predicted and the exit status is 1.
-Every file met in a folder is either predicted or named on stderr: files that are not images and
-hidden files/folders as ``bonexray predict: <path>: skipped: <why>`` (these do not change the
-exit status).
+Every file met in a folder is either predicted or named on stderr: files that are not images,
+DICOM objects without pixel data (DICOMDIR, SR, RT plan, encapsulated PDF) and hidden files/folders
+as ``bonexray predict: <path>: skipped: <why>`` (these do not change the exit status).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from typing import TextIO
 
 import numpy as np
 
-from ..errors import BonexrayError, ImageReadError
+from ..errors import BonexrayError, ImageReadError, NotAnImageError
 from .inputs import InputItem, collect_inputs
 from .predictor import Predictor, is_onnx_file
 from .results import ImageResult, box_records, finite_rows, image_record, nonfinite_reason, original_boxes, study_records
@@ -178,6 +178,9 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
         for item in chunk:
             try:
                 m = read_for_model(item.path, size)
+            except NotAnImageError as err:  # a DICOMDIR, SR, PDF of a DICOM media folder: named, not a failure
+                _error(str(item.path), f"skipped: {err.reason}")
+                continue
             except ImageReadError as err:
                 _error(str(item.path), err.reason)
                 failed += 1
