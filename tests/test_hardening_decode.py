@@ -358,3 +358,187 @@ def test_decompression_bomb_message_quotes_bonexrays_limit():
     reason = info.value.reason
     assert "400,000,000 pixels" in reason and "40,000,000" in reason and "decompression bomb" in reason
     assert pillow_limit not in reason and str(2 * Image.MAX_IMAGE_PIXELS) not in reason
+
+
+# --------------------------------------------------------------------------- 2, 15, 20: serve
+
+
+@pytest.fixture(scope="module")
+def serve_model(tmp_path_factory) -> Path:
+    from builders import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("serve32") / "m.ckpt", image_size=64)
+
+
+BOUNDARY = "bonexray32boundary"
+
+
+def multipart(files: list[tuple[str, bytes]], closed: bool = True) -> bytes:
+    parts = b"".join(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for name, data in files)
+    return parts + (f"--{BOUNDARY}--\r\n".encode() if closed else b"")
+
+
+def _status_line(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(64).split(b"\r\n", 1)[0]
+    except (socket.timeout, ConnectionError):
+        return b""
+
+
+def test_slow_request_bodies_do_not_lock_other_clients_out(serve_model):
+    """66 connections send a predict request's headers and then a byte now and then (a slow-body attack): /healthz
+    answers all along, every slow body is cut off with 408 once it falls behind, and then a normal request works."""
+    import httpx
+
+    from bonexray.web.app import create_app
+    from bonexray.web.server import uvicorn_settings
+    from bonexray.web.uploads import UploadLimits
+    from builders import LiveServer, png_bytes
+
+    app = create_app(serve_model, device="cpu", limits=UploadLimits(body_grace_s=2, body_min_rate=1024))
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}"
+            f"\r\nContent-Length: 100000\r\n\r\n").encode()
+    with LiveServer(app, **uvicorn_settings(header_timeout=2.0)) as live:
+        slow = [socket.create_connection(("127.0.0.1", live.port)) for _ in range(66)]
+        try:
+            for s in slow:
+                s.sendall(head + b"-")
+            time.sleep(0.5)
+            for s in slow:  # a byte more: alive, but far below any useful rate
+                s.sendall(b"-")
+            assert httpx.get(f"{live.url}/healthz", timeout=5).status_code == 200  # while all slots are taken
+            answers = [_status_line(s, 10) for s in slow]
+            assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers), set(answers)
+            assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 60  # the slots were held, then freed
+            r = httpx.post(f"{live.url}/api/predict", timeout=30,
+                           files=[("files", ("x.png", png_bytes(radiograph_like(0)), "image/png"))])
+            assert r.status_code == 200, r.text
+        finally:
+            for s in slow:
+                s.close()
+
+
+def test_healthz_is_outside_the_request_limit(serve_model):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+
+    client = TestClient(create_app(serve_model, device="cpu", max_requests=0))
+    assert client.get("/healthz").status_code == 200
+    r = client.get("/api/model")
+    assert r.status_code == 503 and "server busy" in r.json()["detail"]
+
+
+def test_slow_body_is_answered_408_in_words(serve_model):
+    import asyncio
+
+    from bonexray.web.uploads import UploadError, UploadLimits, read_uploads
+
+    async def trickle():
+        yield f"--{BOUNDARY}\r\n".encode()
+        await asyncio.sleep(3)
+        yield b"x"
+
+    limits = UploadLimits(body_grace_s=1, body_min_rate=1024)
+    with pytest.raises(UploadError) as info:
+        asyncio.run(read_uploads(f"multipart/form-data; boundary={BOUNDARY}", None, trickle(), limits))
+    assert info.value.status == 408 and "request body too slow" in info.value.message
+
+
+def test_cut_off_multipart_upload_is_called_incomplete(serve_model):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+    from builders import png_bytes
+
+    client = TestClient(create_app(serve_model, device="cpu"))
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    whole = multipart([("a.png", png_bytes(radiograph_like(1)))])
+    assert client.post("/api/predict", content=whole, headers=headers).status_code == 200
+    for cut in (whole[: len(whole) // 2], multipart([("a.png", png_bytes(radiograph_like(1)))], closed=False)):
+        r = client.post("/api/predict", content=cut, headers=headers)
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith("incomplete upload: the body ended") and "closing multipart boundary" in detail
+    assert "inside a.png" in client.post("/api/predict", content=whole[:300], headers=headers).json()["detail"]
+
+
+def _csp(header: str) -> dict[str, list[str]]:
+    out = {}
+    for directive in filter(None, (d.strip() for d in header.split(";"))):
+        name, *values = directive.split()
+        out[name] = values
+    return out
+
+
+def test_docs_and_openapi_carry_a_csp_that_allows_exactly_their_own_assets(serve_model):
+    import base64
+    import hashlib
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+
+    client = TestClient(create_app(serve_model, device="cpu"))
+    schema = client.get("/openapi.json")
+    assert schema.status_code == 200 and _csp(schema.headers["content-security-policy"])["default-src"] == ["'none'"]
+    page = client.get("/docs")
+    assert page.status_code == 200
+    csp = _csp(page.headers["content-security-policy"])
+    scripts = csp.get("script-src", csp["default-src"])
+    styles = csp.get("style-src", csp["default-src"])
+    assert "'unsafe-inline'" not in scripts and "'unsafe-eval'" not in scripts and "*" not in scripts
+    html = page.text
+    sources = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", html)
+    sheets = re.findall(r"<link[^>]*\bhref=\"([^\"]+\.css)\"", html)
+    assert sources and sheets
+    for src in sources:
+        assert src.startswith("/") and not src.startswith("//") and "'self'" in scripts  # same origin
+        assert client.get(src).status_code == 200  # the offline asset is served
+    for href in sheets:
+        assert href.startswith("/") and "'self'" in styles and client.get(href).status_code == 200
+    inline = [body for attrs, body in re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S) if "src=" not in attrs]
+    assert inline  # Swagger UI is started by an inline script: it must be allowed by its hash, and only it
+    for body in inline:
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in scripts
+    assert csp["object-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"]
+
+
+# --------------------------------------------------------------------------- 14: a PACS answering HTML
+
+
+def test_a_pacs_answering_html_is_quoted_not_a_json_error(tmp_path, capsys):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bonexray.cli import main
+
+    class LoginPage(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Hospital portal</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/portal"
+        rc = main(["pacs", "analyze", "--url", url, "--model", str(tmp_path / "unused.ckpt"), "--date", "20240101"])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert "Expecting value" not in err
+    for words in ("not DICOMweb", "HTTP 200", "text/html", "<!DOCTYPE html><html><head><title>Sign in"):
+        assert words in lines[0], lines[0]
