@@ -542,3 +542,49 @@ def test_a_pacs_answering_html_is_quoted_not_a_json_error(tmp_path, capsys):
     assert "Expecting value" not in err
     for words in ("not DICOMweb", "HTTP 200", "text/html", "<!DOCTYPE html><html><head><title>Sign in"):
         assert words in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- pacs listen: objects that are no image
+
+
+@pytest.mark.slow
+def test_listener_receiving_non_image_sop_classes_answers_and_logs_a_skip(serve_model, capsys):
+    from pynetdicom import AE
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from bonexray.inference.predictor import Predictor
+    from bonexray.pacs.listen import Destination, Listener
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    sr, plan = pydicom.dcmread(real_file("test-SR.dcm")), pydicom.dcmread(real_file("rtplan.dcm"))
+    pdf = pdf_dataset()
+    orphan = pydicom.dcmread(real_file("rtplan.dcm"))
+    del orphan.StudyInstanceUID
+    orphan.SOPInstanceUID = generate_uid()
+    listener = Listener(Predictor(serve_model, backend="torch"), Destination("NOWHERE", "127.0.0.1", 1), port,
+                        quiet_seconds=0.5).start()
+    try:
+        ae = AE(ae_title="MODALITY")
+        for ds in (sr, plan, pdf):
+            ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title="BONEXRAY")
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(ds).Status for ds in (sr, plan, pdf, orphan)]
+        assoc.release()
+        for _ in range(300):
+            if listener.studies_done >= 3:
+                break
+            time.sleep(0.1)
+        assert listener.studies_done == 3  # each study handled, the listener still up
+    finally:
+        listener.stop()
+    assert statuses == [0x0000, 0x0000, 0x0000, 0xC210]
+    out, err = capsys.readouterr()
+    for ds in (sr, plan, pdf):
+        assert f"instance {ds.SOPInstanceUID}: skipped: not a radiograph" in err
+        assert f"study {ds.StudyInstanceUID}: no radiograph among its 1 instance(s); nothing to analyse" in out
+    assert f"instance {orphan.SOPInstanceUID} from MODALITY (RT Plan Storage): no Study Instance UID; refused" in err
+    assert "Traceback" not in err and "AttributeError" not in err
