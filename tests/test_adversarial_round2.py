@@ -468,8 +468,9 @@ def test_requests_beyond_the_limit_get_503_not_a_hang(good_ckpt):
     from bonexray.web.app import create_app
 
     client = TestClient(create_app(good_ckpt, device="cpu", max_requests=0))
-    r = client.get("/healthz")
+    r = client.get("/api/model")  # not /healthz: it is outside the limit (issue #32)
     assert r.status_code == 503 and "server busy" in r.json()["detail"]
+    assert client.get("/healthz").status_code == 200
 
 
 @pytest.mark.parametrize("flag,value", [("--max-file-mb", "nan"), ("--max-file-mb", "inf"), ("--max-request-mb", "-1")])

@@ -1,7 +1,6 @@
 """Tests for bonexray.data.imageio: synthetic edge cases in tmp_path, plus the real shared data."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import struct
 import warnings
@@ -23,7 +22,7 @@ from bonexray.data.imageio import (
     read_image,
     to_uint8,
 )
-from bonexray.errors import ImageReadError, MissingDecoderError
+from bonexray.errors import BonexrayWarning, ImageReadError, MissingDecoderError
 from conftest import SHARED_DATA, requires_shared_data
 
 DICOM_DIR = SHARED_DATA / "dicom"
@@ -467,8 +466,11 @@ def test_dicom_voi_lut_sequence(tmp_path: Path) -> None:
 
 def test_dicom_multiframe_takes_first_frame(tmp_path: Path) -> None:
     frames = np.stack([np.array([[0, 4095], [0, 4095]]), np.full((2, 2), 7)]).astype(np.uint16)
-    px = read_image(_dicom(tmp_path / "mf.dcm", frames, frames=2)).pixels
-    np.testing.assert_array_equal(px, [[0, 255], [0, 255]])
+    path = _dicom(tmp_path / "mf.dcm", frames, frames=2)
+    with pytest.warns(BonexrayWarning, match=r"mf\.dcm: multi-frame DICOM of 2 frames; bonexray reads the first"):
+        out = read_image(path)
+    np.testing.assert_array_equal(out.pixels, [[0, 255], [0, 255]])
+    assert out.frames == 2
 
 
 def test_dicom_rgb_to_gray(tmp_path: Path) -> None:
@@ -514,12 +516,14 @@ def test_dicom_bomb_refused(tmp_path: Path) -> None:
         read_image(path, max_pixels=100)
 
 
-@pytest.mark.skipif(
-    any(importlib.util.find_spec(m) for m in ("libjpeg", "jpeg_ls", "gdcm")),
-    reason="a JPEG-LS decoder is installed, so the missing-decoder message cannot be provoked",
-)
-def test_dicom_unsupported_compression_names_package(tmp_path: Path) -> None:
+def test_dicom_unsupported_compression_names_package(tmp_path: Path, monkeypatch) -> None:
     from pydicom.encaps import encapsulate
+
+    # Every JPEG-LS decoder is a dependency: hide them as pydicom sees a missing one (its dependency not met).
+    pixels = pytest.importorskip("pydicom.pixels.decoders")
+    decoder = pixels.JPEGLSLosslessDecoder
+    monkeypatch.setattr(decoder, "_available", {})
+    monkeypatch.setattr(decoder, "_unavailable", {"pyjpegls": ("numpy", "pyjpegls")})
 
     ds = pydicom.dcmread(_dicom(tmp_path / "plain.dcm", np.zeros((4, 4), np.uint16)))
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless

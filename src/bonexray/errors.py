@@ -22,6 +22,11 @@ class MissingDecoderError(ImageReadError):
     problem, not a bad image, so callers that record bad images stop on it instead."""
 
 
+class NotAnImageError(ImageReadError):
+    """A readable file of another kind (a DICOMDIR, a structured report, an RT plan, an encapsulated PDF):
+    front ends list it as skipped, not as a failed image."""
+
+
 class DatasetError(BonexrayError):
     """A dataset folder/CSV is missing, malformed or of an unknown layout."""
 

@@ -28,8 +28,8 @@ Output (stdout), one record per image, in input order:
 Unreadable inputs (PATHs that do not exist, symlink loops, broken links, images that cannot be
 decoded, images for which the model's output is not a finite number) give one line on stderr,
 ``bonexray predict: <path>: <reason>``; the others are still predicted and the exit status is 1.
-Every file met in a folder is either predicted or named on stderr: files that are not images and
-hidden files/folders as ``bonexray predict: <path>: skipped: <why>`` (these do not change the
+Every file met in a folder is either predicted or named on stderr: files that are not images,
+DICOM objects without pixel data (DICOMDIR, SR, RT plan, encapsulated PDF) and hidden files/folders as ``bonexray predict: <path>: skipped: <why>`` (these do not change the
 exit status). A ``--cam`` folder that cannot be written (read-only, disk full) is one line naming it;
 the records are still written, without ``cam``, and the exit status is 1.
 """
@@ -42,7 +42,7 @@ from typing import TextIO
 
 import numpy as np
 
-from .errors import BonexrayError, ImageReadError
+from .errors import BonexrayError, ImageReadError, NotAnImageError
 from .pipeline import study_keys
 from .inference.inputs import InputItem, collect_inputs
 from .inference.predictor import BatchPrediction, Predictor, is_onnx_file
@@ -180,6 +180,8 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
             try:
                 decoded.append(decode(item.path, predictor.image_size))
                 ok_items.append(item)
+            except NotAnImageError as err:  # a DICOMDIR, SR, PDF of a DICOM media folder: named, not a failure
+                _error(str(item.path), f"skipped: {err.reason}")
             except ImageReadError as err:
                 out.fail(str(item.path), err.reason)
             except Exception as err:  # noqa: BLE001 - one bad file must not stop the others

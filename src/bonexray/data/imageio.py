@@ -19,9 +19,18 @@ Output conventions (the contract every consumer relies on):
   flag itself, truncation can no longer be detected and ``truncated`` stays False.)
 * A float image without a single finite pixel (all NaN/inf) is refused, not shown as black.
 * Pillow's DecompressionBombWarning (images above ``Image.MAX_IMAGE_PIXELS``) is replaced by a
-  ``BonexrayWarning`` naming the file; ``max_pixels`` is the hard limit.
+  ``BonexrayWarning`` naming the file; ``max_pixels`` is the hard limit, and the message of a refused
+  image quotes it (not Pillow's own limit).
+* A file of several frames (multi-frame DICOM, multi-page TIFF, animated GIF/PNG/WebP) gives its first
+  frame, ``frames`` says how many it holds, and one ``BonexrayWarning`` names the file and the count.
+* Warnings of the decoders (pydicom, GDCM) are re-issued as one ``BonexrayWarning`` line naming the file.
+* DICOM transfer syntaxes: uncompressed, deflate and RLE (pydicom), JPEG baseline, extended (8 and 12
+  bit) and lossless incl. Process 14 SV1 (GDCM), JPEG-LS (pyjpegls, GDCM), JPEG 2000 and HTJ2K
+  (pylibjpeg-openjpeg, GDCM): all dependencies of the package.
 * Every failure raises ``ImageReadError(path, reason)``; a DICOM whose pixel data needs a decoder
-  that is not installed raises its subclass ``MissingDecoderError`` (a setup problem).
+  that is not installed raises its subclass ``MissingDecoderError`` (a setup problem); a DICOM object
+  without pixel data (DICOMDIR, SR, RT plan, encapsulated PDF) raises ``NotAnImageError`` (front
+  ends list it as skipped, not as an error). A transfer syntax DICOM does not define is unreadable.
 """
 from __future__ import annotations
 
@@ -38,7 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from bonexray.errors import BonexrayWarning, ImageReadError, MissingDecoderError
+from bonexray.errors import BonexrayWarning, ImageReadError, MissingDecoderError, NotAnImageError
 
 __all__ = ["IMAGE_SUFFIXES", "DecodedImage", "is_image_file", "read_image", "read_image_bytes", "to_uint8"]
 
@@ -63,6 +72,8 @@ class DecodedImage:
     #: (width, height) of the full-resolution image as displayed (after EXIF orientation). A JPEG
     #: decoded at reduced scale (``draft_size``) has smaller ``pixels``; None: the pixels' own size.
     full_size: tuple[int, int] | None = None
+    #: Frames (pages) in the file; only the first is in ``pixels``.
+    frames: int = 1
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -194,6 +205,24 @@ def _bomb_reason(width: int, height: int, max_pixels: int) -> str:
     )
 
 
+def _pillow_bomb_reason(exc: BaseException, max_pixels: int) -> str:
+    """Pillow refused an image as a decompression bomb: say it in bonexray's terms (its ``max_pixels``)."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    if found is None:
+        return f"possible decompression bomb: the image declares more pixels than the limit of {max_pixels:,}"
+    n = int(found.group(1))
+    if n > max_pixels:
+        return f"image of {n:,} pixels exceeds the limit of {max_pixels:,} pixels (possible decompression bomb)"
+    return (f"image of {n:,} pixels is within the limit of {max_pixels:,} pixels but above Pillow's own "
+            f"decompression-bomb limit ({2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels), which bonexray cannot raise per file")
+
+
+def _frames_warning(p: Path, n: int, what: str) -> None:
+    warnings.warn(f"{p}: {what} of {n} frames; bonexray reads the first frame only", BonexrayWarning, stacklevel=3)
+
+
 def _looks_like_pil_format(data: bytes) -> bool:
     """Cheap sniff so a PNG/JPEG misnamed ``.dcm`` is not forced through the DICOM parser."""
     return data.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM"))
@@ -268,7 +297,7 @@ def _read_pil(p: Path, data: bytes, draft_size: int | None, max_pixels: int) -> 
     return decoded
 
 
-def _open_pil(p: Path, data: bytes, warn: bool = True) -> Image.Image:
+def _open_pil(p: Path, data: bytes, max_pixels: int, warn: bool = True) -> Image.Image:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
@@ -281,7 +310,7 @@ def _open_pil(p: Path, data: bytes, warn: bool = True) -> Image.Image:
         return im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning is only raised when the application turns warnings into errors.
-        raise ImageReadError(p, f"possible decompression bomb: {_short(exc)}") from None
+        raise ImageReadError(p, _pillow_bomb_reason(exc, max_pixels)) from None
     except UnidentifiedImageError:
         raise ImageReadError(
             p, "not an image file (not PNG, JPEG, DICOM or another format Pillow can read)"
@@ -293,7 +322,7 @@ def _open_pil(p: Path, data: bytes, warn: bool = True) -> Image.Image:
 def _decode_pil(
     p: Path, data: bytes, draft_size: int | None, max_pixels: int, *, lenient: bool
 ) -> DecodedImage:
-    im = opened = _open_pil(p, data, warn=not lenient)  # the lenient retry reopens: warn once
+    im = opened = _open_pil(p, data, max_pixels, warn=not lenient)  # the lenient retry reopens: warn once
     fmt = (im.format or "unknown").upper()
     kind = "jpeg" if fmt == "JPEG" else fmt.lower()
     width, height = im.size
@@ -303,6 +332,9 @@ def _decode_pil(
             raise ImageReadError(p, f"zero-size image ({width}x{height})")
         if width * height > max_pixels:
             raise ImageReadError(p, _bomb_reason(width, height, max_pixels))
+        frames = _pil_frames(im, fmt)
+        if frames > 1 and not lenient:
+            _frames_warning(p, frames, {"TIFF": "multi-page TIFF", "GIF": "animated GIF"}.get(fmt, f"{kind} file"))
         if fmt in _JPEG_FORMATS:
             # Let libjpeg emit gray directly (skips the colour conversion) and, when the caller
             # will shrink the image anyway, decode at 1/2..1/8 scale.
@@ -324,14 +356,25 @@ def _decode_pil(
     except (_Truncated, ImageReadError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(p, f"possible decompression bomb: {_short(exc)}") from None
+        raise ImageReadError(p, _pillow_bomb_reason(exc, max_pixels)) from None
     except MemoryError:
         raise ImageReadError(p, f"out of memory decoding a {width}x{height} image") from None
     except Exception as exc:
         raise ImageReadError(p, f"corrupt or unsupported {kind} data ({_short(exc)})") from None
     finally:
         opened.close()
-    return DecodedImage(pixels=pixels, truncated=lenient, kind=kind, full_size=(int(width), int(height)))
+    return DecodedImage(pixels=pixels, truncated=lenient, kind=kind, full_size=(int(width), int(height)),
+                        frames=frames)
+
+
+def _pil_frames(im: Image.Image, fmt: str) -> int:
+    """Frames (pages) of an opened image; an MPO's extra pictures (a phone's preview) are no frames."""
+    if fmt == "MPO":
+        return 1
+    try:
+        return max(1, int(getattr(im, "n_frames", 1) or 1))
+    except Exception:  # counting seeks through the file: a damaged later frame leaves the first one
+        return 1
 
 
 #: EXIF orientations 5-8 are transposes: the displayed width is the stored height.
@@ -391,14 +434,16 @@ def _wide_to_uint16(a: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- DICOM path
 
-# Which package decodes which compressed transfer syntax, for the "install X" hint.
+# Which package decodes which compressed transfer syntax (all are dependencies of bonexray), for the
+# "install X" hint when one is missing anyway. Real syntaxes not named here (MPEG/H.264/HEVC video,
+# JPIP references, private ones) have no decoder bonexray can use: such a file is unreadable.
 _DICOM_DECODER_HINTS: dict[str, str] = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG baseline
-    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG extended
-    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless
-    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless SV1
-    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.50": "python-gdcm",  # JPEG baseline (Pillow also decodes it)
+    "1.2.840.10008.1.2.4.51": "python-gdcm",  # JPEG extended, 8 and 12 bit
+    "1.2.840.10008.1.2.4.57": "python-gdcm",  # JPEG lossless (Process 14)
+    "1.2.840.10008.1.2.4.70": "python-gdcm",  # JPEG lossless, Process 14 SV1
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS near-lossless
     "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000 lossless
     "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
     "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K lossless
@@ -406,6 +451,7 @@ _DICOM_DECODER_HINTS: dict[str, str] = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
     "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE (pydicom also has its own)
 }
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
 
 def _dicom_funcs() -> dict[str, Any]:
@@ -470,8 +516,9 @@ def _read_dicom(p: Path, data: bytes, max_pixels: int, *, force: bool) -> Decode
             seen.add(text)
             if issubclass(w.category, BonexrayWarning):
                 warnings.warn(w.message, w.category, stacklevel=2)
-            else:
-                warnings.warn(f"{p}: pydicom: {text}", BonexrayWarning, stacklevel=2)
+            else:  # GDCM's lines come through the decoder plugin already labelled
+                who = "" if text.startswith("GDCM: ") else "pydicom: "
+                warnings.warn(f"{p}: {who}{text}", BonexrayWarning, stacklevel=2)
 
 
 def _read_dicom_file(p: Path, data: bytes, max_pixels: int, *, force: bool) -> DecodedImage:
@@ -480,12 +527,16 @@ def _read_dicom_file(p: Path, data: bytes, max_pixels: int, *, force: bool) -> D
     except ImportError:  # a declared dependency, but say so clearly if it is gone
         raise MissingDecoderError(p, "DICOM file, but pydicom is not installed (pip install pydicom)")
     funcs = _dicom_funcs()
+    if funcs["v3"]:
+        from .jpeg12_gdcm import register
+
+        register()  # 12-bit JPEG Extended through GDCM
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=force)
     except Exception as exc:
         raise ImageReadError(p, f"not a readable DICOM file ({_short(exc)})") from None
-    if "PixelData" not in ds:
-        raise ImageReadError(p, "DICOM file has no pixel data (not an image object)")
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise NotAnImageError(p, _non_image_reason(ds))
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -500,6 +551,12 @@ def _read_dicom_file(p: Path, data: bytes, max_pixels: int, *, force: bool) -> D
             p, f"{frames} frames of {cols}x{rows} exceed the limit of {max_pixels:,} pixels"
         )
     _ensure_transfer_syntax(ds)
+    ts = ds.file_meta.TransferSyntaxUID
+    if getattr(ts, "type", "Transfer Syntax") != "Transfer Syntax":
+        raise ImageReadError(p, f"unknown transfer syntax {ts} (no DICOM transfer syntax has this UID: a damaged "
+                                "or non-standard file); its pixel data cannot be decoded")
+    if frames > 1:
+        _frames_warning(p, frames, "multi-frame DICOM")
 
     try:
         arr = funcs["first_frame"](ds)
@@ -514,7 +571,21 @@ def _read_dicom_file(p: Path, data: bytes, max_pixels: int, *, force: bool) -> D
         raise
     except Exception as exc:
         raise ImageReadError(p, f"cannot map DICOM pixel values to gray ({_short(exc)})") from None
-    return DecodedImage(pixels=pixels, truncated=False, kind="dicom")
+    return DecodedImage(pixels=pixels, truncated=False, kind="dicom", frames=frames)
+
+
+def _non_image_reason(ds: Any) -> str:
+    """What a DICOM object without pixel data is, in words (its SOP class), for the "skipped" line."""
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    if sop == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        return "a DICOMDIR (the index of a DICOM media folder), not an image"
+    from pydicom.uid import UID
+
+    name = UID(sop).name if sop else "object of unknown SOP class"
+    if name == sop:
+        name = f"object of SOP class {sop}"
+    return f"not an image: DICOM {name} (no pixel data)"
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
@@ -541,10 +612,12 @@ def _dicom_decode_reason(ds: Any, exc: Exception) -> tuple[str, bool]:
     # pydicom 3: "... all plugins are missing dependencies"; 2.x: "... missing required
     # dependencies", "'pylibjpeg-libjpeg' plugin is not installed", NotImplementedError("... no
     # pixel data handlers available"). A decoder that is present but fails means corrupt data.
-    markers = ("missing dependencies", "missing required dependencies", "not installed")
+    markers = ("missing dependencies", "missing required dependencies", "not installed", "no pixel data decoders")
     missing = any(k in msg for k in markers)
     if missing or isinstance(exc, NotImplementedError):
-        hint = _DICOM_DECODER_HINTS.get(str(ts), "python-gdcm")
+        hint = _DICOM_DECODER_HINTS.get(str(ts))
+        if hint is None:  # video, JPIP, private: nothing bonexray can install decodes it
+            return f"{ts_name} pixel data: bonexray decodes no such transfer syntax (still images only)", False
         return f"no decoder installed for {ts_name} pixel data (pip install {hint})", True
     return f"corrupt or unsupported DICOM pixel data, {ts_name} ({_short(exc)})", False
 

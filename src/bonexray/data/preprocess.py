@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..atomic import atomic_write_text
-from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError
+from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError, NotAnImageError
 from .imageio import DecodedImage, read_image, read_image_bytes, to_uint8
 from .records import RECORD_COLUMNS, Record, RecordSet
 
 #: Bump when decoding/resizing changes, so old caches are rebuilt instead of silently reused.
-PREPROCESS_VERSION = 1
-STATUSES = ("ok", "truncated", "unreadable")
+PREPROCESS_VERSION = 2
+#: "skipped": a readable file that is no image (a DICOM SR, DICOMDIR, PDF); "unreadable": a damaged image.
+STATUSES = ("ok", "truncated", "unreadable", "skipped")
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,17 @@ def load_bytes_for_model(data: bytes, name: str, size: int, max_pixels: int = 12
 
 
 def _decode_one(args: tuple[str, int]) -> tuple[np.ndarray | None, str, str]:
-    """Worker: (pixels, status, reason). Only a bad image becomes "unreadable"; a missing decoder
-    ("missing_decoder") and any other exception ("error") are sent to the parent, which stops."""
+    """Worker: (pixels, status, reason). A bad image (a damaged file, a made-up transfer syntax) becomes
+    "unreadable" and a DICOM object that is no image "skipped": the build goes on with the others. A missing
+    decoder ("missing_decoder") and any other exception ("error") are sent to the parent, which stops."""
     path, size = args
     try:
         arr, truncated = load_for_model(path, size)
         return arr, ("truncated" if truncated else "ok"), ("data ends early; decoded what was there" if truncated else "")
     except MissingDecoderError as e:
         return None, "missing_decoder", e.reason
+    except NotAnImageError as e:
+        return None, "skipped", e.reason
     except ImageReadError as e:
         return None, "unreadable", e.reason
     except Exception as e:  # noqa: BLE001 - exceptions may not pickle; the parent raises it with the file name

@@ -73,7 +73,18 @@ _GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 def source_evidence(source: Any) -> SourceEvidence:
-    """Colour / modality evidence of a file path, its bytes or a PIL image; a file it cannot read says nothing."""
+    """Colour / modality evidence of a file path, its bytes or a PIL image; a file it cannot read says nothing.
+
+    The file's warnings (pydicom's, Pillow's) are not repeated here: the decoder gives them, naming the file.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _source_evidence(source)
+
+
+def _source_evidence(source: Any) -> SourceEvidence:
     if hasattr(source, "mode") and hasattr(source, "convert"):  # PIL image
         return SourceEvidence(_pil_colourfulness(source))
     data = source

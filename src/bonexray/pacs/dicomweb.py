@@ -6,8 +6,10 @@ are derived from study, model SHA-256 and sources: :func:`results.result_uids`),
 or stored. Otherwise each radiograph is retrieved (WADO-RS, one by one, so one that vanished or is
 damaged is one line), the study analysed (:func:`analysis.analyse_study`), every result built and
 validated, and all of them sent in one STOW-RS request. Lines on stdout say what was stored; lines
-on stderr name each instance that could not be analysed. An unreachable server or a refused login
-stops the run with one line (exit 2); a study with problems gives exit status 1.
+on stderr name each instance that could not be analysed. An unreachable server, a refused login or
+an answer that is no DICOMweb (a login page, a proxy's error page: its status, content type and
+first characters are quoted) stops the run with one line (exit 2); a study with problems gives exit
+status 1.
 """
 from __future__ import annotations
 
@@ -43,7 +45,24 @@ class PacsServer:
 
         self.url = url.rstrip("/")
         session = create_session_from_user_pass(user, password or "") if user else create_session()
+        self._last = None  # the last HTTP response: what to quote when its body is no DICOMweb answer
+        session.hooks.setdefault("response", []).append(self._remember)
         self.client = DICOMwebClient(self.url, session=session, timeout=timeout)
+
+    def _remember(self, response, *args, **kwargs):
+        self._last = response
+        return response
+
+    def _not_dicomweb(self, what: str) -> BonexrayError:
+        r = self._last
+        if r is None:
+            return BonexrayError(f"{self.url}: {what}: the server's answer is not DICOMweb")
+        text = " ".join(r.content[:200].decode("utf-8", "replace").split())
+        start = text if len(text) <= 80 else text[:77] + "..."
+        return BonexrayError(
+            f"{self.url}: {what}: the answer is not DICOMweb (HTTP {r.status_code}, Content-Type "
+            f"{r.headers.get('Content-Type') or 'none'}, body starts {start!r}); is --url the DICOMweb root "
+            "(e.g. http://host:8042/dicom-web), not a web page or a login?")
 
     def call(self, what: str, fn, *args, missing_ok: bool = False, **kwargs) -> Any:
         import requests
@@ -63,6 +82,8 @@ class PacsServer:
             raise BonexrayError(f"{self.url}: cannot reach the server ({what}): {_short(err)}") from None
         except requests.exceptions.Timeout:
             raise BonexrayError(f"{self.url}: no answer in time ({what})") from None
+        except requests.exceptions.JSONDecodeError:  # before RequestException: it is one too
+            raise self._not_dicomweb(what) from None
         except requests.exceptions.RequestException as err:
             raise BonexrayError(f"{self.url}: {what} failed ({_short(err)})") from None
 

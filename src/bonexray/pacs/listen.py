@@ -81,11 +81,19 @@ class Listener:
             data = event.encoded_dataset()  # Part-10 bytes: the decode path reads these
             ds = event.dataset
             ds.file_meta = event.file_meta
-            study = str(ds.StudyInstanceUID)
+            study = str(ds.get("StudyInstanceUID", "") or "")
             name = str(ds.get("SOPInstanceUID", "?"))
         except Exception as exc:  # noqa: BLE001 - a dataset that cannot be parsed is refused, the SCP stays up
             self._line(self.err, f"instance from {event.assoc.requestor.ae_title}: cannot be parsed "
                                  f"({type(exc).__name__}: {exc}); refused")
+            return 0xC210  # "cannot understand"
+        if not study:  # nothing to group it by: a study is what gets analysed and answered
+            from pydicom.uid import UID
+
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+            self._line(self.err, f"instance {name} from {event.assoc.requestor.ae_title} "
+                                 f"({UID(sop_class).name if sop_class else 'unknown SOP class'}): no Study Instance UID; "
+                                 "refused")
             return 0xC210  # "cannot understand"
         with self._lock:
             pending = self._pending.setdefault(study, _Pending())
@@ -163,7 +171,11 @@ class Listener:
         for name, reason in analysis.problems:
             self._line(self.err, f"study {study}: instance {name}: {reason}")
         if not analysis.images:
-            self._line(self.err, f"study {study}: no radiograph could be analysed; nothing sent")
+            if analysis.skipped and not analysis.problems:  # SR, RT plan, PDF...: nothing wrong, nothing to do
+                self._line(self.out, f"study {study}: no radiograph among its {len(analysis.skipped)} instance(s); "
+                                     "nothing to analyse, nothing sent")
+            else:
+                self._line(self.err, f"study {study}: no radiograph could be analysed; nothing sent")
             return
         uids = result_uids(study, self.identity, analysis.radiograph_uids)
         if uids.sr_instance in self._sent:

@@ -64,6 +64,33 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; 
             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
+# A JSON document (the OpenAPI schema): nothing on it may run or load.
+DATA_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def docs_csp(html: str) -> str:
+    """The CSP of the OpenAPI page (fastapi-offline's Swagger UI): its files from this origin, its inline
+    scripts by their SHA-256 (nothing else inline runs), inline styles (Swagger UI sets style attributes)."""
+    import hashlib
+    import re
+
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                      for attrs, body in re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S) if "src=" not in attrs)
+    return (f"default-src 'self'; script-src 'self' {hashes}".rstrip() + "; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+            "frame-ancestors 'none'")
+
+
+async def _with_docs_csp(response):
+    """The docs page again, with the CSP that allows exactly its own inline scripts."""
+    from fastapi.responses import Response
+
+    body = b"".join([chunk async for chunk in response.body_iterator])
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    headers["Content-Security-Policy"] = docs_csp(body.decode("utf-8", "replace"))
+    return Response(body, status_code=response.status_code, headers=headers)
+
+
 # --------------------------------------------------------------------------- schemas
 
 
@@ -391,7 +418,8 @@ def create_app(
     """The app for one model. With ``api_key``, every ``/api/`` call needs header ``X-API-Key``;
     ``metrics``: a ``bonexray evaluate`` metrics.json whose test numbers the model card shows.
 
-    ``max_requests``: requests in progress at once; more get 503 (idle connections do not count).
+    ``max_requests``: requests in progress at once; more get 503 (idle connections do not count, nor
+    ``/healthz``). A request body that stops coming is cut off with 408 (``UploadLimits.body_grace_s``).
     """
     from fastapi_offline import FastAPIOffline
 
@@ -436,19 +464,27 @@ def create_app(
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):
-        if in_progress[0] >= max_requests:
-            return _error(503, f"server busy ({max_requests} requests in progress); try again shortly")
-        in_progress[0] += 1
-        try:
+        path = request.url.path
+        if path == "/healthz":  # outside the limit: a monitor must see a busy server alive
             response = await call_next(request)
-        finally:
-            in_progress[0] -= 1
+        else:
+            if in_progress[0] >= max_requests:
+                return _error(503, f"server busy ({max_requests} requests in progress); try again shortly")
+            in_progress[0] += 1
+            try:
+                response = await call_next(request)
+            finally:
+                in_progress[0] -= 1
         h = response.headers
         h.setdefault("X-Content-Type-Options", "nosniff")
         h.setdefault("Referrer-Policy", "no-referrer")
-        path = request.url.path
         if path == "/" or path.startswith("/static/"):
             h.setdefault("Content-Security-Policy", PAGE_CSP)
+        elif path == app.openapi_url:
+            h.setdefault("Content-Security-Policy", DATA_CSP)
+        elif path.startswith("/docs") and response.headers.get("content-type", "").startswith("text/html"):
+            # fastapi-offline's Swagger UI page (and its OAuth2 redirect page), both with inline scripts
+            response = await _with_docs_csp(response)
         if path.startswith("/api/"):
             h["Cache-Control"] = "no-store"  # results about someone's radiograph are not cached anywhere
         return response

@@ -4,13 +4,21 @@ Starlette's own form parser spools every file larger than 1 MB to a temporary fi
 radiographs must not be written anywhere, so the request body is parsed here with
 python-multipart's streaming parser into ``bytes``. Every limit is checked while the body
 streams in, so an oversized request is refused before it is held in memory in full.
+
+A body must keep coming: it has ``body_grace_s`` seconds, and one more second for every
+``body_min_rate`` bytes received; a slower one is answered 408 and closed, so connections that
+trickle a byte now and then cannot hold the server's request slots. A body that ends before its
+closing multipart boundary (a cut-off upload) is refused as incomplete, not read as "no files".
 """
 from __future__ import annotations
 
 import re
+import time
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import anyio
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -39,9 +47,11 @@ class UploadLimits:
     max_file_bytes: int = 32 * 1024 * 1024
     max_request_bytes: int = 100 * 1024 * 1024
     max_pixels: int = 40_000_000  # per image, checked from the header before decoding
+    body_grace_s: int = 10  # seconds a request body has before it must arrive at body_min_rate
+    body_min_rate: int = 8 * 1024  # bytes per second, averaged over the body (after the grace)
 
     def __post_init__(self) -> None:
-        for name in ("max_files", "max_file_bytes", "max_request_bytes", "max_pixels"):
+        for name in ("max_files", "max_file_bytes", "max_request_bytes", "max_pixels", "body_grace_s", "body_min_rate"):
             if getattr(self, name) < 1:
                 raise BonexrayError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
 
@@ -63,6 +73,29 @@ def display_name(raw: str, index: int) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):g} MiB"  # binary units: the limits are multiples of 1024 * 1024 bytes
+
+
+async def paced(body: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterator[bytes]:
+    """``body``'s chunks, as long as they keep coming: by ``body_grace_s + received / body_min_rate`` seconds
+    after the start, else :class:`UploadError` 408."""
+    start = time.monotonic()
+    received = 0
+    chunks = body.__aiter__()
+    while True:
+        remaining = start + limits.body_grace_s + received / limits.body_min_rate - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            with anyio.fail_after(remaining):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadError(408, f"request body too slow: {received:,} bytes in {time.monotonic() - start:.0f} s "
+                                   f"(a body gets {limits.body_grace_s} s, then must keep up "
+                                   f"{limits.body_min_rate:,} bytes/s); send it again") from None
+        received += len(chunk)
+        yield chunk
 
 
 async def read_uploads(content_type: str | None, content_length: str | None, body: AsyncIterator[bytes],
@@ -125,6 +158,9 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
             raise UploadError(413, f"{shown}: file exceeds the limit of {_mb(limits.max_file_bytes)}")
         state["buf"] += data[start:end]
 
+    def on_end() -> None:
+        state["ended"] = True
+
     def on_part_end() -> None:
         if state["name"] == FIELD:
             if state["file"] is None:
@@ -137,11 +173,11 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
         "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_end": on_end,
     })
     received = 0
     try:
-        async for chunk in body:
+        async for chunk in paced(body, limits):
             received += len(chunk)
             if received > limits.max_request_bytes:
                 raise UploadError(413, f"request exceeds the limit of {_mb(limits.max_request_bytes)}")
@@ -151,6 +187,10 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
         raise
     except Exception as err:  # noqa: BLE001 - python-multipart parse errors: a malformed body
         raise UploadError(400, f"malformed multipart/form-data body ({type(err).__name__})") from None
+    if not state.get("ended"):
+        cut = f" inside {display_name(state['file'], len(uploads))}" if state.get("file") and state["buf"] is not None else ""
+        raise UploadError(400, f"incomplete upload: the body ended{cut} after {received:,} bytes, before the closing "
+                               "multipart boundary (a cut-off transfer?); nothing was analysed, send it again")
 
     if not uploads:
         if other_fields:
