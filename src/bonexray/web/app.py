@@ -15,6 +15,8 @@ Decoding goes through ``read_image_bytes`` + ``letterbox`` (the decode path of t
 ``load_bytes_for_model``, from memory), prediction through :class:`Predictor`, heatmaps through
 ``inference.cam``. One model is shared by all requests; model calls take a lock (Grad-CAM hooks
 the network, so two at once would mix their activations), decoding runs in parallel beside it.
+A client that goes away stops its request's work: the route checks between files (decoding)
+and between model calls of ``INFER_CHUNK`` images, so a cancelled batch does not hold the model.
 """
 from __future__ import annotations
 
@@ -419,6 +421,83 @@ def study_names(decoded: list[Decoded], each: bool) -> list[str]:
     return [d.study_uid or first for d in decoded]
 
 
+# --------------------------------------------------------------------------- cancel on disconnect
+
+#: Images per model call: a client that goes away stops the work within one such call.
+INFER_CHUNK = 4
+
+
+class ClientGone(Exception):
+    """The client closed the connection (a cancel, a closed tab, a later drop): its work stops."""
+
+
+@dataclass
+class WorkCounters:
+    """What the predict route did, per request: kept on ``app.state.work`` for logs and tests.
+
+    ``started``: requests that began decoding; ``cancelled``: those whose client went away first;
+    ``last_cancelled`` / ``last_completed``: ``{"of", "decoded", "inferred"}`` image counts."""
+
+    started: int = 0
+    cancelled: int = 0
+    last_cancelled: dict[str, int] | None = None
+    last_completed: dict[str, int] | None = None
+
+    def begin(self, n_images: int) -> dict[str, int]:
+        self.started += 1
+        return {"of": n_images, "decoded": 0, "inferred": 0}
+
+    def cancel(self, progress: dict[str, int]) -> JSONResponse:
+        self.cancelled += 1
+        self.last_cancelled = dict(progress)
+        log.info("client went away: stopped after decoding %d and analysing %d of %d images",
+                 progress["decoded"], progress["inferred"], progress["of"])
+        # Nobody reads this answer; 499 is the usual log code for "client closed the request".
+        return _error(499, "the client closed the request; its work was stopped")
+
+    def completed(self, progress: dict[str, int]) -> None:
+        self.last_completed = dict(progress)
+
+
+async def _decode_while_connected(request: Request, uploads, size: int, max_pixels: int, want_original: bool,
+                                  limiter, progress: dict[str, int]):
+    """``_decode_all`` one file at a time, stopping (:class:`ClientGone`) once the client has left."""
+    good, problems = [], []
+    for up in uploads:
+        if await request.is_disconnected():
+            raise ClientGone
+        ok, bad = await anyio.to_thread.run_sync(_decode_all, [up], size, max_pixels, want_original, limiter=limiter)
+        good += ok
+        problems += bad
+        progress["decoded"] += 1
+    return good, problems
+
+
+async def _run_while_connected(request: Request, service: "ModelService", batch: np.ndarray, heatmap: bool,
+                               progress: dict[str, int]):
+    """``service.run`` in chunks of :data:`INFER_CHUNK` images, stopping once the client has left (a
+    later request then waits for one chunk at most, not for a whole abandoned batch)."""
+    preds, maps = [], []
+    for start in range(0, len(batch), INFER_CHUNK):
+        if await request.is_disconnected():
+            raise ClientGone
+        chunk = batch[start : start + INFER_CHUNK]
+        p, m = await anyio.to_thread.run_sync(service.run, chunk, heatmap)
+        preds.append(p)
+        maps.append(m)
+        progress["inferred"] += len(chunk)
+    if len(preds) == 1:
+        return preds[0], maps[0]
+    first = preds[0]
+    pred = replace(
+        first, prob=np.concatenate([p.prob for p in preds]), parts=np.concatenate([p.parts for p in preds]),
+        embedding=None if first.embedding is None else np.concatenate([p.embedding for p in preds]),
+        boxes=None if first.boxes is None else [b for p in preds for b in p.boxes],
+        outputs=None if first.outputs is None else {k: np.concatenate([p.outputs[k] for p in preds])
+                                                    for k in first.outputs})
+    return pred, (None if maps[0] is None else np.concatenate(maps))
+
+
 # --------------------------------------------------------------------------- the app
 
 
@@ -458,6 +537,7 @@ def create_app(
     app.state.service = service
     app.state.model_path = service.path
     app.state.limits = limits
+    work = app.state.work = WorkCounters()
 
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the key given to `bonexray serve`")
 
@@ -535,8 +615,12 @@ def create_app(
                                                                "'each': every image is its own study")):
         uploads = await read_uploads(request.headers.get("content-type"), request.headers.get("content-length"),
                                      request.stream(), limits)
-        good, problems = await anyio.to_thread.run_sync(
-            _decode_all, uploads, service.image_size, limits.max_pixels, heatmap, limiter=decode_limiter)
+        progress = work.begin(len(uploads))
+        try:
+            good, problems = await _decode_while_connected(request, uploads, service.image_size, limits.max_pixels,
+                                                           heatmap, decode_limiter, progress)
+        except ClientGone:
+            return work.cancel(progress)
         del uploads  # the bytes are not needed any more
         if not good:  # nothing to analyse: the request fails, naming every file
             bad, first = ", ".join(p.file for p in problems), problems[0]
@@ -544,7 +628,10 @@ def create_app(
                       else f"{len(problems)} files could not be read ({bad}); first: {first.file}: {first.reason}")
             return _error(422, detail, problems)
         batch = np.stack([d.tile for d in good])
-        pred, maps = await anyio.to_thread.run_sync(service.run, batch, heatmap)
+        try:
+            pred, maps = await _run_while_connected(request, service, batch, heatmap, progress)
+        except ClientGone:
+            return work.cancel(progress)
         finite = finite_rows(pred.prob, pred.parts)
         if not finite.all():  # the one NaN policy (inference/results.py): no verdict for those, say why
             reason = nonfinite_reason(service.path.name)
@@ -561,6 +648,7 @@ def create_app(
                                               pred, maps, heatmap)
         if problems:  # the good files were analysed; the bad ones are named beside them
             body["errors"] = [p.model_dump() for p in problems]
+        work.completed(progress)
         return body
 
     return app
