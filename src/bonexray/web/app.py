@@ -431,6 +431,30 @@ class ClientGone(Exception):
     """The client closed the connection (a cancel, a closed tab, a later drop): its work stops."""
 
 
+RAW_RECEIVE = "bonexray.receive"
+
+
+class KeepServerReceive:
+    """Pure ASGI middleware (outermost) that keeps the server's own ``receive`` in the scope.
+
+    The ``http`` middleware of :func:`create_app` (Starlette's BaseHTTPMiddleware) wraps ``receive``
+    so that ``Request.is_disconnected`` never sees the client leave; the server's one does."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_RECEIVE] = receive
+        await self.app(scope, receive, send)
+
+
+async def client_gone(request: Request) -> bool:
+    """True once the client has closed the connection (the body must have been read already)."""
+    raw = request.scope.get(RAW_RECEIVE)
+    return await (Request(request.scope, raw) if raw is not None else request).is_disconnected()
+
+
 @dataclass
 class WorkCounters:
     """What the predict route did, per request: kept on ``app.state.work`` for logs and tests.
@@ -464,7 +488,7 @@ async def _decode_while_connected(request: Request, uploads, size: int, max_pixe
     """``_decode_all`` one file at a time, stopping (:class:`ClientGone`) once the client has left."""
     good, problems = [], []
     for up in uploads:
-        if await request.is_disconnected():
+        if await client_gone(request):
             raise ClientGone
         ok, bad = await anyio.to_thread.run_sync(_decode_all, [up], size, max_pixels, want_original, limiter=limiter)
         good += ok
@@ -479,7 +503,7 @@ async def _run_while_connected(request: Request, service: "ModelService", batch:
     later request then waits for one chunk at most, not for a whole abandoned batch)."""
     preds, maps = [], []
     for start in range(0, len(batch), INFER_CHUNK):
-        if await request.is_disconnected():
+        if await client_gone(request):
             raise ClientGone
         chunk = batch[start : start + INFER_CHUNK]
         p, m = await anyio.to_thread.run_sync(service.run, chunk, heatmap)
@@ -651,6 +675,7 @@ def create_app(
         work.completed(progress)
         return body
 
+    app.add_middleware(KeepServerReceive)  # last added: outermost, so it sees the server's receive
     return app
 
 
