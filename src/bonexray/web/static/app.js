@@ -1042,8 +1042,8 @@ function setupBoxScore() {
   const v = views[0];
   const boxes = v && readable(v.rec) ? v.rec.boxes || [] : [];
   const card = cardBoxThreshold();
-  const lowest = lastResult ? Math.min(...lastResult.images.flatMap((r) => (r.boxes || []).map((b) => b.score)), 1) : 0;
-  const start = card !== null ? card : Math.max(0, Math.floor(lowest * 100) / 100);
+  const scores = lastResult ? lastResult.images.filter(readable).flatMap((r) => (r.boxes || []).map((b) => b.score)) : [];
+  const start = card !== null ? card : scores.length ? Math.max(0, Math.floor(Math.min(...scores) * 100) / 100) : 0;
   const input = $("box-score");
   if (!input.dataset.touched) {
     input.value = String(start);
@@ -1188,7 +1188,7 @@ function setupViewer() {
     views.forEach(drawMarks);
   });
   $("side-by-side").addEventListener("change", () => showImage(activeIndex, false));
-  $("help-open").addEventListener("click", () => $("help").showModal());
+  $("help-open").addEventListener("click", openHelp);
   window.addEventListener("resize", () => views.length && applyTransform());
   document.addEventListener("keydown", shortcut);
   drawLegend();
@@ -1209,6 +1209,10 @@ function resetWindow() {
   applyPreset();
 }
 
+function openHelp() {
+  if (!$("help").open) $("help").showModal();
+}
+
 function shortcut(e) {
   if (e.target.closest && e.target.closest("input, select, textarea, dialog") && e.key !== "Escape") return;
   if (e.ctrlKey || e.metaKey || e.altKey) return;
@@ -1216,7 +1220,7 @@ function shortcut(e) {
   const toggle = (id) => { $(id).click(); };
   const n = lastResult ? lastResult.images.length : 0;
   const keys = {
-    "?": () => $("help").showModal(),
+    "?": openHelp,
     "+": () => zoomBy(1.25), "=": () => zoomBy(1.25), "-": () => zoomBy(0.8), "0": fit, "1": oneToOne,
     r: () => $("rotate").click(), h: () => $("flip-h").click(), v: () => $("flip-v").click(), i: () => $("invert").click(),
     w: () => setMode("wl"), p: () => setMode("pan"), m: () => setMode("measure"),
