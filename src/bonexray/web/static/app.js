@@ -679,7 +679,7 @@ function makePane(k) {
     "aria-label": "Radiograph. Plus and minus zoom, arrow keys pan (or change window and level in window/level mode), 0 fits, question mark lists every key." },
   stage, marks, corner);
   const pane = el("div", { class: "pane" }, vp);
-  return { pane, vp, stage, base, heat, marks, corner };
+  return { pane, vp, stage, base, heatCanvas: heat, marks, corner };
 }
 
 async function showImage(index, scroll) {
@@ -706,7 +706,7 @@ async function showImage(index, scroll) {
     const pane = makePane(k);
     Object.assign(v, pane);
     container.append(pane.pane);
-    for (const c of [v.base, v.heat]) { c.width = v.w; c.height = v.h; }
+    for (const c of [v.base, v.heatCanvas]) { c.width = v.w; c.height = v.h; }
     v.out = v.base.getContext("2d").createImageData(v.w, v.h);
     v.base.setAttribute("aria-label", "Radiograph " + v.rec.path);
     bindPane(v);
@@ -856,7 +856,7 @@ function drawBase(v) {
 }
 
 function drawHeat(v) {
-  const c = v.heat;
+  const c = v.heatCanvas;
   const ctx = c.getContext("2d");
   ctx.clearRect(0, 0, c.width, c.height);
   const { heat, w, h } = v;
@@ -1259,7 +1259,7 @@ function compositeOf(v, maxSide) {
   const ctx = c.getContext("2d");
   ctx.drawImage(v.base, 0, 0, c.width, c.height);
   if (readable(v.rec) && $("show-overlay").checked) {
-    ctx.drawImage(v.heat, 0, 0, c.width, c.height);
+    ctx.drawImage(v.heatCanvas, 0, 0, c.width, c.height);
     if ($("show-boxes").checked) {
       const line = Math.max(2, Math.round(Math.max(c.width, c.height) / 400));
       ctx.font = "600 " + Math.max(12, line * 6) + "px sans-serif";
@@ -1317,8 +1317,8 @@ async function reportHtml() {
     let v = views.find((x) => x.index === i);
     if (!v) {
       v = await loadView(i);
-      v.base = el("canvas"); v.heat = el("canvas");
-      for (const c of [v.base, v.heat]) { c.width = v.w; c.height = v.h; }
+      v.base = el("canvas"); v.heatCanvas = el("canvas");
+      for (const c of [v.base, v.heatCanvas]) { c.width = v.w; c.height = v.h; }
       v.out = v.base.getContext("2d").createImageData(v.w, v.h);
       drawBase(v);
       drawHeat(v);
