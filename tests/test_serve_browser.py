@@ -32,8 +32,8 @@ pytestmark = [
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
 
-VIEWER_READY = ("() => !document.getElementById('reading').hidden && !!document.getElementById('base')"
-                " && document.getElementById('base').width > 0")
+VIEWER_READY = ("() => { const r = document.getElementById('reading'), b = document.getElementById('base');"
+                " return (!r || !r.hidden) && !document.getElementById('viewer').hidden && !!b && b.width > 0; }")
 CARD_READY = "#card-list dt >> text=Trained on"
 
 
