@@ -700,6 +700,7 @@ async function showImage(index, scroll) {
   for (const i of indices) loaded.push(await loadView(i));
   if (seq !== requestSeq) return;
   const container = $("views");
+  if (resizeWatch) resizeWatch.disconnect();
   container.replaceChildren();
   container.dataset.count = String(loaded.length);
   views = loaded.map((v, k) => {
@@ -955,8 +956,13 @@ function toImage(v, e) {
 
 const mode = () => document.querySelector("input[name=mode]:checked").value;
 
+let resizeWatch = null;
+
 function bindPane(v) {
   const vp = v.vp;
+  // The layout may resize a view (a note appears, a panel wraps): keep the drawing and the mapping one.
+  resizeWatch = resizeWatch || new ResizeObserver(() => views.length && applyTransform());
+  resizeWatch.observe(vp);
   vp.classList.toggle("wl", mode() === "wl");
   vp.classList.toggle("measure", mode() === "measure");
   vp.addEventListener("wheel", (e) => {
