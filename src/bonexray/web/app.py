@@ -16,6 +16,8 @@
 Decoding, the scope gate and the verdict go through :mod:`bonexray.pipeline` (what predict, the
 Python API and pacs use), prediction through :class:`Predictor`, heatmaps through ``inference.cam``. One model is shared by all requests; model calls take a lock (Grad-CAM hooks
 the network, so two at once would mix their activations), decoding runs in parallel beside it.
+A client that goes away stops its request's work: the route checks between files (decoding)
+and between model calls of ``INFER_CHUNK`` images, so a cancelled batch does not hold the model.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import logging
 import os
 import secrets
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -394,6 +396,107 @@ def study_names(good: list[Upload], grouping: str) -> list[str]:
     return study_keys([u.decoded for u in good], fallback)
 
 
+# --------------------------------------------------------------------------- cancel on disconnect
+
+#: Images per model call: a client that goes away stops the work within one such call.
+INFER_CHUNK = 4
+
+
+class ClientGone(Exception):
+    """The client closed the connection (a cancel, a closed tab, a later drop): its work stops."""
+
+
+RAW_RECEIVE = "bonexray.receive"
+
+
+class KeepServerReceive:
+    """Pure ASGI middleware (outermost) that keeps the server's own ``receive`` in the scope.
+
+    The ``http`` middleware of :func:`create_app` (Starlette's BaseHTTPMiddleware) wraps ``receive``
+    so that ``Request.is_disconnected`` never sees the client leave; the server's one does."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_RECEIVE] = receive
+        await self.app(scope, receive, send)
+
+
+async def client_gone(request: Request) -> bool:
+    """True once the client has closed the connection (the body must have been read already)."""
+    raw = request.scope.get(RAW_RECEIVE)
+    return await (Request(request.scope, raw) if raw is not None else request).is_disconnected()
+
+
+@dataclass
+class WorkCounters:
+    """What the predict route did, per request: kept on ``app.state.work`` for logs and tests.
+
+    ``started``: requests that began decoding; ``cancelled``: those whose client went away first;
+    ``last_cancelled`` / ``last_completed``: ``{"of", "decoded", "inferred"}`` image counts."""
+
+    started: int = 0
+    cancelled: int = 0
+    last_cancelled: dict[str, int] | None = None
+    last_completed: dict[str, int] | None = None
+
+    def begin(self, n_images: int) -> dict[str, int]:
+        self.started += 1
+        return {"of": n_images, "decoded": 0, "inferred": 0}
+
+    def cancel(self, progress: dict[str, int]) -> JSONResponse:
+        self.cancelled += 1
+        self.last_cancelled = dict(progress)
+        log.info("client went away: stopped after decoding %d and analysing %d of %d images",
+                 progress["decoded"], progress["inferred"], progress["of"])
+        # Nobody reads this answer; 499 is the usual log code for "client closed the request".
+        return _error(499, "the client closed the request; its work was stopped")
+
+    def completed(self, progress: dict[str, int]) -> None:
+        self.last_completed = dict(progress)
+
+
+async def _decode_while_connected(request: Request, uploads, size: int, max_pixels: int, want_original: bool,
+                                  limiter, progress: dict[str, int]):
+    """``_decode_all`` one file at a time, stopping (:class:`ClientGone`) once the client has left."""
+    good, problems = [], []
+    for up in uploads:
+        if await client_gone(request):
+            raise ClientGone
+        ok, bad = await anyio.to_thread.run_sync(_decode_all, [up], size, max_pixels, want_original, limiter=limiter)
+        good += ok
+        problems += bad
+        progress["decoded"] += 1
+    return good, problems
+
+
+async def _run_while_connected(request: Request, service: "ModelService", batch: np.ndarray, heatmap: bool,
+                               progress: dict[str, int]):
+    """``service.run`` in chunks of :data:`INFER_CHUNK` images, stopping once the client has left (a
+    later request then waits for one chunk at most, not for a whole abandoned batch)."""
+    preds, maps = [], []
+    for start in range(0, len(batch), INFER_CHUNK):
+        if await client_gone(request):
+            raise ClientGone
+        chunk = batch[start : start + INFER_CHUNK]
+        p, m = await anyio.to_thread.run_sync(service.run, chunk, heatmap)
+        preds.append(p)
+        maps.append(m)
+        progress["inferred"] += len(chunk)
+    if len(preds) == 1:
+        return preds[0], maps[0]
+    first = preds[0]
+    pred = replace(
+        first, prob=np.concatenate([p.prob for p in preds]), parts=np.concatenate([p.parts for p in preds]),
+        embedding=None if first.embedding is None else np.concatenate([p.embedding for p in preds]),
+        boxes=None if first.boxes is None else [b for p in preds for b in p.boxes],
+        outputs=None if first.outputs is None else {k: np.concatenate([p.outputs[k] for p in preds])
+                                                    for k in first.outputs})
+    return pred, (None if maps[0] is None else np.concatenate(maps))
+
+
 # --------------------------------------------------------------------------- the app
 
 
@@ -434,6 +537,7 @@ def create_app(
     app.state.service = service
     app.state.model_path = service.path
     app.state.limits = limits
+    work = app.state.work = WorkCounters()
 
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the key given to `bonexray serve`")
 
@@ -521,15 +625,23 @@ def create_app(
         uploads = await read_uploads(request.headers.get("content-type"), request.headers.get("content-length"),
                                      request.stream(), limits, fields=form)
         grouping = grouping or _form_grouping(form)
-        good, problems = await anyio.to_thread.run_sync(
-            _decode_all, uploads, service.image_size, limits.max_pixels, heatmap, limiter=decode_limiter)
+        progress = work.begin(len(uploads))
+        try:
+            good, problems = await _decode_while_connected(request, uploads, service.image_size, limits.max_pixels,
+                                                           heatmap, decode_limiter, progress)
+        except ClientGone:
+            return work.cancel(progress)
         del uploads  # the bytes are not needed any more
         if not good:  # nothing to analyse: the request fails, naming every file
             bad, first = ", ".join(p.file for p in problems), problems[0]
             detail = (f"{first.file}: {first.reason}" if len(problems) == 1
                       else f"{len(problems)} files could not be read ({bad}); first: {first.file}: {first.reason}")
             return _error(422, detail, problems)
-        pred, maps = await anyio.to_thread.run_sync(service.run, np.stack([u.decoded.tile for u in good]), heatmap)
+        batch = np.stack([u.decoded.tile for u in good])
+        try:
+            pred, maps = await _run_while_connected(request, service, batch, heatmap, progress)
+        except ClientGone:
+            return work.cancel(progress)
         found = service.analyser.interpret([u.decoded for u in good], pred, study_names(good, grouping))
         problems += [FileProblem(file=p.label, reason=p.reason) for p in found.problems]
         if not found.findings:  # every output was non-finite
@@ -537,8 +649,10 @@ def create_app(
         body = await anyio.to_thread.run_sync(_response, service, found, good, maps, heatmap)
         if problems:  # the good files were analysed; the bad ones are named beside them
             body["errors"] = [p.model_dump() for p in problems]
+        work.completed(progress)
         return body
 
+    app.add_middleware(KeepServerReceive)  # last added: outermost, so it sees the server's receive
     return app
 
 
