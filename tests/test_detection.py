@@ -216,6 +216,38 @@ def test_fracatlas_outlines_reach_the_training_items(tmp_path):
     np.testing.assert_allclose(letterbox_boxes(got["boxes"][:1], got["size"], 100), [[10, 30, 30, 45]])
 
 
+def test_iou_quality_teaches_the_quality_map_how_well_each_box_fits():
+    from bonexray.model.detection import paired_iou
+
+    boxes = torch.tensor([[[40.0, 48.0, 120.0, 100.0]]])
+    valid, known = torch.tensor([[True]]), torch.tensor([True])
+    logits, ltrb, _ = _perfect_maps(boxes, valid, 40, 40)
+    positive, t_ltrb, t_ctr = fcos_targets(boxes, valid, 40, 40)
+    ltrb = ltrb * 1.3  # every box 1.3x too wide and high: IoU 1/1.69 at every positive cell
+    iou = 1 / 1.69
+    centres = cell_centres(40, 40, BOX_STRIDE)[positive[0]]
+    d = ltrb.reshape(1, 4, -1).transpose(1, 2)[positive]
+    pred = torch.stack([centres[:, 0] - d[:, 0], centres[:, 1] - d[:, 1], centres[:, 0] + d[:, 2], centres[:, 1] + d[:, 3]], 1)
+    truth = boxes[0, :1].expand(len(pred), 4)
+    torch.testing.assert_close(paired_iou(pred, truth), torch.full((len(pred),), iou), atol=1e-5, rtol=0)
+    at_iou = torch.full_like(logits, math.log(iou / (1 - iou)))
+    ctr_map = torch.zeros(1, 40 * 40)
+    ctr_map[positive] = torch.logit(t_ctr[positive].clamp(1e-4, 1 - 1e-4))
+    at_ctr = ctr_map.reshape(1, 1, 40, 40)
+    # Each target is the minimum of its own loss (the other terms are the same for both maps).
+    assert box_loss(logits, ltrb, at_iou, boxes, valid, known, quality="iou") < box_loss(logits, ltrb, at_ctr, boxes, valid, known, quality="iou")
+    assert box_loss(logits, ltrb, at_ctr, boxes, valid, known) < box_loss(logits, ltrb, at_iou, boxes, valid, known)
+    # The quality target is detached: it teaches the quality map only, not the distances.
+    ltrb_p = ltrb.clone().requires_grad_(True)
+    box_loss(logits, ltrb_p, at_iou, boxes, valid, known, quality="iou").backward()
+    g_iou = ltrb_p.grad.clone()
+    ltrb_p.grad = None
+    box_loss(logits, ltrb_p, at_ctr, boxes, valid, known, quality="centerness").backward()
+    torch.testing.assert_close(g_iou, ltrb_p.grad)
+    with pytest.raises(ValueError, match="quality"):
+        box_loss(logits, ltrb, at_iou, boxes, valid, known, quality="giou")
+
+
 def test_boxes_to_mask_covers_each_box_and_at_least_one_pixel():
     boxes = torch.tensor([[[2.0, 3.0, 6.0, 5.0], [10.2, 10.2, 10.4, 10.4]]])
     mask = boxes_to_mask(boxes, torch.tensor([[True, True]]), 16)

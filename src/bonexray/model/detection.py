@@ -178,13 +178,24 @@ def fcos_targets(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int, strid
     return positive, ltrb, centerness
 
 
+#: What the third map (``box_centerness``) learns: FCOS's centre-ness of the cell in its box, or the
+#: IoU of the cell's predicted box with its fracture box (IoU-aware scoring: the ranking score
+#: sqrt(p * quality) then favours well-fitting boxes, not just central cells).
+BOX_QUALITIES = ("centerness", "iou")
+
+
 def box_loss(box_logits: torch.Tensor, box_ltrb: torch.Tensor, box_centerness: torch.Tensor,
-             boxes: torch.Tensor, valid: torch.Tensor, known: torch.Tensor, stride: int = BOX_STRIDE) -> torch.Tensor:
+             boxes: torch.Tensor, valid: torch.Tensor, known: torch.Tensor, stride: int = BOX_STRIDE,
+             quality: str = "centerness") -> torch.Tensor:
     """FCOS's loss on the images whose fracture boxes are known (annotated fractures, and images
     without a fracture, which have none): sigmoid focal loss on every cell, GIoU on positive cells
     (weighted by the centre-ness target), BCE on centre-ness at positive cells. Images with a fracture
     nobody annotated are left out (``known`` False). ``stride``: the grid's (the head's ``stride``).
+    ``quality`` (:data:`BOX_QUALITIES`): the third map's target, centre-ness, or the IoU of the cell's
+    predicted box with its fracture box (detached, so it only teaches the quality map).
     Returns 0 when nothing is known."""
+    if quality not in BOX_QUALITIES:
+        raise ValueError(f"box quality must be one of {BOX_QUALITIES} (got {quality!r})")
     from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
     if not bool(known.any()):
@@ -206,10 +217,23 @@ def box_loss(box_logits: torch.Tensor, box_ltrb: torch.Tensor, box_centerness: t
         return torch.stack([centres[:, 0] - d[:, 0], centres[:, 1] - d[:, 1], centres[:, 0] + d[:, 2], centres[:, 1] + d[:, 3]], 1)
 
     ctr = t_ctr[positive]
-    giou = generalized_box_iou_loss(xyxy(pred), xyxy(tgt), reduction="none")
+    pred_boxes, tgt_boxes = xyxy(pred), xyxy(tgt)
+    giou = generalized_box_iou_loss(pred_boxes, tgt_boxes, reduction="none")
     loss_box = (giou * ctr).sum() / ctr.sum().clamp(min=1e-6)
-    loss_ctr = F.binary_cross_entropy_with_logits(box_centerness.reshape(b, -1)[positive], ctr, reduction="mean")
+    if quality == "iou":
+        target_q = paired_iou(pred_boxes.detach(), tgt_boxes)
+    else:
+        target_q = ctr
+    loss_ctr = F.binary_cross_entropy_with_logits(box_centerness.reshape(b, -1)[positive], target_q, reduction="mean")
     return loss_cls + loss_box + loss_ctr
+
+
+def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of a[i] with b[i] for two (n, 4) xyxy tensors (torchvision's box_iou gives all n x n pairs)."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = lambda t: (t[:, 2] - t[:, 0]).clamp(min=0) * (t[:, 3] - t[:, 1]).clamp(min=0)  # noqa: E731
+    return (inter / (area(a) + area(b) - inter).clamp(min=1e-6)).clamp(0, 1)
 
 
 def choose_box_threshold(pairs, default: float, iou: float = 0.5) -> float:

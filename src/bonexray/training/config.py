@@ -25,6 +25,7 @@ CHOICES = {
     "class_weights": ("per_body_part", "global"),
     "threshold_method": ("youden", "sensitivity"),
     "fit_on": ("train", "train+valid"),
+    "box_quality": ("centerness", "iou"),
 }
 
 
@@ -62,6 +63,8 @@ class TrainConfig:
     box_threshold: float = 0.3
     #: Grid stride of the box head (model/detection.py BOX_STRIDES): 8, or 4 for small fractures.
     box_stride: int = 8
+    #: What the box head's third map learns (model/detection.py BOX_QUALITIES): centerness or iou.
+    box_quality: str = "centerness"
     ema_decay: float = 0.0
     select: str = "best"
     monitor: str = "valid_auroc"

@@ -44,6 +44,7 @@ class BoneXrayModule(L.LightningModule):
         box_weight: float = 0.0,
         box_threshold: float = 0.3,
         box_stride: int = 8,
+        box_quality: str = "centerness",
         threshold_method: str = "youden",
         target_sensitivity: float = 0.9,
         augment: str | None = "standard",
@@ -109,7 +110,8 @@ class BoneXrayModule(L.LightningModule):
             self.log(f"{stage}_loss_localization", loss_loc, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             loss = loss + self.hparams.localization_weight * loss_loc
         if box_maps is not None and loc:
-            loss_box = box_loss(*box_maps, loc[0], loc[1], loc[2], stride=self.net.box_head.stride)
+            loss_box = box_loss(*box_maps, loc[0], loc[1], loc[2], stride=self.net.box_head.stride,
+                                quality=self.hparams.box_quality)
             self.log(f"{stage}_loss_boxes", loss_box, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             loss = loss + self.hparams.box_weight * loss_box
             if stage == "valid":

@@ -70,6 +70,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="grid stride of the box head: 8 (the stride-8, 16 and final features fused at stride 8) or 4 "
                         "(the stride-4 level too, for fractures of a few stride-8 cells; same head cost, finer grid) "
                         f"(default {D.box_stride})")
+    o.add_argument("--box-quality", choices=CHOICES["box_quality"], default=None,
+                   help="what the box head's quality map learns, which multiplies into each box's score: FCOS's "
+                        "centre-ness, or iou (the IoU of the cell's box with its fracture box: IoU-aware scoring) "
+                        f"(default {D.box_quality})")
     o.add_argument("--box-threshold", type=float, default=None,
                    help="score at which a box is reported when no valid split is left to choose it on "
                         f"(--fit-on train chooses it on valid) (default {D.box_threshold:g})")
