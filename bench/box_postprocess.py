@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import warnings
 from dataclasses import replace
@@ -30,22 +31,22 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 
+#: Candidates kept per image before suppression (by score; COCO AP counts at most 100 per image).
+MAX_CANDIDATES = 300
+
+
 def candidates(pred, cache, records, split: str, batch: int = 16):
     """Per image of ``split``: (candidate boxes (n, 5) before suppression, fracture boxes (m, 4) or None, group)."""
-    import torch
-
     from bonexray.data.preprocess import letterbox_boxes
-    from bonexray.model.detection import BoxSettings, decode_boxes
 
     row = dict(zip(cache.index["path"], cache.index["row"]))
     chosen = [r for r in records if r.split == split and r.path in row and r.abnormal in (0, 1)]
-    settings = replace(pred.box_settings, threshold=0.01, nms_iou=1.0, max_detections=1000)
+    settings = replace(pred.box_settings, threshold=0.01, nms_iou=1.0, max_detections=MAX_CANDIDATES)
     out = []
     for i in range(0, len(chosen), batch):
         chunk = chosen[i : i + batch]
-        res = pred.predict_batch(np.stack([cache.images[row[r.path]] for r in chunk]), box_settings=settings)
-        maps = [torch.as_tensor(np.asarray(res.outputs[k])) for k in ("box_logits", "box_ltrb", "box_centerness")]
-        found = decode_boxes(*maps, BoxSettings(**{**settings.__dict__}), threshold=0.01)
+        found = pred.predict_batch(np.stack([cache.images[row[r.path]] for r in chunk]), box_settings=settings).boxes
+        print(f"  {split}: {min(i + batch, len(chosen))}/{len(chosen)} images", end="\r", file=sys.stderr)
         for r, f in zip(chunk, found):
             if not r.extras.get("localized", False):
                 truth = None
@@ -53,7 +54,7 @@ def candidates(pred, cache, records, split: str, batch: int = 16):
                 truth = letterbox_boxes(r.extras["boxes"], r.extras["annotated_size"], pred.image_size)
             else:
                 truth = np.zeros((0, 4), np.float32)
-            out.append((f.numpy(), truth, r.study_id))
+            out.append((np.asarray(f, np.float32), truth, r.study_id))
     return out
 
 
@@ -91,22 +92,28 @@ def suppress(boxes: np.ndarray, how: str, iou: float, k: int = 100) -> np.ndarra
             b, s = b[kept], s[kept]
         return torch.cat([b, s[:, None]], 1)[:k].numpy()
     if how == "wbf":
-        order = torch.argsort(s, descending=True)
-        b, s = b[order], s[order]
-        fused, members = [], []
-        for i in range(len(b)):
-            if fused:
-                ious = box_iou(b[i : i + 1], torch.stack([f[0] for f in fused]))[0]
+        bb, ss = boxes[np.argsort(-boxes[:, 4], kind="stable")][:, :4].astype(np.float64), np.sort(boxes[:, 4])[::-1]
+        fused = np.zeros((len(bb), 4))
+        wsum = np.zeros(len(bb))
+        wbox = np.zeros((len(bb), 4))
+        top = np.zeros(len(bb))
+        n = 0
+        for i in range(len(bb)):
+            if n:
+                f = fused[:n]
+                wh = np.clip(np.minimum(f[:, 2:], bb[i, 2:]) - np.maximum(f[:, :2], bb[i, :2]), 0, None)
+                inter = wh[:, 0] * wh[:, 1]
+                union = (f[:, 2] - f[:, 0]) * (f[:, 3] - f[:, 1]) + (bb[i, 2] - bb[i, 0]) * (bb[i, 3] - bb[i, 1]) - inter
+                ious = inter / np.maximum(union, 1e-9)
                 j = int(ious.argmax())
-                if float(ious[j]) > iou:
-                    members[j].append(i)
-                    w = s[members[j]]
-                    fused[j] = ((b[members[j]] * w[:, None]).sum(0) / w.sum(), fused[j][1])
+                if ious[j] > iou:
+                    wsum[j] += ss[i]
+                    wbox[j] += ss[i] * bb[i]
+                    fused[j] = wbox[j] / wsum[j]
                     continue
-            fused.append((b[i], s[i]))
-            members.append([i])
-        out = torch.stack([torch.cat([f[0], f[1][None]]) for f in fused])
-        return out[:k].numpy()
+            fused[n], wsum[n], wbox[n], top[n] = bb[i], ss[i], ss[i] * bb[i], ss[i]
+            n += 1
+        return np.concatenate([fused[:n], top[:n, None]], 1).astype(np.float32)[:k]
     raise ValueError(how)
 
 
@@ -192,8 +199,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-per-image", type=int, nargs="+", default=[10, 3, 2, 1], help="k values: boxes reported per image")
     ap.add_argument("--bootstrap", type=int, default=0, help="resamples for CIs of the report split (0: none)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--candidates", default=None, help="folder to keep the candidate boxes in (a rerun reads them back)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it comes
     pred = Predictor(args.model, backend="torch")
     if not pred.has_boxes:
         print(f"{args.model}: this model has no box head", file=sys.stderr)
@@ -207,7 +216,14 @@ def main(argv=None) -> int:
     print(f"{args.model}: card split ({how}); card boxes {pred.card.boxes}")
     data = {}
     for split in (args.choose_on, args.report_on):
-        c = [x for x in candidates(pred, cache, records, split) if x[1] is not None]
+        store = Path(args.candidates) / f"{split}.pkl" if args.candidates else None
+        if store is not None and store.is_file():
+            c = pickle.loads(store.read_bytes())
+        else:
+            c = [x for x in candidates(pred, cache, records, split) if x[1] is not None]
+            if store is not None:
+                store.parent.mkdir(parents=True, exist_ok=True)
+                store.write_bytes(pickle.dumps(c))
         data[split] = ([(b, t) for b, t, _ in c], [g for _, _, g in c])
         print(f"{split}: {len(c)} images with known fracture locations, {sum(len(t) > 0 for _, t, _ in c)} fractured")
     rows = []
