@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from bonexray.data.preprocess import Letterbox, letterbox, letterbox_boxes
-from bonexray.model.detection import (BOX_STRIDE, BoxSettings, box_loss, cell_centres, choose_box_threshold,
+from bonexray.model.detection import (BOX_STRIDE, BoxHead, BoxSettings, box_loss, cell_centres, choose_box_threshold,
                                       decode_boxes, fcos_targets)
 from bonexray.training.augment import AugmentConfig, augment_batch
 from bonexray.training.losses import boxes_to_mask
 
 
-def _perfect_maps(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int):
+def _perfect_maps(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int, stride: int = BOX_STRIDE):
     """Dense maps a perfect head would output for these boxes (logits +-10, exact distances)."""
-    positive, ltrb, ctr = fcos_targets(boxes, valid, h, w)
+    positive, ltrb, ctr = fcos_targets(boxes, valid, h, w, stride)
     b = boxes.shape[0]
     logits = torch.where(positive, 10.0, -10.0).reshape(b, 1, h, w)
     ltrb_map = ltrb.transpose(1, 2).reshape(b, 4, h, w)
@@ -108,6 +108,144 @@ def test_horizontal_flip_moves_boxes_exactly():
     out, moved, ok = augment_batch(x, cfg, boxes=boxes, valid=torch.tensor([[True]]))
     torch.testing.assert_close(out, x.flip(-1))
     torch.testing.assert_close(moved, torch.tensor([[[34.0, 20.0, 54.0, 40.0]]]))
+
+
+def test_a_stride_4_head_sees_a_small_fracture_on_more_cells_and_decodes_it_exactly():
+    # A fracture of the median FracAtlas size in a 320-px tile (about 17 x 19 px).
+    boxes = torch.tensor([[[100.0, 140.0, 117.0, 159.0]]])
+    valid = torch.tensor([[True]])
+    pos8 = fcos_targets(boxes, valid, 40, 40, 8)[0]
+    pos4 = fcos_targets(boxes, valid, 80, 80, 4)[0]
+    assert int(pos8.sum()) <= 4 < int(pos4.sum())
+    centres = cell_centres(80, 80, 4)[pos4[0]]
+    assert ((centres[:, 0] > 100) & (centres[:, 0] < 117) & (centres[:, 1] > 140) & (centres[:, 1] < 159)).all()
+    maps = _perfect_maps(boxes, valid, 80, 80, stride=4)
+    found = decode_boxes(*maps, BoxSettings(threshold=0.5, stride=4))[0]
+    np.testing.assert_allclose(found[0, :4].tolist(), boxes[0, 0].tolist(), atol=1e-3)
+    # The loss on the stride-4 grid prefers the exact maps; decoding with the wrong stride misplaces the box.
+    bad = (torch.zeros_like(maps[0]), torch.full_like(maps[1], 4.0), torch.zeros_like(maps[2]))
+    assert box_loss(*maps, boxes, valid, torch.tensor([True]), stride=4) < 0.5 * box_loss(*bad, boxes, valid, torch.tensor([True]), stride=4)
+    wrong = decode_boxes(*maps, BoxSettings(threshold=0.5, stride=8))[0]
+    assert float(torch.abs(wrong[0, :4] - boxes[0, 0]).max()) > 50
+
+
+def test_box_head_grids_per_stride_in_the_network():
+    from bonexray.errors import BonexrayError
+    from bonexray.model.network import BoneXrayNet
+
+    x = torch.rand(1, 1, 64, 64)
+    for stride in (8, 4):
+        net = BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None, box_head=True, box_stride=stride)
+        assert net.box_head.stride == stride and len(net.box_head.lateral) == (3 if stride == 8 else 4)
+        maps = net.forward_outputs(x)
+        assert maps["box_logits"].shape[-2:] == (64 // stride, 64 // stride)
+        assert maps["box_ltrb"].shape == (1, 4, 64 // stride, 64 // stride) and (maps["box_ltrb"] > 0).all()
+    with pytest.raises(BonexrayError, match="box stride"):
+        BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None, box_head=True, box_stride=16)
+    with pytest.raises(ValueError, match="feature maps"):
+        BoxHead((16, 32, 64), stride=4)
+
+
+def test_outlines_keep_a_rotated_fracture_box_tight():
+    """A thin diagonal fracture: rotating its box's corners inflates the box, rotating its outline
+    does not; the outline's box still encloses the fracture's pixels after the warp."""
+    s = 96
+    x = torch.zeros(4, 1, s, s)
+    # A diagonal band from (30, 30) to (60, 60), 4 px wide: its outline is a thin quadrilateral.
+    outline = torch.tensor([[30.0, 34.0], [34.0, 30.0], [60.0, 56.0], [56.0, 60.0]])
+    yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    band = ((xx - yy).abs() <= 2.8) & (xx + yy >= 64) & (xx + yy <= 116)
+    x[:, 0][:, band] = 1.0
+    boxes = torch.tensor([[[30.0, 30.0, 60.0, 60.0]]] * 4)
+    valid = torch.ones(4, 1, dtype=torch.bool)
+    from bonexray.training.datamodule import OUTLINE_POINTS, outline_points
+
+    pts = torch.from_numpy(outline_points(boxes[0, 0].numpy(), outline.numpy()))
+    assert pts.shape == (OUTLINE_POINTS, 2) and (pts[4:] == pts[3]).all()
+    polygons = pts[None, None].repeat(4, 1, 1, 1)
+    cfg = AugmentConfig(hflip=0.5, max_rotation_deg=10.0, scale=(1.0, 1.0), translate=0.0, contrast=0.0, brightness=0.0, gamma=0.0)
+    out, tight, ok = augment_batch(x, cfg, generator=torch.Generator().manual_seed(3), boxes=boxes, valid=valid, polygons=polygons)
+    _, loose, _ = augment_batch(x, cfg, generator=torch.Generator().manual_seed(3), boxes=boxes, valid=valid)
+    assert ok.all()
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    assert (area(tight) <= area(loose) + 1e-3).all() and (area(tight) < 0.95 * area(loose)).any()
+    for i in range(4):
+        ys, xs = torch.nonzero(out[i, 0] > 0.5, as_tuple=True)
+        x0, y0, x1, y1 = tight[i, 0].tolist()
+        assert xs.min() >= x0 - 1.5 and xs.max() + 1 <= x1 + 1.5 and ys.min() >= y0 - 1.5 and ys.max() + 1 <= y1 + 1.5
+        # tight: the fracture's pixels reach every edge of its box
+        assert xs.min() <= x0 + 2 and xs.max() + 1 >= x1 - 2 and ys.min() <= y0 + 2 and ys.max() + 1 >= y1 - 2
+
+
+def test_outlines_without_a_warp_give_back_the_box_and_follow_a_flip():
+    from bonexray.training.datamodule import outline_points
+
+    box = np.array([10.0, 20.0, 30.0, 40.0], np.float32)
+    corners = outline_points(box, None)  # no outline: the box's corners
+    assert corners.min(0).tolist() == [10, 20] and corners.max(0).tolist() == [30, 40]
+    assert outline_points(box, np.zeros((40, 2), np.float32)).max(0).tolist() == [30, 40]  # too long: corners
+    diamond = np.array([[20, 20], [30, 30], [20, 40], [10, 30]], np.float32)
+    polygons = torch.from_numpy(outline_points(box, diamond))[None, None]
+    x = torch.rand(1, 1, 64, 64)
+    still = AugmentConfig(hflip=0.0, max_rotation_deg=0.0, scale=(1.0, 1.0), translate=0.0, contrast=0.0, brightness=0.0, gamma=0.0)
+    _, same, _ = augment_batch(x, still, boxes=torch.from_numpy(box)[None, None], valid=torch.tensor([[True]]), polygons=polygons)
+    torch.testing.assert_close(same, torch.from_numpy(box)[None, None])
+    flip = AugmentConfig(hflip=1.0, max_rotation_deg=0.0, scale=(1.0, 1.0), translate=0.0, contrast=0.0, brightness=0.0, gamma=0.0)
+    _, moved, _ = augment_batch(x, flip, boxes=torch.from_numpy(box)[None, None], valid=torch.tensor([[True]]), polygons=polygons)
+    torch.testing.assert_close(moved, torch.tensor([[[34.0, 20.0, 54.0, 40.0]]]))
+
+
+def test_fracatlas_outlines_reach_the_training_items(tmp_path):
+    """The COCO polygons are read with the boxes and mapped into the letterbox tile with them."""
+    import json
+
+    from bonexray.data.fracatlas import read_fracatlas_boxes
+    from bonexray.training.datamodule import letterbox_outlines
+
+    ann = tmp_path / "Annotations" / "COCO JSON"
+    ann.mkdir(parents=True)
+    coco = {"images": [{"id": 1, "file_name": "IMG1.jpg", "width": 200, "height": 100}],
+            "annotations": [{"id": 1, "image_id": 1, "bbox": [20, 10, 40, 30], "segmentation": [[40, 10, 60, 25, 40, 40, 20, 25]]},
+                            {"id": 2, "image_id": 1, "bbox": [100, 50, 10, 10], "segmentation": []}]}
+    (ann / "COCO_fracture_masks.json").write_text(json.dumps(coco))
+    got = read_fracatlas_boxes(tmp_path, [])["IMG1.jpg"]
+    assert got["polygons"][0] == [40, 10, 60, 25, 40, 40, 20, 25] and got["polygons"][1] is None
+    tile = letterbox_outlines(got["polygons"], got["size"], 100)  # 200 x 100 -> 100 x 50, offset 25 px down
+    np.testing.assert_allclose(tile[0], [[20, 30], [30, 37.5], [20, 45], [10, 37.5]])
+    assert tile[1] is None
+    np.testing.assert_allclose(letterbox_boxes(got["boxes"][:1], got["size"], 100), [[10, 30, 30, 45]])
+
+
+def test_iou_quality_teaches_the_quality_map_how_well_each_box_fits():
+    from bonexray.model.detection import paired_iou
+
+    boxes = torch.tensor([[[40.0, 48.0, 120.0, 100.0]]])
+    valid, known = torch.tensor([[True]]), torch.tensor([True])
+    logits, ltrb, _ = _perfect_maps(boxes, valid, 40, 40)
+    positive, t_ltrb, t_ctr = fcos_targets(boxes, valid, 40, 40)
+    ltrb = ltrb * 1.3  # every box 1.3x too wide and high: IoU 1/1.69 at every positive cell
+    iou = 1 / 1.69
+    centres = cell_centres(40, 40, BOX_STRIDE)[positive[0]]
+    d = ltrb.reshape(1, 4, -1).transpose(1, 2)[positive]
+    pred = torch.stack([centres[:, 0] - d[:, 0], centres[:, 1] - d[:, 1], centres[:, 0] + d[:, 2], centres[:, 1] + d[:, 3]], 1)
+    truth = boxes[0, :1].expand(len(pred), 4)
+    torch.testing.assert_close(paired_iou(pred, truth), torch.full((len(pred),), iou), atol=1e-5, rtol=0)
+    at_iou = torch.full_like(logits, math.log(iou / (1 - iou)))
+    ctr_map = torch.zeros(1, 40 * 40)
+    ctr_map[positive] = torch.logit(t_ctr[positive].clamp(1e-4, 1 - 1e-4))
+    at_ctr = ctr_map.reshape(1, 1, 40, 40)
+    # Each target is the minimum of its own loss (the other terms are the same for both maps).
+    assert box_loss(logits, ltrb, at_iou, boxes, valid, known, quality="iou") < box_loss(logits, ltrb, at_ctr, boxes, valid, known, quality="iou")
+    assert box_loss(logits, ltrb, at_ctr, boxes, valid, known) < box_loss(logits, ltrb, at_iou, boxes, valid, known)
+    # The quality target is detached: it teaches the quality map only, not the distances.
+    ltrb_p = ltrb.clone().requires_grad_(True)
+    box_loss(logits, ltrb_p, at_iou, boxes, valid, known, quality="iou").backward()
+    g_iou = ltrb_p.grad.clone()
+    ltrb_p.grad = None
+    box_loss(logits, ltrb_p, at_ctr, boxes, valid, known, quality="centerness").backward()
+    torch.testing.assert_close(g_iou, ltrb_p.grad)
+    with pytest.raises(ValueError, match="quality"):
+        box_loss(logits, ltrb, at_iou, boxes, valid, known, quality="giou")
 
 
 def test_boxes_to_mask_covers_each_box_and_at_least_one_pixel():

@@ -40,8 +40,19 @@ def fracatlas_body_part(flags: dict[str, int]) -> str:
     return parts[0]
 
 
+def _outline(segmentation) -> list[float] | None:
+    """The first polygon of a COCO segmentation as a flat [x, y, ...] list; None for RLE or none."""
+    if isinstance(segmentation, list) and segmentation and isinstance(segmentation[0], list):
+        poly = [float(v) for v in segmentation[0]]
+        if len(poly) >= 6 and len(poly) % 2 == 0:
+            return poly
+    return None
+
+
 def read_fracatlas_boxes(root: Path, problems: list[str]) -> dict[str, dict] | None:
-    """Fracture boxes from ``Annotations/COCO JSON/*.json``: file name -> {"size": (w, h), "boxes": [[x, y, w, h], ...]}.
+    """Fracture boxes from ``Annotations/COCO JSON/*.json``: file name -> {"size": (w, h), "boxes": [[x, y, w, h], ...],
+    "polygons": [[x0, y0, x1, y1, ...] or None, ...]} (each box's outline, when the annotation has one,
+    so that augmentation can rotate the outline rather than the box).
 
     Boxes are in the pixels of the image as the annotators saw it (EXIF orientation applied), which is
     also how bonexray decodes it. Returns None when the release's annotations are not there.
@@ -55,7 +66,7 @@ def read_fracatlas_boxes(root: Path, problems: list[str]) -> dict[str, dict] | N
             coco = json.loads(file.read_text())
             images = {im["id"]: im for im in coco["images"]}
             for im in images.values():
-                out.setdefault(im["file_name"], {"size": (int(im["width"]), int(im["height"])), "boxes": []})
+                out.setdefault(im["file_name"], {"size": (int(im["width"]), int(im["height"])), "boxes": [], "polygons": []})
             for ann in coco["annotations"]:
                 im = images.get(ann["image_id"])
                 x, y, w, h = (float(v) for v in ann["bbox"])
@@ -63,6 +74,7 @@ def read_fracatlas_boxes(root: Path, problems: list[str]) -> dict[str, dict] | N
                     problems.append(f"{file.name}: annotation {ann.get('id')} has no image or an empty box; ignored")
                     continue
                 out[im["file_name"]]["boxes"].append([x, y, w, h])
+                out[im["file_name"]]["polygons"].append(_outline(ann.get("segmentation")))
         except (OSError, ValueError, KeyError, TypeError) as e:
             problems.append(f"{file}: unreadable COCO annotations ({type(e).__name__}: {e}); boxes not used")
             return None
@@ -142,7 +154,7 @@ def read_fracatlas(path: str | Path) -> RecordSet:
             # without a fracture; fractured images the annotators skipped stay unknown.
             ann = boxes.get(image_id)
             if ann and ann["boxes"] and fractured:
-                extras.update(boxes=ann["boxes"], annotated_size=ann["size"], localized=True)
+                extras.update(boxes=ann["boxes"], polygons=ann["polygons"], annotated_size=ann["size"], localized=True)
             else:
                 extras.update(localized=not fractured)
         records.append(

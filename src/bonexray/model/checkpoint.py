@@ -312,6 +312,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[Bone
             card.backbone, num_body_parts=len(card.body_parts), pretrained=None,
             mean=card.mean, std=card.std, localization_head=any(k.startswith("localization_head.") for k in net_state),
             box_head=any(k.startswith("box_head.") for k in net_state),
+            box_stride=int((card.boxes or {}).get("stride", 8)),
         )
     except BonexrayError as err:
         raise CheckpointError(f"{p}: cannot build the network of this checkpoint: {err}") from err

@@ -1,7 +1,8 @@
-"""Fracture boxes: a small FCOS-style detection head on the backbone's stride-8/16/32 features.
+"""Fracture boxes: a small FCOS-style detection head on the backbone's intermediate and final features.
 
 One forward pass of :class:`~bonexray.model.network.BoneXrayNet` gives abnormality, body part and,
-with this head, three dense maps on the stride-8 grid: a fracture score logit, the distances from
+with this head, three dense maps on one grid (stride 8 by default, or stride 4 for small fractures;
+the model card's ``boxes.stride`` says which): a fracture score logit, the distances from
 each cell centre to the box's left, top, right and bottom edges (tile pixels), and a centre-ness
 logit (Tian et al., "FCOS", 2019). The maps are what the network (and its ONNX export) outputs;
 :func:`decode_boxes` turns them into scored, non-maximum-suppressed boxes the same way for every
@@ -19,8 +20,20 @@ from torch import nn
 
 from ..core.boxes import BOX_STRIDE, BoxSettings
 
+#: Grid strides a box head can predict on; the head fuses the backbone's levels from this stride to 32.
+BOX_STRIDES = (4, 8)
+#: Tower width per grid stride: the stride-4 grid has 4x the cells, so a quarter of the channels'
+#: square keeps the head's convolution cost per image the same as at stride 8.
+BOX_WIDTH = {4: 32, 8: 64}
+#: Centre sampling radius, in strides (FCOS's "center sampling").
+CENTER_RADIUS = 1.5
 #: Names of the box maps among the network's outputs (ONNX output names too).
 BOX_OUTPUTS = ("box_logits", "box_ltrb", "box_centerness")
+
+
+def level_strides(stride: int) -> tuple[int, ...]:
+    """Strides of the backbone levels a box head of this grid stride fuses: ``stride`` up to 32."""
+    return tuple(s for s in (4, 8, 16, 32) if s >= stride)
 
 
 def _conv_gn(c_in: int, c_out: int) -> nn.Sequential:
@@ -28,14 +41,21 @@ def _conv_gn(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class BoxHead(nn.Module):
-    """A three-level top-down feature pyramid (torchvision-style lateral 1x1 + nearest upsampling)
-    fused at stride 8, then a two-layer tower and FCOS's three outputs.
+    """A top-down feature pyramid (torchvision-style lateral 1x1 + nearest upsampling) fused at the
+    head's stride, then a two-layer tower and FCOS's three outputs.
 
-    ``in_channels``: channels of the stride-8, stride-16 and final (stride-32) feature maps.
+    ``in_channels``: channels of the backbone's feature maps from the head's stride to the final
+    (stride-32) map, shallow to deep: (stride 8, 16, 32) for ``stride=8``, (4, 8, 16, 32) for ``stride=4``.
     """
 
-    def __init__(self, in_channels: tuple[int, int, int], width: int = 64) -> None:
+    def __init__(self, in_channels: tuple[int, ...], width: int | None = None, stride: int = BOX_STRIDE) -> None:
         super().__init__()
+        if stride not in BOX_STRIDES:
+            raise ValueError(f"box head stride must be one of {BOX_STRIDES} (got {stride})")
+        if len(in_channels) != len(level_strides(stride)):
+            raise ValueError(f"a stride-{stride} box head takes {len(level_strides(stride))} feature maps (got {len(in_channels)})")
+        width = BOX_WIDTH[stride] if width is None else int(width)
+        self.stride = int(stride)
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in in_channels)
         self.smooth = _conv_gn(width, width)
         self.tower = nn.Sequential(_conv_gn(width, width), _conv_gn(width, width))
@@ -46,15 +66,17 @@ class BoxHead(nn.Module):
         nn.init.constant_(self.cls.bias, -4.595)
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.normal_(self.ltrb.weight, std=0.01)
-        nn.init.constant_(self.ltrb.bias, 1.0)  # exp(1) * 8 = 22 px: about a fracture's half-size at 320 px
+        # exp(b) * stride: about a fracture's half-size at 320 px (22 px at stride 8, 9 px at stride 4).
+        nn.init.constant_(self.ltrb.bias, 1.0 if stride == 8 else 0.8)
 
-    def forward(self, c8: torch.Tensor, c16: torch.Tensor, c32: torch.Tensor):
-        p = self.lateral[2](c32)
-        p = self.lateral[1](c16) + F.interpolate(p, size=c16.shape[-2:], mode="nearest")
-        p = self.lateral[0](c8) + F.interpolate(p, size=c8.shape[-2:], mode="nearest")
+    def forward(self, *features: torch.Tensor):
+        """Feature maps shallow to deep (the finest at the head's stride) -> (logits, ltrb, centre-ness)."""
+        p = self.lateral[-1](features[-1])
+        for k in range(len(features) - 2, -1, -1):
+            p = self.lateral[k](features[k]) + F.interpolate(p, size=features[k].shape[-2:], mode="nearest")
         t = self.tower(self.smooth(p))
         # Distances in tile pixels; exp keeps them positive, the clamp keeps fp16/bf16 finite.
-        ltrb = torch.exp(self.ltrb(t).float().clamp(max=6.0)) * BOX_STRIDE
+        ltrb = torch.exp(self.ltrb(t).float().clamp(max=6.0)) * self.stride
         return self.cls(t), ltrb, self.centerness(t)
 
 
@@ -134,12 +156,24 @@ def fcos_targets(boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int, strid
     return positive, ltrb, centerness
 
 
+#: What the third map (``box_centerness``) learns: FCOS's centre-ness of the cell in its box, or the
+#: IoU of the cell's predicted box with its fracture box (IoU-aware scoring: the ranking score
+#: sqrt(p * quality) then favours well-fitting boxes, not just central cells).
+BOX_QUALITIES = ("centerness", "iou")
+
+
 def box_loss(box_logits: torch.Tensor, box_ltrb: torch.Tensor, box_centerness: torch.Tensor,
-             boxes: torch.Tensor, valid: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+             boxes: torch.Tensor, valid: torch.Tensor, known: torch.Tensor, stride: int = BOX_STRIDE,
+             quality: str = "centerness") -> torch.Tensor:
     """FCOS's loss on the images whose fracture boxes are known (annotated fractures, and images
     without a fracture, which have none): sigmoid focal loss on every cell, GIoU on positive cells
     (weighted by the centre-ness target), BCE on centre-ness at positive cells. Images with a fracture
-    nobody annotated are left out (``known`` False). Returns 0 when nothing is known."""
+    nobody annotated are left out (``known`` False). ``stride``: the grid's (the head's ``stride``).
+    ``quality`` (:data:`BOX_QUALITIES`): the third map's target, centre-ness, or the IoU of the cell's
+    predicted box with its fracture box (detached, so it only teaches the quality map).
+    Returns 0 when nothing is known."""
+    if quality not in BOX_QUALITIES:
+        raise ValueError(f"box quality must be one of {BOX_QUALITIES} (got {quality!r})")
     from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
     if not bool(known.any()):
@@ -147,13 +181,13 @@ def box_loss(box_logits: torch.Tensor, box_ltrb: torch.Tensor, box_centerness: t
     box_logits, box_ltrb, box_centerness = box_logits[known].float(), box_ltrb[known].float(), box_centerness[known].float()
     boxes, valid = boxes[known].float(), valid[known]
     b, _, h, w = box_logits.shape
-    positive, t_ltrb, t_ctr = fcos_targets(boxes, valid, h, w)
+    positive, t_ltrb, t_ctr = fcos_targets(boxes, valid, h, w, stride)
     logits = box_logits.reshape(b, -1)
     n_pos = max(1.0, float(positive.sum()))
     loss_cls = sigmoid_focal_loss(logits, positive.float(), alpha=0.25, gamma=2.0, reduction="sum") / n_pos
     if not bool(positive.any()):
         return loss_cls + (box_ltrb.sum() + box_centerness.sum()) * 0.0
-    centres = cell_centres(h, w, BOX_STRIDE, logits.device)[None].expand(b, -1, -1)[positive]
+    centres = cell_centres(h, w, stride, logits.device)[None].expand(b, -1, -1)[positive]
     pred = box_ltrb.reshape(b, 4, -1).transpose(1, 2)[positive]
     tgt = t_ltrb[positive]
 
@@ -161,10 +195,23 @@ def box_loss(box_logits: torch.Tensor, box_ltrb: torch.Tensor, box_centerness: t
         return torch.stack([centres[:, 0] - d[:, 0], centres[:, 1] - d[:, 1], centres[:, 0] + d[:, 2], centres[:, 1] + d[:, 3]], 1)
 
     ctr = t_ctr[positive]
-    giou = generalized_box_iou_loss(xyxy(pred), xyxy(tgt), reduction="none")
+    pred_boxes, tgt_boxes = xyxy(pred), xyxy(tgt)
+    giou = generalized_box_iou_loss(pred_boxes, tgt_boxes, reduction="none")
     loss_box = (giou * ctr).sum() / ctr.sum().clamp(min=1e-6)
-    loss_ctr = F.binary_cross_entropy_with_logits(box_centerness.reshape(b, -1)[positive], ctr, reduction="mean")
+    if quality == "iou":
+        target_q = paired_iou(pred_boxes.detach(), tgt_boxes)
+    else:
+        target_q = ctr
+    loss_ctr = F.binary_cross_entropy_with_logits(box_centerness.reshape(b, -1)[positive], target_q, reduction="mean")
     return loss_cls + loss_box + loss_ctr
+
+
+def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of a[i] with b[i] for two (n, 4) xyxy tensors (torchvision's box_iou gives all n x n pairs)."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = lambda t: (t[:, 2] - t[:, 0]).clamp(min=0) * (t[:, 3] - t[:, 1]).clamp(min=0)  # noqa: E731
+    return (inter / (area(a) + area(b) - inter).clamp(min=1e-6)).clamp(0, 1)
 
 
 def choose_box_threshold(pairs, default: float, iou: float = 0.5) -> float:

@@ -42,6 +42,7 @@ class BoneXrayNet(nn.Module):
         std: Sequence[float] | None = None,
         localization_head: bool = False,
         box_head: bool = False,
+        box_stride: int = 8,
     ) -> None:
         super().__init__()
         if not isinstance(num_body_parts, int) or num_body_parts < 1:
@@ -65,16 +66,20 @@ class BoneXrayNet(nn.Module):
         # a 1x1 conv on the last feature map. Not part of ``forward`` nor of ``forward_outputs`` (ONNX).
         self.localization_head = nn.Conv2d(self.num_features, 1, 1) if localization_head else None
         # Fracture boxes (model/detection.py), present in models trained with --box-weight: an FCOS-style
-        # head on the stride-8/16 intermediate features and the final map. ``forward`` never runs it;
+        # head on the intermediate features (stride 8 and 16, or 4, 8 and 16 with ``box_stride=4``) and the
+        # final map. ``forward`` never runs it;
         # ``forward_outputs`` (predict, ONNX) does.
         self.box_head = None
         if box_head:
-            from .detection import BoxHead
+            from .detection import BOX_STRIDES, BoxHead, level_strides
 
-            self.box_feature_indices = _stride_indices(self.backbone, (8, 16))
+            if box_stride not in BOX_STRIDES:
+                raise BonexrayError(f"box stride must be one of {', '.join(map(str, BOX_STRIDES))} (got {box_stride})")
+            # The intermediate levels from the head's stride to 16; the final map stands for stride 32.
+            self.box_feature_indices = _stride_indices(self.backbone, level_strides(box_stride)[:-1])
             info = self.backbone.feature_info
             chans = tuple(int(info[i]["num_chs"]) for i in self.box_feature_indices)
-            self.box_head = BoxHead((chans[0], chans[1], self.num_features))
+            self.box_head = BoxHead((*chans, self.num_features), stride=box_stride)
 
         # Shape (1, 3, 1, 1): broadcasting a (B, 1, H, W) input against them replicates the
         # gray channel to 3 and normalises in one op. Not persistent: they follow from the
@@ -106,7 +111,8 @@ class BoneXrayNet(nn.Module):
         """Every output of one forward pass, by name (the ONNX export's outputs, in this order):
         ``abnormal_logit`` (B,), ``body_part_logits`` (B, K), ``embedding`` (B, C) (the pooled features
         both heads read), and with a box head ``box_logits`` (B,1,h,w), ``box_ltrb`` (B,4,h,w),
-        ``box_centerness`` (B,1,h,w) on the stride-8 grid (see model/detection.py)."""
+        ``box_centerness`` (B,1,h,w) on the box head's grid (stride ``box_head.stride``: 8 or 4; see
+        model/detection.py)."""
         normed = (x - self.pixel_mean) / self.pixel_std
         if self.box_head is None:
             feature_map, inter = self.backbone.forward_features(normed), None
@@ -116,7 +122,7 @@ class BoneXrayNet(nn.Module):
         out = {"abnormal_logit": self.abnormal_head(self.dropout(pooled))[:, 0],
                "body_part_logits": self.body_part_head(self.dropout(pooled)), "embedding": pooled}
         if inter is not None:
-            out["box_logits"], out["box_ltrb"], out["box_centerness"] = self.box_head(inter[0], inter[1], feature_map)
+            out["box_logits"], out["box_ltrb"], out["box_centerness"] = self.box_head(*inter, feature_map)
         return out
 
     def forward_with_boxes(self, x: torch.Tensor):
@@ -126,7 +132,7 @@ class BoneXrayNet(nn.Module):
             feature_map = self.backbone.forward_features(normed)
             return (feature_map, *self.forward_heads(feature_map), None)
         feature_map, inter = self.backbone.forward_intermediates(normed, indices=list(self.box_feature_indices), norm=False)
-        return (feature_map, *self.forward_heads(feature_map), self.box_head(inter[0], inter[1], feature_map))
+        return (feature_map, *self.forward_heads(feature_map), self.box_head(*inter, feature_map))
 
     def localization_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in [0, 1] -> fracture probability per feature-grid cell (B, 1, h, w)."""

@@ -3,8 +3,10 @@
 Horizontal flip, then one affine warp per image (rotation, scale, shift), then mild gamma, contrast and
 brightness; every image of a batch draws its own parameters. Nothing that changes anatomy: no vertical
 flips or large rotations (body-part cues must survive). Fracture boxes, when given, go through the
-same flip and warp as their image (kornia's ``AugmentationSequential`` with data keys input +
-bbox_xyxy: a rotated box becomes the axis-aligned box around its corners) and are clipped to the tile.
+same flip and warp as their image and are clipped to the tile: with each fracture's outline (polygon
+points), the new box is the one around the warped outline, which stays tight under rotation; without
+one, kornia's ``bbox_xyxy`` key makes it the axis-aligned box around the warped corners, which a
+rotation enlarges.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class AugmentConfig:
 
 
 @lru_cache(maxsize=8)
-def _pipeline(cfg: AugmentConfig, with_boxes: bool):
+def _pipeline(cfg: AugmentConfig, with_boxes: bool, with_points: bool = False):
     import kornia.augmentation as K
 
     steps = []
@@ -40,21 +42,30 @@ def _pipeline(cfg: AugmentConfig, with_boxes: bool):
         steps.append(K.ColorJitter(contrast=cfg.contrast, order=[1], p=1.0))
     if cfg.brightness > 0:
         steps.append(K.RandomBrightness(brightness=(1 - cfg.brightness, 1 + cfg.brightness), p=1.0))
-    return K.AugmentationSequential(*steps, data_keys=["input", "bbox_xyxy"] if with_boxes else ["input"])
+    keys = ["input"] + (["keypoints"] if with_points else ["bbox_xyxy"] if with_boxes else [])
+    return K.AugmentationSequential(*steps, data_keys=keys)
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None,
-                  boxes: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+                  boxes: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                  polygons: torch.Tensor | None = None):
     """x: (B,1,H,W) float in [0,1] -> augmented batch, same shape, clamped to [0,1].
 
     With ``boxes`` (B,M,4) xyxy tile pixels (padded; ``valid`` (B,M) bool says which are real), returns
     (x, boxes, valid): the boxes get the same flip and warp as their image, clipped to the tile; a box
-    pushed out of the tile (under 2 px on a side after clipping) becomes invalid. Random parameters
+    pushed out of the tile (under 2 px on a side after clipping) becomes invalid. With ``polygons``
+    (B,M,P,2) x, y outline points of each box in tile pixels (datamodule's ``outline_points``), the
+    boxes returned are those around the warped outlines instead. Random parameters
     come from the global torch RNG (seeded by training's ``--seed``), or from ``generator`` (a CPU
     generator) when given.
     """
-    pipeline = _pipeline(cfg, boxes is not None)
-    if boxes is not None:
+    pipeline = _pipeline(cfg, boxes is not None, polygons is not None and boxes is not None)
+    if boxes is not None and polygons is not None:
+        # kornia's points are pixel-centre coordinates (a flip maps x to w - 1 - x); ours are continuous
+        # (pixel edges at integers), hence the half-pixel shifts.
+        b, m, p = polygons.shape[:3]
+        inputs = (x, polygons.to(x.dtype).reshape(b, m * p, 2) - 0.5)
+    elif boxes is not None:
         # kornia treats xyxy as inclusive pixel corners (width = x1 - x0 + 1); ours are exclusive edges.
         # Padding rows get a harmless 2-px box: kornia refuses zero-size boxes.
         pad = torch.tensor([0.0, 0.0, 2.0, 2.0], device=boxes.device, dtype=x.dtype)
@@ -74,7 +85,11 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generat
     if boxes is None:
         return out.clamp(0, 1)
     h, w = x.shape[-2:]
-    b = out[1] + torch.tensor([0.0, 0.0, 1.0, 1.0], device=out[1].device, dtype=out[1].dtype)
+    if polygons is not None:
+        pts = (out[1] + 0.5).reshape(polygons.shape)
+        b = torch.cat([pts.amin(dim=2), pts.amax(dim=2)], -1)
+    else:
+        b = out[1] + torch.tensor([0.0, 0.0, 1.0, 1.0], device=out[1].device, dtype=out[1].dtype)
     b = torch.stack([b[..., 0].clamp(0, w), b[..., 1].clamp(0, h), b[..., 2].clamp(0, w), b[..., 3].clamp(0, h)], -1)
     valid = valid & ((b[..., 2] - b[..., 0]) >= 2) & ((b[..., 3] - b[..., 1]) >= 2)
     return out[0].clamp(0, 1), b, valid

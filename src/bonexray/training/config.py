@@ -25,6 +25,7 @@ CHOICES = {
     "class_weights": ("per_body_part", "global"),
     "threshold_method": ("youden", "sensitivity"),
     "fit_on": ("train", "train+valid"),
+    "box_quality": ("centerness", "iou"),
 }
 
 
@@ -60,6 +61,10 @@ class TrainConfig:
     localization_weight: float = 0.0
     box_weight: float = 0.0
     box_threshold: float = 0.3
+    #: Grid stride of the box head (model/detection.py BOX_STRIDES): 8, or 4 for small fractures.
+    box_stride: int = 8
+    #: What the box head's third map learns (model/detection.py BOX_QUALITIES): centerness or iou.
+    box_quality: str = "centerness"
     ema_decay: float = 0.0
     select: str = "best"
     monitor: str = "valid_auroc"
@@ -148,6 +153,8 @@ class TrainConfig:
             raise BonexrayError("--valid-frac and --test-frac must be fractions summing to less than 1")
         if not self.box_weight >= 0 or not self.localization_weight >= 0:  # `not >=` also catches NaN
             raise BonexrayError("--box-weight and --localization-weight must be >= 0")
+        if self.box_stride not in (4, 8):
+            raise BonexrayError(f"--box-stride must be 4 or 8 (got {self.box_stride})")
         if not 0 < self.box_threshold < 1:
             raise BonexrayError(f"--box-threshold must be in (0, 1) (got {self.box_threshold})")
         if not 0 <= self.ema_decay < 1:

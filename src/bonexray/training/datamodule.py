@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.preprocess import ImageCache, build_cache, cache_is_current, fingerprint, letterbox_boxes
+from ..data.preprocess import ImageCache, Letterbox, build_cache, cache_is_current, fingerprint, letterbox_boxes
 from ..data.records import RecordSet
 from ..errors import DatasetError
 from .losses import abnormal_class_weights
@@ -19,24 +19,56 @@ from .losses import abnormal_class_weights
 
 #: Fracture boxes per training image are padded to this many (FracAtlas images have at most a few).
 MAX_BOXES = 16
+#: Points per fracture outline (FracAtlas outlines have at most 15); longer outlines, and boxes
+#: without one, use the box's 4 corners.
+OUTLINE_POINTS = 16
+
+
+def outline_points(box_xyxy: np.ndarray, outline: np.ndarray | None) -> np.ndarray:
+    """(OUTLINE_POINTS, 2) points of one fracture's outline in tile pixels, padded by repeating its
+    last point (min and max, hence the box, are unchanged); the box's corners when there is no
+    usable outline."""
+    if outline is None or not 3 <= len(outline) <= OUTLINE_POINTS:
+        x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+        outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+    pts = np.asarray(outline, np.float32)
+    return np.concatenate([pts, np.repeat(pts[-1:], OUTLINE_POINTS - len(pts), 0)], 0)
+
+
+def letterbox_outlines(polygons, image_wh: tuple[int, int], size: int) -> list[np.ndarray | None]:
+    """Flat COCO polygons [x0, y0, x1, y1, ...] (or None) in the pixels of a (w, h) image -> (n, 2)
+    points in its letterbox tile (None stays None)."""
+    lb = Letterbox(size, int(image_wh[0]), int(image_wh[1]))
+    out = []
+    for poly in polygons:
+        if poly is None:
+            out.append(None)
+            continue
+        pts = np.asarray(poly, np.float64).reshape(-1, 2)
+        out.append(lb.to_tile(np.concatenate([pts, pts], 1))[:, :2])
+    return out
 
 
 class CacheDataset(Dataset):
     """Rows of a cache. Items: (uint8 tensor (1,S,S), abnormal int, body-part index).
 
     With ``boxes`` (per item: an (n, 4) array of [x0, y0, x1, y1] in tile pixels, or None) items gain
-    the boxes padded to ``MAX_BOXES`` rows (float32 (M, 4)), which rows are real (bool (M,)), and whether
+    the boxes padded to ``MAX_BOXES`` rows (float32 (M, 4)), which rows are real (bool (M,)), whether
     the image's fracture boxes are known (``localized``: annotated fractures, and images without a
-    fracture), for the box and fracture-map losses.
+    fracture), for the box and fracture-map losses, and each box's outline (float32 (M,
+    ``OUTLINE_POINTS``, 2), see :func:`outline_points`; ``outlines`` per item: a list of (k, 2) point
+    arrays or None per box, or None), which augmentation warps to get a tight box after rotation.
     """
 
     def __init__(self, cache_root: str, size: int, n: int, rows: Sequence[int], abnormal: Sequence[int], parts: Sequence[int],
-                 boxes: Sequence[np.ndarray | None] | None = None, localized: Sequence[bool] | None = None):
+                 boxes: Sequence[np.ndarray | None] | None = None, localized: Sequence[bool] | None = None,
+                 outlines: Sequence[list | None] | None = None):
         self.cache_root, self.size, self.n = cache_root, size, n
         self.rows = np.asarray(rows, dtype=np.int64)
         self.abnormal = np.asarray(abnormal, dtype=np.int64)
         self.parts = np.asarray(parts, dtype=np.int64)
         self.boxes = list(boxes) if boxes is not None else None
+        self.outlines = list(outlines) if outlines is not None else [None] * len(self.rows)
         self.localized = np.asarray(localized if localized is not None else [False] * len(self.rows), dtype=bool)
         self._fd: int | None = None  # opened lazily: each loader worker opens the file itself
 
@@ -49,11 +81,16 @@ class CacheDataset(Dataset):
             return img, int(self.abnormal[i]), int(self.parts[i])
         boxes = torch.zeros((MAX_BOXES, 4), dtype=torch.float32)
         valid = torch.zeros(MAX_BOXES, dtype=torch.bool)
+        outlines = torch.zeros((MAX_BOXES, OUTLINE_POINTS, 2), dtype=torch.float32)
         own = self.boxes[i] if self.boxes[i] is not None else np.zeros((0, 4), np.float32)
-        own = own[(own[:, 2] > own[:, 0]) & (own[:, 3] > own[:, 1])][:MAX_BOXES]
+        own_outlines = self.outlines[i] or [None] * len(own)
+        keep = np.nonzero((own[:, 2] > own[:, 0]) & (own[:, 3] > own[:, 1]))[0][:MAX_BOXES]
+        for k, j in enumerate(keep):
+            outlines[k] = torch.from_numpy(outline_points(own[j], own_outlines[j] if j < len(own_outlines) else None))
+        own = own[keep]
         boxes[: len(own)] = torch.from_numpy(np.asarray(own, dtype=np.float32))
         valid[: len(own)] = True
-        return img, int(self.abnormal[i]), int(self.parts[i]), boxes, valid, bool(self.localized[i])
+        return img, int(self.abnormal[i]), int(self.parts[i]), boxes, valid, bool(self.localized[i]), outlines
 
     def _read_tile(self, row: int) -> np.ndarray:
         # A positioned read, not a memmap: pages read through a mapping stay in the resident set, so an
@@ -83,7 +120,7 @@ def split_datasets(cache: ImageCache, records: RecordSet, body_parts: Sequence[s
                    fit_on: str = "train") -> dict[str, CacheDataset]:
     """Join the split assignment with cache rows; unreadable images and unknown labels are left out.
 
-    ``with_boxes``: items also carry fracture boxes from the records' ``extras`` (boxes,
+    ``with_boxes``: items also carry fracture boxes from the records' ``extras`` (boxes, polygons,
     annotated_size, localized), mapped into the cache's letterbox tiles. ``fit_on="train+valid"``:
     the valid images join train (the final fit); there is then no "valid" dataset.
     """
@@ -95,17 +132,20 @@ def split_datasets(cache: ImageCache, records: RecordSet, body_parts: Sequence[s
     for r in records:
         if status_of.get(r.path) not in ("ok", "truncated") or r.abnormal not in (0, 1) or r.body_part not in part_index:
             continue
-        boxes = None
+        boxes = outlines = None
         if with_boxes and r.extras.get("boxes"):
             boxes = letterbox_boxes(r.extras["boxes"], r.extras["annotated_size"], cache.size)
+            if r.extras.get("polygons") and len(r.extras["polygons"]) == len(boxes):
+                outlines = letterbox_outlines(r.extras["polygons"], r.extras["annotated_size"], cache.size)
         split = "train" if fit_on == "train+valid" and r.split == "valid" else r.split
         out.setdefault(split, []).append((row_of[r.path], r.abnormal, part_index[r.body_part], boxes,
-                                            bool(r.extras.get("localized", False))))
+                                            bool(r.extras.get("localized", False)), outlines))
     result = {}
     for split, items in out.items():
-        rows, ab, pa, boxes, known = zip(*items)
+        rows, ab, pa, boxes, known, outlines = zip(*items)
         result[split] = CacheDataset(str(cache.root), cache.size, len(idx), rows, ab, pa,
-                                     boxes=list(boxes) if with_boxes else None, localized=list(known) if with_boxes else None)
+                                     boxes=list(boxes) if with_boxes else None, localized=list(known) if with_boxes else None,
+                                     outlines=list(outlines) if with_boxes else None)
     return result
 
 

@@ -43,6 +43,8 @@ class BoneXrayModule(L.LightningModule):
         localization_weight: float = 0.0,
         box_weight: float = 0.0,
         box_threshold: float = 0.3,
+        box_stride: int = 8,
+        box_quality: str = "centerness",
         threshold_method: str = "youden",
         target_sensitivity: float = 0.9,
         augment: str | None = "standard",
@@ -54,7 +56,7 @@ class BoneXrayModule(L.LightningModule):
         # With a localisation loss the net also gets its fracture-map head (trained here, used by heatmaps).
         self.net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=pretrained, weights=weights,
                                dropout=dropout, localization_head=localization_weight > 0,
-                               box_head=box_weight > 0)
+                               box_head=box_weight > 0, box_stride=box_stride)
         # Usually None here: the DataModule computes them from the training split in setup() (see setup below).
         # A plain attribute, not a buffer: weight averaging (EMA) copies the module before setup() runs.
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
@@ -78,13 +80,15 @@ class BoneXrayModule(L.LightningModule):
 
     # -- data on device -------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        img, abnormal, part, *loc = batch  # loc: (boxes, valid, known) when the data carries fracture boxes
+        # loc: (boxes, valid, known, polygons) when the data carries fracture boxes
+        img, abnormal, part, *loc = batch
         x = img.float().div_(255.0)  # uint8 travels; conversion happens on the device
         if self.trainer.training and self.aug_cfg is not None:
             if not loc:
                 x = augment_batch(x, self.aug_cfg)
             else:
-                x, boxes, valid = augment_batch(x, self.aug_cfg, boxes=loc[0], valid=loc[1])
+                # The fracture outlines go through the warp, so a rotated fracture keeps a tight box.
+                x, boxes, valid = augment_batch(x, self.aug_cfg, boxes=loc[0], valid=loc[1], polygons=loc[3])
                 loc = [boxes, valid, loc[2]]
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -106,7 +110,8 @@ class BoneXrayModule(L.LightningModule):
             self.log(f"{stage}_loss_localization", loss_loc, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             loss = loss + self.hparams.localization_weight * loss_loc
         if box_maps is not None and loc:
-            loss_box = box_loss(*box_maps, loc[0], loc[1], loc[2])
+            loss_box = box_loss(*box_maps, loc[0], loc[1], loc[2], stride=self.net.box_head.stride,
+                                quality=self.hparams.box_quality)
             self.log(f"{stage}_loss_boxes", loss_box, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             loss = loss + self.hparams.box_weight * loss_box
             if stage == "valid":
@@ -123,7 +128,8 @@ class BoneXrayModule(L.LightningModule):
         return loss, prob, abnormal
 
     def box_settings(self) -> BoxSettings:
-        return BoxSettings(threshold=self.box_threshold)
+        stride = self.net.box_head.stride if self.net.box_head is not None else BoxSettings.stride
+        return BoxSettings(threshold=self.box_threshold, stride=stride)
 
     def training_step(self, batch, batch_idx: int):
         loss, _, _ = self._step(batch, "train")

@@ -63,9 +63,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the auxiliary fracture-localisation loss from the dataset's boxes "
                         f"(FracAtlas COCO annotations); 0 turns it off (default {D.localization_weight:g})")
     o.add_argument("--box-weight", type=float, default=None,
-                   help="weight of the fracture-box loss (an FCOS-style head on stride-8 features, trained from the "
+                   help="weight of the fracture-box loss (an FCOS-style head on stride-8 or stride-4 features (--box-stride), trained from the "
                         "dataset's boxes; predictions then carry `boxes`); 0 = no box head "
                         f"(default {D.box_weight:g})")
+    o.add_argument("--box-stride", type=int, default=None, choices=(4, 8),
+                   help="grid stride of the box head: 8 (the stride-8, 16 and final features fused at stride 8) or 4 "
+                        "(the stride-4 level too, for fractures of a few stride-8 cells; same head cost, finer grid) "
+                        f"(default {D.box_stride})")
+    o.add_argument("--box-quality", choices=CHOICES["box_quality"], default=None,
+                   help="what the box head's quality map learns, which multiplies into each box's score: FCOS's "
+                        "centre-ness, or iou (the IoU of the cell's box with its fracture box: IoU-aware scoring) "
+                        f"(default {D.box_quality})")
     o.add_argument("--box-threshold", type=float, default=None,
                    help="score at which a box is reported when no valid split is left to choose it on "
                         f"(--fit-on train chooses it on valid) (default {D.box_threshold:g})")

@@ -202,7 +202,7 @@ def run_training(cfg: TrainConfig) -> dict:
         pretrained=None if cfg.pretrained == "none" else cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule,
         body_part_weight=cfg.body_part_weight, localization_weight=cfg.localization_weight,
-        box_weight=cfg.box_weight, box_threshold=cfg.box_threshold, threshold_method=cfg.threshold_method, target_sensitivity=cfg.target_sensitivity, augment=cfg.augment,
+        box_weight=cfg.box_weight, box_threshold=cfg.box_threshold, box_stride=cfg.box_stride, box_quality=cfg.box_quality, threshold_method=cfg.threshold_method, target_sensitivity=cfg.target_sensitivity, augment=cfg.augment,
         split=split_info(records, cfg),
     )
     if on_gpu:
