@@ -18,10 +18,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..data.datasets import load_dataset
-from ..data.preprocess import build_cache, check_output_folder, default_cache_dir
+from ..data.preprocess import build_cache, default_cache_dir
 from ..data.records import RecordSet
 from ..data.splits import make_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
+from ..output_folder import claim_folder, refuse_overwriting_inputs
 from .localization import localization_metrics, plot_froc
 from ..inference.results import finite_rows
 from ..inference.writers import csv_safe
@@ -93,6 +94,11 @@ def assign_eval_splits(records: RecordSet, card_split: dict | None, run_dir: Pat
         "this model does not record its training split (a model from before bonexray kept it in the model card) and "
         "no splits.csv of its run was found beside it. Pass --splits RUN/splits.csv, or --split all to score every "
         "image (only for data the model never saw)")
+
+
+#: Every file evaluate writes into its --out folder (the output guard checks these names).
+EVALUATE_FILES = ("predictions.csv", "metrics.json", "report.md", "confusion_abnormality.png", "confusion_body_part.png",
+                  "roc.png", "reliability.png", "froc.png", "curves.png")
 
 
 #: Boxes scored for AP and FROC: everything down to this score, up to COCO's 100 per image.
@@ -177,19 +183,27 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                    batch_size: int = 16, device: str = "auto", n_bootstrap: int = 1000,
                    body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
                    tta: str = "none", splits: str | None = None, backend: str = "auto", devices: str | int = 1,
-                   num_nodes: int = 1, strategy: str = "ddp") -> str | None:
+                   num_nodes: int = 1, strategy: str = "ddp", overwrite: bool = False) -> str | None:
     """Evaluate one checkpoint, or several as an ensemble (probabilities averaged).
 
     With ``devices`` other than 1 or several ``num_nodes``, the images are predicted across processes
     (inference/distributed.py; the cache is built by local rank 0 of each node) and global rank 0
     computes and writes everything; the other ranks return None.
+
+    ``out``: a new or empty folder, or one an earlier evaluate wrote (its ``.bonexray-out.json``);
+    ``overwrite`` allows any other folder. The files of ``data`` (manifest and images) and the
+    checkpoints are never written over (bonexray/output_folder.py).
     """
     from ..inference.distributed import local_world_size, rank_device, wants_distributed
     from ..inference.predictor import Ensemble, Predictor
     from ..model.hub import resolve_model
 
     t0 = time.perf_counter()
-    results = check_output_folder(out, "--out")  # before the work, not after it
+    given = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    rank0 = int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    # Before the work, not after it; only the writing process leaves the marker.
+    results = claim_folder(out, "evaluate", EVALUATE_FILES, overwrite=overwrite, inputs=[data, splits, *given],
+                           write_marker=rank0)
     ckpts = [resolve_model(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
     distributed = wants_distributed(devices, num_nodes)
     if distributed:
@@ -211,6 +225,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                             "so scores on it say nothing; evaluate --split test")
 
     records = load_dataset(data)
+    refuse_overwriting_inputs(results, EVALUATE_FILES, [r.path for r in records], "--out")
     # The cache is keyed by the dataset as read (the same one training built), before any remapping.
     cache_dir = Path(cache) if cache else default_cache_dir(records.root, predictor.image_size)
     if distributed and int(os.environ.get("LOCAL_RANK", "0")) > 0:
