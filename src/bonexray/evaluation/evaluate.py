@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -226,6 +227,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
 
     records = load_dataset(data)
     refuse_overwriting_inputs(results, EVALUATE_FILES, [r.path for r in records], "--out")
+    dropped = list(records.dropped)  # rows of the dataset's list left out by the reader (label, missing file)
     # The cache is keyed by the dataset as read (the same one training built), before any remapping.
     cache_dir = Path(cache) if cache else default_cache_dir(records.root, predictor.image_size)
     if distributed and int(os.environ.get("LOCAL_RANK", "0")) > 0:
@@ -247,8 +249,16 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         )
     status = dict(zip(image_cache.index["path"], image_cache.index["status"]))
     row_of = dict(zip(image_cache.index["path"], image_cache.index["row"]))
-    chosen = [r for r in records if (split == "all" or r.split == split) and r.abnormal in (0, 1)]
+    in_split = [r for r in records if split == "all" or r.split == split]
+    dropped += [(r.path, "no 0/1 label") for r in in_split if r.abnormal not in (0, 1)]
+    chosen = [r for r in in_split if r.abnormal in (0, 1)]
     skipped = [r for r in chosen if status.get(r.path) not in ("ok", "truncated")]
+    reasons = dict(zip(image_cache.index["path"], image_cache.index["reason"]))
+    dropped += [(r.path, f"unreadable image ({reasons.get(r.path) or status.get(r.path) or 'not in the cache'})")
+                for r in skipped]
+    if not distributed or int(os.environ.get("RANK", "0")) == 0:
+        for file, why in dropped:  # every one by name: a dropped row changes every number below
+            print(f"bonexray evaluate: dropped {file}: {why}", file=sys.stderr)
     # In cache-row order, so each batch is one near-sequential read of the memmap.
     chosen = sorted((r for r in chosen if status.get(r.path) in ("ok", "truncated")), key=lambda r: row_of[r.path])
     if not chosen:
@@ -316,10 +326,12 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
             "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
             "image_size": predictor.image_size, "skipped_unreadable": len(skipped),
+            "dropped_rows": (f"{len(dropped)} (each named in metrics.json and on stderr)" if dropped else 0),
             # The engine that ran (an ensemble: each member's), e.g. openvino-bf16 chosen by --backend auto.
             "backend": ", ".join(m.backend for m in getattr(predictor, "members", [predictor]))}
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
                                          "skipped_unreadable", "backend")})
+    metrics["dropped_rows"] = {"n": len(dropped), "rows": [{"file": f, "reason": why} for f, why in dropped]}
 
     results.mkdir(parents=True, exist_ok=True)
     text_cols = [c for c in table.columns if table[c].dtype == object]
@@ -355,6 +367,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             f"{f(metrics['abnormality']['borderline']['outside']['error_rate'])} outside\n"
             + (_localization_line(metrics["localization"]) if "localization" in metrics else "")
             + (f"  skipped {len(skipped)} unreadable image(s)\n" if skipped else "")
+            + (f"  dropped {len(dropped)} row(s) of the data (named above and in metrics.json)\n" if dropped else "")
             + (f"  {mixed} stud(y/ies) have views with different labels; each counts as abnormal (any view)\n"
                if mixed else "")
             + f"  report: {report}")
