@@ -104,13 +104,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.cam is None:
+        return _run_predict(args)
+    from pathlib import Path
+
+    from .output_folder import claim_folder
+
+    # Heatmaps go into a folder of their own: never into the images' folder or over other files. Checked
+    # first; the marker is left once predict has made the folder (it refuses some runs before that).
+    claim_folder(args.cam, "predict --cam", (), overwrite=args.overwrite, inputs=args.paths, flag="--cam",
+                 write_marker=False)
+    try:
+        return _run_predict(args)
+    finally:
+        if Path(args.cam).is_dir():
+            try:
+                claim_folder(args.cam, "predict --cam", (), overwrite=True, flag="--cam")
+            except (BonexrayError, OSError):
+                pass  # a read-only or full folder: predict itself has said so
+
+
+def _run_predict(args: argparse.Namespace) -> int:
     from .inference.predict import run_predict
 
-    if args.cam is not None:
-        from .output_folder import claim_folder
-
-        # Heatmaps go into a folder of their own: never into the images' folder or over other files.
-        claim_folder(args.cam, "predict --cam", (), overwrite=args.overwrite, inputs=args.paths, flag="--cam")
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
                        device=args.device, batch_size=args.batch_size, tta=args.tta,
                        cam_method=args.cam_method, backend=args.backend, devices=args.devices,
@@ -386,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except BonexrayError as e:
         print(f"bonexray {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"bonexray {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"bonexray {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `bonexray preprocess ... | head -1`: the reader left; the work is done, stop quietly like other tools

@@ -203,6 +203,41 @@ def split_info(records, cfg: TrainConfig) -> dict:
             "fit_on": cfg.fit_on}
 
 
+def _resume_point(last: Path) -> str:
+    """Where --resume would continue: the epoch the last whole checkpoint ends."""
+    if not last.is_file():
+        return "no checkpoint was written yet: start the run again"
+    try:
+        import torch
+
+        epoch = int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1))
+    except Exception:  # noqa: BLE001 - a damaged file: --resume names the problem itself
+        return f"continue with --resume from {last}"
+    return f"continue with --resume (from {last}, after epoch {epoch})"
+
+
+def _fit(trainer, module, dm, last: Path, resume: bool) -> None:
+    """trainer.fit, with an interrupt or a failed write (full disk, read-only folder) told in one line
+    that says how to continue. Checkpoints are written whole or not at all (atomic_write), so the
+    last one on disk is always a sound resume point."""
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    except SystemExit as err:  # Lightning turns Ctrl-C into a graceful stop and sys.exit(1)
+        if not trainer.interrupted:
+            raise
+        raise TrainingInterrupted(_resume_point(last)) from err
+    except KeyboardInterrupt as err:
+        raise TrainingInterrupted(_resume_point(last)) from err
+    except OSError as err:
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        raise BonexrayError(f"cannot write the run:{where} {err.strerror or err}; {_resume_point(last)} once the "
+                            "problem is fixed") from err
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to continue."""
+
+
 def run_training(cfg: TrainConfig) -> dict:
     import lightning as L
     import torch
@@ -314,7 +349,7 @@ def run_training(cfg: TrainConfig) -> dict:
         plugins=[AtomicCheckpointIO()], deterministic=not on_gpu, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if cfg.resume else None)
+    _fit(trainer, module, dm, last, cfg.resume)
     best = callbacks[0].best_model_path or str(ckpt_dir / "best.ckpt")
     score = callbacks[0].best_model_score
     if trainer.is_global_zero and not Path(best).is_file() and last.is_file():
