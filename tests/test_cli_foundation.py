@@ -157,9 +157,10 @@ def test_evaluate_names_and_counts_every_dropped_row(tmp_path, capsys):
 
     manifest = make_manifest(tmp_path / "d", n=12, parts=("hand", "leg"))
     rows = manifest.read_text().splitlines()
-    odd = {1: "2", 2: "-1", 3: "0.5", 4: "nan", 5: "", 6: "1.0", 7: "yes", 8: "True"}
+    # image index -> label written for it
+    odd = {0: "2", 1: "-1", 2: "0.5", 3: "nan", 4: "", 5: "1.0", 6: "yes", 7: "True"}
     fixed = [rows[0]]
-    for i, line in enumerate(rows[1:], start=1):
+    for i, line in enumerate(rows[1:]):
         cells = line.split(",")
         if i in odd:
             cells[2] = odd[i]
@@ -172,12 +173,12 @@ def test_evaluate_names_and_counts_every_dropped_row(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err
     named = [ln for ln in err.splitlines() if "dropped" in ln]
-    for i in (1, 2, 3, 4, 5):
+    for i in (0, 1, 2, 3, 4):
         assert any(f"img{i:03d}.png" in ln for ln in named), (i, err)
     assert any("gone.png" in ln and "missing" in ln for ln in named), err
-    assert any("img005.png" in ln and "blank" in ln for ln in named)
-    assert any("img001.png" in ln and "'2'" in ln for ln in named)
-    assert not any(f"img{i:03d}.png" in ln for i in (6, 7, 8) for ln in named)  # 1.0, yes, True are labels
+    assert any("img004.png" in ln and "blank" in ln for ln in named)
+    assert any("img000.png" in ln and "'2'" in ln for ln in named)
+    assert not any(f"img{i:03d}.png" in ln for i in (5, 6, 7) for ln in named)  # 1.0, yes, True are labels
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["dropped_rows"]["n"] == 6 and len(metrics["dropped_rows"]["rows"]) == 6
     assert metrics["n_images"] == 12 - 5
