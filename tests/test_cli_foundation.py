@@ -133,3 +133,76 @@ def test_download_verifies_the_pinned_sha256(tmp_path, http_root, capsys, monkey
     assert main(["download", "fracatlas", "--dest", str(tmp_path / "c"), "--sha256", "0" * 64, "--quiet"]) == 2
     assert main(["download", "fracatlas", "--dest", str(tmp_path / "d"), "--sha256", "abc", "--quiet"]) == 2
     assert "not a SHA-256" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- manifest labels and dropped rows
+
+
+def test_manifest_label_spellings_are_one_documented_set(tmp_path):
+    from bonexray.data.manifest import parse_label
+
+    for text in ("1", "1.0", "TRUE", "yes", "Abnormal", "positive", " 1 "):
+        assert parse_label(text) == (1, ""), text
+    for text in ("0", "0.0", "false", "No", "normal", "negative"):
+        assert parse_label(text) == (0, ""), text
+    for text in ("2", "-1", "0.5", "nan", "", "unknown", "1.5", "y"):
+        label, why = parse_label(text)
+        assert label is None and why, text
+
+
+def test_evaluate_names_and_counts_every_dropped_row(tmp_path, capsys):
+    import json
+
+    from builders import make_checkpoint
+
+    manifest = make_manifest(tmp_path / "d", n=12, parts=("hand", "leg"))
+    rows = manifest.read_text().splitlines()
+    # image index -> label written for it
+    odd = {0: "2", 1: "-1", 2: "0.5", 3: "nan", 4: "", 5: "1.0", 6: "yes", 7: "True"}
+    fixed = [rows[0]]
+    for i, line in enumerate(rows[1:]):
+        cells = line.split(",")
+        if i in odd:
+            cells[2] = odd[i]
+        fixed.append(",".join(cells))
+    fixed.append("gone.png,hand,1,s99")
+    manifest.write_text("\n".join(fixed) + "\n")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", body_parts=("hand", "leg"), image_size=64)
+    rc = main(["evaluate", str(ckpt), "--data", str(manifest), "--split", "all", "--out", str(tmp_path / "r"),
+               "--bootstrap", "0", "--backend", "torch", "--cache", str(tmp_path / "c")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    named = [ln for ln in err.splitlines() if "dropped" in ln]
+    for i in (0, 1, 2, 3, 4):
+        assert any(f"img{i:03d}.png" in ln for ln in named), (i, err)
+    assert any("gone.png" in ln and "missing" in ln for ln in named), err
+    assert any("img004.png" in ln and "blank" in ln for ln in named)
+    assert any("img000.png" in ln and "'2'" in ln for ln in named)
+    assert not any(f"img{i:03d}.png" in ln for i in (5, 6, 7) for ln in named)  # 1.0, yes, True are labels
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["dropped_rows"]["n"] == 6 and len(metrics["dropped_rows"]["rows"]) == 6
+    assert metrics["n_images"] == 12 - 5
+    assert "dropped_rows" in (tmp_path / "r" / "report.md").read_text()
+    assert "dropped 6 row(s)" in out
+
+
+@pytest.mark.parametrize("sep, name", [(";", "semicolon"), ("\t", "tab")])
+def test_a_manifest_with_another_delimiter_gets_a_hint(tmp_path, sep, name):
+    from bonexray.data.manifest import read_manifest
+
+    manifest = make_manifest(tmp_path / "d", n=4)
+    manifest.write_text(manifest.read_text().replace(",", sep))
+    with pytest.raises(DatasetError, match=rf"missing: .*{name}-separated.*commas"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize("name", ["hand\nleg", "<script>alert(1)</script>", "hand\x00", "leg\x1b[31m", "a\tb",
+                                  'hip"', "x" * 65])
+def test_model_card_refuses_body_part_names_that_are_not_plain(name):
+    from bonexray.errors import CheckpointError
+    from bonexray.model.checkpoint import ModelCard
+
+    with pytest.raises(CheckpointError, match="not a plain name"):
+        ModelCard(backbone="efficientnet_lite0", image_size=64, mean=[0.5], std=[0.25], body_parts=["hand", name])
+    ModelCard(backbone="efficientnet_lite0", image_size=64, mean=[0.5], std=[0.25],
+              body_parts=["hand", "lower leg", "hip-joint", "Hand_2", "手"])

@@ -37,13 +37,30 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What a cache folder holds (data/preprocess.py): the output guard checks these names.
+CACHE_FILES = ("meta.json", "index.csv", "images.u8", "problems.txt", ".bonexray.lock")
+
+
+def _is_cache_folder(folder) -> bool:
+    """A cache built before the output marker existed (or by train/evaluate): its meta.json has a fingerprint."""
+    try:
+        return "fingerprint" in json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
     from .data.preprocess import build_cache
 
+    from .output_folder import claim_folder, refuse_overwriting_inputs
+
     if args.limit is not None and args.limit < 1:
         raise BonexrayError(f"--limit {args.limit}: give a number of images >= 1 (leave it out for all)")
+    out = claim_folder(args.out, "preprocess", CACHE_FILES, overwrite=args.overwrite, inputs=[args.data],
+                       legacy=_is_cache_folder)
     records = load_dataset(args.data, source=args.source)
+    refuse_overwriting_inputs(out, CACHE_FILES, [r.path for r in records])
     if args.limit:
         records.records = records.records[: args.limit]
     cache, reused = build_cache(records, args.out, size=args.size, workers=args.workers,
@@ -80,13 +97,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, device=args.device, n_bootstrap=args.bootstrap,
                              body_part_map=args.map_body_part, cache=args.cache, tta=args.tta, splits=args.splits,
                              backend=args.backend, devices=args.devices, num_nodes=args.num_nodes,
-                             strategy=args.strategy)
+                             strategy=args.strategy, overwrite=args.overwrite)
     if summary is not None:  # None: not global rank 0 of a run across processes
         print(summary)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.cam is None:
+        return _run_predict(args)
+    from pathlib import Path
+
+    from .output_folder import claim_folder
+
+    # Heatmaps go into a folder of their own: never into the images' folder or over other files. Checked
+    # first; the marker is left once predict has made the folder (it refuses some runs before that).
+    claim_folder(args.cam, "predict --cam", (), overwrite=args.overwrite, inputs=args.paths, flag="--cam",
+                 write_marker=False)
+    try:
+        return _run_predict(args)
+    finally:
+        if Path(args.cam).is_dir():
+            try:
+                claim_folder(args.cam, "predict --cam", (), overwrite=True, flag="--cam")
+            except (BonexrayError, OSError):
+                pass  # a read-only or full folder: predict itself has said so
+
+
+def _run_predict(args: argparse.Namespace) -> int:
     from .predict import run_predict
 
     return run_predict(args.model, args.paths, study=args.study, cam_dir=args.cam, fmt=args.format,
@@ -98,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export import export_onnx
 
-    path = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    path = export_onnx(args.checkpoint, args.out, opset=args.opset, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -167,6 +205,9 @@ def _add_process_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="ddp", help="Lightning strategy for several processes (default ddp)")
 
 
+OVERWRITE_HELP = ("write into an output folder that holds other files (a folder this command wrote before, marked by "
+                  ".bonexray-out.json, needs no flag); the command's own inputs are never written over")
+
 NO_SCOPE_HELP = ("give a verdict for every image, also those the scope gate would refuse (blank, colour photos, "
                  "non-radiographs, images unlike the training data); in_scope is then null. For research")
 
@@ -192,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--source", choices=["mura", "fracatlas", "manifest"], default=None, help="skip auto-detection")
     pp.add_argument("--limit", type=int, default=None, help="only the first N images, N >= 1 (quick trials)")
     pp.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    pp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pp.add_argument("--quiet", action="store_true")
     pp.set_defaults(func=cmd_preprocess)
 
@@ -213,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "never saw (default test); valid is refused for a model trained on it (--fit-on train+valid)")
     e.add_argument("--splits", default=None, metavar="FILE",
                    help="a run's splits.csv to take the split from (checked against the model card)")
-    e.add_argument("--out", required=True, help="results folder")
+    e.add_argument("--out", required=True, help="results folder: new, empty, or one an earlier evaluate wrote")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     e.add_argument("--cache", default=None, help="preprocessed cache folder (default: per-user cache)")
     e.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16: batch 64 needs about 0.6 GB more memory for onnxruntime's "
                         "arena; bench/RESULTS.md, Scale)")
@@ -232,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="checkpoint (.ckpt), exported model (.onnx) or bundled model name (fracatlas)")
     pr.add_argument("paths", nargs="+")
     pr.add_argument("--study", action="store_true", help="also one aggregated line per study (folder)")
-    pr.add_argument("--cam", default=None, metavar="OUT_DIR", help="write heatmap PNGs here")
+    pr.add_argument("--cam", default=None, metavar="OUT_DIR",
+                    help="write heatmap PNGs here: a new or empty folder, or one an earlier --cam wrote")
+    pr.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pr.add_argument("--cam-method", default="gradcam++",
                     choices=["gradcam++", "gradcam", "layercam", "hirescam", "localization"],
                     help="heatmap: a Grad-CAM variant of the abnormality output (default gradcam++), or "
@@ -250,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX with its model card")
     x.add_argument("checkpoint", help="checkpoint (.ckpt) or bundled model name")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True,
+                   help="the .onnx file to write (or a folder: CHECKPOINT_NAME.onnx in it); an existing file only if "
+                        "it is a bonexray export")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a bonexray export "
+                                                            "(never the checkpoint itself)")
     x.add_argument("--opset", type=int, default=17)
     x.set_defaults(func=cmd_export)
 
@@ -353,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except BonexrayError as e:
         print(f"bonexray {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"bonexray {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"bonexray {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `bonexray preprocess ... | head -1`: the reader left; the work is done, stop quietly like other tools

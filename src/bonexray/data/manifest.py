@@ -1,6 +1,11 @@
 """Reader for a plain manifest CSV: the way to bring any other dataset.
 
 Required columns: ``path, body_part, abnormal``; optional: ``study_id, patient_id, split``.
+Comma-separated; a ``;``- or tab-separated file is refused with that hint.
+The label (``abnormal``, case-insensitive) is one of ``1, 1.0, true, yes, abnormal, positive`` or
+``0, 0.0, false, no, normal, negative`` (:func:`parse_label`); any other value (``2``, ``-1``,
+``0.5``, ``nan``, ``unknown``, blank) drops the row, and so does a listed file that does not exist:
+each dropped row is kept in ``RecordSet.dropped`` with its reason (and in ``problems``).
 Relative paths are resolved against the CSV's folder; paths outside it are accepted with a note. Missing study ids default to one study per
 image, missing patient ids to the study id. The CSV must be UTF-8. A path listed twice is merged
 into one record when both rows say the same (reported as a problem); rows that disagree (label,
@@ -17,8 +22,31 @@ from ..errors import DatasetError
 from .records import SPLITS, Record, RecordSet
 
 REQUIRED = ("path", "body_part", "abnormal")
-_TRUE = {"1", "true", "yes", "abnormal", "positive"}
-_FALSE = {"0", "false", "no", "normal", "negative"}
+#: The accepted spellings of the label, compared lower-case.
+ABNORMAL_SPELLINGS = ("1", "1.0", "true", "yes", "abnormal", "positive")
+NORMAL_SPELLINGS = ("0", "0.0", "false", "no", "normal", "negative")
+
+
+def parse_label(text: str | None) -> tuple[int | None, str]:
+    """(1 or 0, "") for an accepted spelling of the label, else (None, the reason the row is dropped)."""
+    value = (text or "").strip().lower()
+    if value in ABNORMAL_SPELLINGS:
+        return 1, ""
+    if value in NORMAL_SPELLINGS:
+        return 0, ""
+    if not value:
+        return None, "no label (abnormal is blank)"
+    return None, (f"label abnormal={text.strip()!r} is none of {'/'.join(NORMAL_SPELLINGS)} (normal) or "
+                  f"{'/'.join(ABNORMAL_SPELLINGS)} (abnormal)")
+
+
+def _delimiter_hint(header: list[str]) -> str:
+    """A hint when the one column read holds the required names split by another delimiter."""
+    joined = ",".join(header)
+    for name, sep in (("semicolon", ";"), ("tab", "\t")):
+        if sep in joined and all(c in [p.strip() for p in joined.split(sep)] for c in REQUIRED):
+            return f"; the header is {name}-separated ({sep!r}): save the manifest with commas between columns"
+    return ""
 
 
 def read_manifest(path: str | Path) -> RecordSet:
@@ -33,6 +61,7 @@ def read_manifest(path: str | Path) -> RecordSet:
             if missing:
                 raise DatasetError(
                     f"{csv_path}: manifest needs columns {', '.join(REQUIRED)} (missing: {', '.join(missing)})"
+                    + _delimiter_hint(cols)
                 )
             rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     except UnicodeDecodeError as err:
@@ -43,23 +72,20 @@ def read_manifest(path: str | Path) -> RecordSet:
     base = csv_path.resolve().parent
     records: list[Record] = []
     problems: list[str] = []
+    dropped: list[tuple[str, str]] = []
     first_line: dict[str, tuple[int, Record]] = {}  # resolved path -> (line, record)
     outside: list[str] = []
     for line_no, row in enumerate(rows, start=2):
-        label_text = row["abnormal"].lower()
-        if label_text in _TRUE:
-            label = 1
-        elif label_text in _FALSE:
-            label = 0
-        elif label_text in ("", "-1", "unknown"):
-            label = -1
-        else:
-            problems.append(f"{csv_path.name} line {line_no}: abnormal={row['abnormal']!r} is not 0/1; row skipped")
-            continue
         file = Path(row["path"])
         if not file.is_absolute():
             file = base / file
+        label, why = parse_label(row["abnormal"])
+        if label is None:
+            dropped.append((str(file), f"{csv_path.name} line {line_no}: {why}"))
+            problems.append(f"{csv_path.name} line {line_no}: {why}; row skipped")
+            continue
         if not file.is_file():
+            dropped.append((str(file), f"{csv_path.name} line {line_no}: listed but missing"))
             problems.append(f"listed but missing: {file}")
             continue
         split = (row.get("split") or "none").lower()
@@ -100,4 +126,4 @@ def read_manifest(path: str | Path) -> RecordSet:
                         f"(first: {outside[0]})")
     if not records:
         raise DatasetError(f"{csv_path}: manifest lists no existing images" + (f" ({problems[0]})" if problems else ""))
-    return RecordSet(records, "manifest", str(csv_path), problems)
+    return RecordSet(records, "manifest", str(csv_path), problems, dropped)

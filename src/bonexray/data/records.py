@@ -36,6 +36,8 @@ class RecordSet:
     source: str
     root: str
     problems: list[str] = field(default_factory=list)
+    #: Rows of the dataset's list left out while reading it, as (file, reason): evaluate names and counts them.
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,9 +18,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..data.datasets import load_dataset
-from ..data.preprocess import build_cache, check_output_folder, default_cache_dir
+from ..data.preprocess import build_cache, default_cache_dir
 from ..data.splits import assign_eval_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
+from ..output_folder import claim_folder, refuse_overwriting_inputs
 from ..inference.results import finite_rows
 from ..inference.writers import csv_safe
 from ..runs import find_run_dir
@@ -37,6 +39,11 @@ def parse_body_part_map(pairs: Sequence[str]) -> dict[str, str]:
         src, dst = (s.strip().lower() for s in pair.split("=", 1))
         mapping[src] = dst
     return mapping
+
+
+#: Every file evaluate writes into its --out folder (the output guard checks these names).
+EVALUATE_FILES = ("predictions.csv", "metrics.json", "report.md", "confusion_abnormality.png", "confusion_body_part.png",
+                  "roc.png", "reliability.png", "froc.png", "curves.png")
 
 
 #: Boxes scored for AP and FROC: everything down to this score, up to COCO's 100 per image.
@@ -121,19 +128,27 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                    batch_size: int = 16, device: str = "auto", n_bootstrap: int = 1000,
                    body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
                    tta: str = "none", splits: str | None = None, backend: str = "auto", devices: str | int = 1,
-                   num_nodes: int = 1, strategy: str = "ddp") -> str | None:
+                   num_nodes: int = 1, strategy: str = "ddp", overwrite: bool = False) -> str | None:
     """Evaluate one checkpoint, or several as an ensemble (probabilities averaged).
 
     With ``devices`` other than 1 or several ``num_nodes``, the images are predicted across processes
     (inference/distributed.py; the cache is built by local rank 0 of each node) and global rank 0
     computes and writes everything; the other ranks return None.
+
+    ``out``: a new or empty folder, or one an earlier evaluate wrote (its ``.bonexray-out.json``);
+    ``overwrite`` allows any other folder. The files of ``data`` (manifest and images) and the
+    checkpoints are never written over (bonexray/output_folder.py).
     """
     from ..inference.distributed import local_world_size, rank_device, wants_distributed
     from ..inference.predictor import Ensemble, Predictor
     from ..model.hub import resolve_model
 
     t0 = time.perf_counter()
-    results = check_output_folder(out, "--out")  # before the work, not after it
+    given = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    rank0 = int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    # Before the work, not after it; only the writing process leaves the marker.
+    results = claim_folder(out, "evaluate", EVALUATE_FILES, overwrite=overwrite, inputs=[data, splits, *given],
+                           write_marker=rank0)
     ckpts = [resolve_model(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
     distributed = wants_distributed(devices, num_nodes)
     if distributed:
@@ -155,6 +170,8 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                             "so scores on it say nothing; evaluate --split test")
 
     records = load_dataset(data)
+    refuse_overwriting_inputs(results, EVALUATE_FILES, [r.path for r in records], "--out")
+    dropped = list(records.dropped)  # rows of the dataset's list left out by the reader (label, missing file)
     # The cache is keyed by the dataset as read (the same one training built), before any remapping.
     cache_dir = Path(cache) if cache else default_cache_dir(records.root, predictor.image_size)
     if distributed and int(os.environ.get("LOCAL_RANK", "0")) > 0:
@@ -176,8 +193,16 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         )
     status = dict(zip(image_cache.index["path"], image_cache.index["status"]))
     row_of = dict(zip(image_cache.index["path"], image_cache.index["row"]))
-    chosen = [r for r in records if (split == "all" or r.split == split) and r.abnormal in (0, 1)]
+    in_split = [r for r in records if split == "all" or r.split == split]
+    dropped += [(r.path, "no 0/1 label") for r in in_split if r.abnormal not in (0, 1)]
+    chosen = [r for r in in_split if r.abnormal in (0, 1)]
     skipped = [r for r in chosen if status.get(r.path) not in ("ok", "truncated")]
+    reasons = dict(zip(image_cache.index["path"], image_cache.index["reason"]))
+    dropped += [(r.path, f"unreadable image ({reasons.get(r.path) or status.get(r.path) or 'not in the cache'})")
+                for r in skipped]
+    if not distributed or int(os.environ.get("RANK", "0")) == 0:
+        for file, why in dropped:  # every one by name: a dropped row changes every number below
+            print(f"bonexray evaluate: dropped {file}: {why}", file=sys.stderr)
     # In cache-row order, so each batch is one near-sequential read of the memmap.
     chosen = sorted((r for r in chosen if status.get(r.path) in ("ok", "truncated")), key=lambda r: row_of[r.path])
     if not chosen:
@@ -250,10 +275,12 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
             "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
             "image_size": predictor.image_size, "skipped_unreadable": len(skipped),
+            "dropped_rows": (f"{len(dropped)} (each named in metrics.json and on stderr)" if dropped else 0),
             # The engine that ran (an ensemble: each member's), e.g. openvino-bf16 chosen by --backend auto.
             "backend": ", ".join(m.backend for m in getattr(predictor, "members", [predictor]))}
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
                                          "skipped_unreadable", "backend")})
+    metrics["dropped_rows"] = {"n": len(dropped), "rows": [{"file": f, "reason": why} for f, why in dropped]}
 
     phases.next()
     results.mkdir(parents=True, exist_ok=True)
@@ -292,6 +319,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             f"{f(metrics['abnormality']['borderline']['outside']['error_rate'])} outside\n"
             + (_localization_line(metrics["localization"]) if "localization" in metrics else "")
             + (f"  skipped {len(skipped)} unreadable image(s)\n" if skipped else "")
+            + (f"  dropped {len(dropped)} row(s) of the data (named above and in metrics.json)\n" if dropped else "")
             + (f"  {mixed} stud(y/ies) have views with different labels; each counts as abnormal (any view)\n"
                if mixed else "")
             + f"  report: {report}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import BonexrayError, BonexrayWarning, CheckpointError
+from ..output_folder import claim_file
 from .onnx_format import ONNX_CARD_KEY, ONNX_HASH_KEY, ONNX_INPUT
 
 #: Largest |torch - onnxruntime| logit difference accepted by the post-export check.
@@ -39,8 +40,11 @@ def _target_path(checkpoint: Path, out: str | os.PathLike) -> Path:
     return o
 
 
-def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 17) -> Path:
+def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 17, overwrite: bool = False) -> Path:
     """Export ``checkpoint`` to ``out`` (a ``.onnx`` path or an existing folder); returns the path.
+
+    An existing ``out`` is replaced only when it is a bonexray export (or with ``overwrite``), and never
+    when it is the checkpoint itself (bonexray/output_folder.py).
 
     Writes atomically (:func:`bonexray.atomic.atomic_write`), runs ``onnx.checker`` and
     compares onnxruntime's outputs with torch's on a batch of 2 before the file appears.
@@ -54,9 +58,9 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     if not 7 <= int(opset) <= 23:
         raise BonexrayError(f"--opset {opset}: use an ONNX opset between 7 and 23 (default 17)")
     ckpt = resolve_model(checkpoint)  # a path or a bundled model's name
+    target = claim_file(_target_path(ckpt, out), "export", overwrite=overwrite, inputs=[ckpt], ours=_is_bonexray_onnx)
     net, card = load_model(ckpt, map_location="cpu")
     net = net.float().eval()
-    target = _target_path(ckpt, out)
     s = int(card.image_size)
     dummy = torch.rand(2, 1, s, s, generator=torch.Generator().manual_seed(0))
 
@@ -98,6 +102,14 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
         onnx.save(model, str(tmp))
         _check_parity(tmp, graph, names, dummy)
     return target
+
+
+def _is_bonexray_onnx(path: Path) -> bool:
+    """An ONNX file that carries a bonexray model card: what ``bonexray export`` writes."""
+    try:
+        return ONNX_CARD_KEY in verify_onnx_integrity(path)
+    except BonexrayError:
+        return False
 
 
 def _OutputsInOrder(net, names: list[str]):

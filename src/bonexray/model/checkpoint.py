@@ -51,6 +51,13 @@ _ZIP_MAGIC = b"PK\x03\x04"
 IMAGE_SIZE_RANGE = (32, 2048)
 #: Output fields of a prediction record: a class named so that ``prob_<name>`` is one of them would overwrite it.
 RESERVED_PROB_NAMES = ("abnormal",)
+#: A body-part name is shown in CSV headers, JSON keys, DICOM SR text and the web page.
+MAX_NAME_CHARS = 64
+_NAME_PUNCTUATION = set(" _-.()/+")
+
+
+def _plain_name(name: str) -> bool:
+    return len(name) <= MAX_NAME_CHARS and all(c.isalnum() or c in _NAME_PUNCTUATION for c in name)
 
 
 @dataclass
@@ -112,9 +119,14 @@ class ModelCard:
             raise CheckpointError(f"model card image_size {self.image_size} is outside {lo}..{hi} pixels")
         if not self.body_parts:
             raise CheckpointError("model card has no body_parts")
-        blank = [b for b in self.body_parts if not b.strip()]
+        blank = [b for b in self.body_parts if not isinstance(b, str) or not b.strip()]
         if blank:
             raise CheckpointError(f"model card has an empty body-part name in {self.body_parts}")
+        odd = [b for b in self.body_parts if not _plain_name(b)]
+        if odd:
+            raise CheckpointError(f"model card body part {odd[0]!r} is not a plain name (it reaches CSV headers, JSON "
+                                  f"keys and web pages): use at most {MAX_NAME_CHARS} letters, digits, spaces or "
+                                  "_-.()/+, without control characters or markup")
         dupes = sorted({b for b in self.body_parts if self.body_parts.count(b) > 1})
         if dupes:
             raise CheckpointError(f"model card names body part(s) {', '.join(dupes)} twice; each class needs its "

@@ -50,7 +50,11 @@ class TrainConfig:
     dropout: float = 0.0
     # optimisation
     epochs: int = 10
+    #: The effective batch: images per optimiser step (what the learning rate and schedule are planned for).
     batch_size: int = 32
+    #: Images per forward pass; batch_size / micro_batch micro-batches are accumulated into one optimiser
+    #: step. None: chosen by :func:`default_micro_batch` (recorded in config.yaml as micro_batch_used).
+    micro_batch: int | None = None
     lr: float = 3e-4
     weight_decay: float = 1e-4
     schedule: str = "cosine"
@@ -83,6 +87,8 @@ class TrainConfig:
     precision: str | None = None
     max_steps: int | None = None
     quiet: bool = False
+    #: Train into an --out folder that holds other files (bonexray/output_folder.py).
+    overwrite: bool = False
     #: The flags given explicitly (they win over any recipe); not part of the saved config.
     given: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -162,6 +168,11 @@ class TrainConfig:
         if self.fit_on == "train+valid" and self.select != "last":
             raise BonexrayError("--fit-on train+valid trains on the valid split, so nothing can be selected on it: "
                                 "use --select last")
+        if self.micro_batch is not None:
+            m, b = int(self.micro_batch), int(self.batch_size)
+            if not 1 <= m <= b or b % m:
+                raise BonexrayError(f"--micro-batch {self.micro_batch}: give a divisor of --batch-size {b} (the "
+                                    "micro-batches of one optimiser step must add up to the batch)")
         for k, allowed in CHOICES.items():
             if getattr(self, k) not in allowed:
                 raise BonexrayError(f"{k} must be one of {', '.join(allowed)} (got {getattr(self, k)!r})")
@@ -173,3 +184,17 @@ class TrainConfig:
 
 
 DEFAULTS = TrainConfig()
+
+#: Largest forward pass where fp32 training is the default (CPUs without native bf16): two micro-batches
+#: of 16 for the recipes' batch of 32 keep the recipe within 6 GB (bench/RESULTS.md, Training memory).
+FP32_CPU_MICRO_BATCH = 16
+
+
+def default_micro_batch(batch_size: int, precision: str, on_gpu: bool) -> int:
+    """Images per forward pass when --micro-batch is not given: on a CPU training in fp32 (no native bf16:
+    ``bonexray.hardware.default_training_precision``), the largest divisor of ``batch_size`` up to
+    ``FP32_CPU_MICRO_BATCH``, so activations of half the batch at a time; elsewhere the whole batch."""
+    batch_size = int(batch_size)
+    if on_gpu or not str(precision).startswith("32"):
+        return batch_size
+    return max(d for d in range(1, min(batch_size, FP32_CPU_MICRO_BATCH) + 1) if batch_size % d == 0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import CHOICES, DEFAULTS as D
+from .config import CHOICES, DEFAULTS as D, FP32_CPU_MICRO_BATCH
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=None, help=f"default {D.epochs}")
-    o.add_argument("--batch-size", type=int, default=None, help=f"default {D.batch_size}")
+    o.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per optimiser step, the effective batch (default {D.batch_size})")
+    o.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="images per forward pass, a divisor of --batch-size: the gradients of batch-size/N "
+                        "micro-batches are accumulated into one step (same steps and schedule, less memory; "
+                        "BatchNorm sees N images at a time). Default: on a CPU training in fp32 (no native bf16) "
+                        f"up to {FP32_CPU_MICRO_BATCH}, else the whole batch; recorded in config.yaml and kept by --resume")
     o.add_argument("--lr", type=float, default=None, help=f"peak learning rate of AdamW (default {D.lr})")
     o.add_argument("--weight-decay", type=float, default=None, help=f"default {D.weight_decay}")
     o.add_argument("--schedule", choices=CHOICES["schedule"], default=None,
@@ -97,9 +103,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"so a rerun with another --seed is tested on the same images (default {D.split_seed})")
 
     r = p.add_argument_group("run")
-    r.add_argument("--out", default=None, help="run directory (default runs/<date>-<backbone>)")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt (integrity-checked; flags that change the learning-rate "
-                        "plan, e.g. --epochs, must keep the run's values)")
+    r.add_argument("--out", default=None, help="run directory (default runs/<date>-<backbone>): new, empty, or a run of "
+                        "bonexray train")
+    r.add_argument("--overwrite", action="store_true",
+                   help="train into an --out folder that holds other files (never over --data)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.ckpt (integrity-checked) with the run's own config.yaml; a "
+                        "flag that contradicts it (e.g. --image-size, --backbone, --epochs) is refused, and "
+                        "--workers, --cache, --quiet may change")
     r.add_argument("--accelerator", default=None, help=f"auto, cpu, gpu, ... (default {D.accelerator})")
     r.add_argument("--devices", default=None, help=f"devices per node (Lightning syntax; default {D.devices})")
     r.add_argument("--num-nodes", type=int, default=None, help=f"nodes for multi-node DDP (default {D.num_nodes})")

@@ -11,7 +11,8 @@ import yaml
 from .._version import __version__
 from ..atomic import atomic_write_text
 from ..errors import BonexrayError, DatasetError
-from .config import TrainConfig
+from ..output_folder import claim_folder
+from .config import TrainConfig, default_micro_batch
 
 __all__ = ["TrainConfig", "run_training", "resolve_data"]
 
@@ -60,7 +61,8 @@ def _run_files_callback(cfg: TrainConfig, out: Path, records, dm):
             resolved = {**cfg.to_dict(), "data": str(records.root), "cache": str(dm.cache_dir), "out": str(out),
                         "body_parts": dm.body_parts, "class_weights_by_part": dm.class_weights, "source": records.source,
                         "n_images": {s: len(d) for s, d in dm.datasets.items()}, "split": pl_module.hparams.split,
-                        "precision_used": str(trainer.precision), "bonexray_version": __version__,
+                        "precision_used": str(trainer.precision), "micro_batch_used": int(dm.batch_size),
+                        "accumulate_grad_batches": int(trainer.accumulate_grad_batches), "bonexray_version": __version__,
                         "command": " ".join(sys.argv)}
             atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
             atomic_write_text(out / "data_report.yaml", yaml.safe_dump(dm.report, sort_keys=False))
@@ -89,23 +91,68 @@ def _print_data_report(rep: dict, where: Path) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-#: Settings the saved learning-rate schedule and step counts were planned for: --resume must keep them
-#: (a one-cycle schedule stepped past its plan raises deep inside PyTorch; cosine would silently keep the old plan).
-RESUME_FIXED = ("epochs", "max_steps", "batch_size", "schedule", "lr", "warmup_epochs", "fit_on")
+#: Flags that may differ on --resume: how the run is watched or fed, not what it trains.
+RESUME_FREE = ("quiet", "workers", "cache", "resume", "out", "overwrite", "allow_unreadable")
+
+#: Flags compared with what the run recorded it used (config.yaml's ``*_used`` keys), not with the flag it was given.
+_RECORDED_AS = {"precision": "precision_used", "micro_batch": "micro_batch_used"}
+_PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+def _saved_config(saved: Path) -> dict:
+    try:
+        before = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}  # a run killed before it wrote config.yaml: nothing to compare with
+    return before if isinstance(before, dict) else {}
+
+
+def _same(key: str, now, before) -> bool:
+    if key == "data":
+        return os.path.realpath(str(now)) == os.path.realpath(str(before))
+    if key == "precision":
+        now, before = (_PRECISION_ALIASES.get(str(v), str(v)) for v in (now, before))
+    return now == before or str(now) == str(before)
+
+
+def _resume_conflicts(cfg: TrainConfig, before: dict) -> list[str]:
+    """The explicitly given flags that contradict the run's config.yaml, as ``--flag NOW (the run has BEFORE)``."""
+    out = []
+    for key, now in cfg.given.items():
+        if key in RESUME_FREE:
+            continue
+        recorded = _RECORDED_AS.get(key, key)
+        if recorded in before and before[recorded] is not None and not _same(key, now, before[recorded]):
+            out.append(f"--{key.replace('_', '-')} {now} (the run has {before[recorded]})")
+    return out
 
 
 def _check_resume_plan(cfg: TrainConfig, saved: Path) -> None:
-    """Refuse, before any work, a --resume whose flags change what the saved schedule was planned for."""
-    try:
-        before = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return  # a run killed before it wrote config.yaml: nothing to compare with
-    now = cfg.to_dict()
-    changed = [k for k in RESUME_FIXED if k in before and before[k] != now.get(k)]
-    if changed:
-        what = ", ".join(f"--{k.replace('_', '-')} {now.get(k)} (the run has {before[k]})" for k in changed)
-        raise BonexrayError(f"--resume continues {saved.parent} as it was planned, but {what}; its learning-rate "
-                            "schedule cannot change mid-run: resume with the run's values or start a new run")
+    """Refuse, before anything is read or written, a --resume whose flags contradict the run's config.yaml."""
+    conflicts = _resume_conflicts(cfg, _saved_config(saved))
+    if conflicts:
+        raise BonexrayError(f"--resume continues {saved.parent} with its own config.yaml, but {'; '.join(conflicts)}; "
+                            "leave those flags out (the run's values are kept) or start a new run with another --out")
+
+
+def _resumed_config(cfg: TrainConfig, saved: Path) -> TrainConfig:
+    """The run's own configuration (config.yaml) with the flags that may change on --resume (RESUME_FREE) or
+    that agree with it; refused when a flag contradicts it. Without a config.yaml, ``cfg`` as given."""
+    _check_resume_plan(cfg, saved)
+    before = _saved_config(saved)
+    if not before:
+        return cfg
+    names = set(TrainConfig.field_names())
+    values = {k: v for k, v in before.items() if k in names}
+    # An automatic choice is kept too, like the precision; runs from before micro-batches used the whole batch.
+    values["micro_batch"] = before.get("micro_batch_used") or values.get("batch_size")
+    values.update({k: v for k, v in cfg.given.items() if k in RESUME_FREE})
+    values.update(resume=True, out=cfg.out)
+    if "data" in cfg.given:
+        values["data"] = cfg.given["data"]
+    resumed = TrainConfig(**values, given=dict(cfg.given))
+    resumed.validate()
+    return resumed
 
 
 def _resumed_precision(saved: Path, on_gpu: bool) -> str | None:
@@ -130,6 +177,21 @@ def _check_both_labels(records, cfg: TrainConfig, data) -> None:
                            "abnormal images to learn (check the labels, --limit or the split)")
 
 
+#: What a run directory holds (the output guard checks these names).
+TRAIN_FILES = ("config.yaml", "data_report.yaml", "splits.csv", "metrics.csv", "hparams.yaml",
+               "checkpoints/last.ckpt", "checkpoints/best.ckpt")
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """A run directory from before the output marker existed."""
+    return (folder / "checkpoints" / "last.ckpt").is_file() or "bonexray_version" in _saved_config(folder / "config.yaml")
+
+
+def _first_process() -> bool:
+    """Not one of the further processes of a run across processes (torchrun, srun, Lightning's own launcher)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def split_info(records, cfg: TrainConfig) -> dict:
     """What travels in the model card so that evaluate can find (or refuse) the training split."""
     from ..data.splits import split_counts, split_fingerprint
@@ -139,6 +201,41 @@ def split_info(records, cfg: TrainConfig) -> dict:
             "fingerprint": split_fingerprint(records), "counts": split_counts(records),
             # Which splits the weights saw: with "train+valid" the valid split is training data too.
             "fit_on": cfg.fit_on}
+
+
+def _resume_point(last: Path) -> str:
+    """Where --resume would continue: the epoch the last whole checkpoint ends."""
+    if not last.is_file():
+        return "no checkpoint was written yet: start the run again"
+    try:
+        import torch
+
+        epoch = int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1))
+    except Exception:  # noqa: BLE001 - a damaged file: --resume names the problem itself
+        return f"continue with --resume from {last}"
+    return f"continue with --resume (from {last}, after epoch {epoch})"
+
+
+def _fit(trainer, module, dm, last: Path, resume: bool) -> None:
+    """trainer.fit, with an interrupt or a failed write (full disk, read-only folder) told in one line
+    that says how to continue. Checkpoints are written whole or not at all (atomic_write), so the
+    last one on disk is always a sound resume point."""
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None)
+    except SystemExit as err:  # Lightning turns Ctrl-C into a graceful stop and sys.exit(1)
+        if not trainer.interrupted:
+            raise
+        raise TrainingInterrupted(_resume_point(last)) from err
+    except KeyboardInterrupt as err:
+        raise TrainingInterrupted(_resume_point(last)) from err
+    except OSError as err:
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        raise BonexrayError(f"cannot write the run:{where} {err.strerror or err}; {_resume_point(last)} once the "
+                            "problem is fixed") from err
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to continue."""
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -159,17 +256,25 @@ def run_training(cfg: TrainConfig) -> dict:
 
     _quiet_known_warnings()
     progress = not cfg.quiet
+    if cfg.resume:
+        if not cfg.out:
+            raise BonexrayError("--resume needs --out, the run directory to continue")
+        last = Path(cfg.out) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise BonexrayError(f"--resume: no checkpoint at {last}")
+        # The run's own settings (nothing written before this check: a refused --resume leaves the run as it was).
+        cfg = _resumed_config(cfg, Path(cfg.out) / "config.yaml")
     data = resolve_data(cfg.data, progress=progress)
-    cfg = cfg.with_dataset_recipe(detect_source(data))
+    if not cfg.resume:
+        cfg = cfg.with_dataset_recipe(detect_source(data))
     out = Path(cfg.out or f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}-{cfg.backbone}")
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if cfg.resume and not last.is_file():
-        raise BonexrayError(f"--resume: no checkpoint at {last}")
     if not cfg.resume and last.is_file():
         raise BonexrayError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.resume:
-        _check_resume_plan(cfg, out / "config.yaml")
+    if _first_process():  # the other processes of a run across processes start after (or with) it
+        claim_folder(out, "train", TRAIN_FILES, overwrite=cfg.overwrite, inputs=[data, cfg.weights],
+                     legacy=_is_run_folder)
 
     # Records and split are cheap and deterministic: every rank computes them; only files are rank zero's.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -192,9 +297,12 @@ def run_training(cfg: TrainConfig) -> dict:
         keep_freed_memory()  # faster CPU steps (bench/cpu_allocator.py)
     precision = cfg.precision or (_resumed_precision(out / "config.yaml", on_gpu) if cfg.resume else None) \
         or default_training_precision(on_gpu)
+    # Smaller forward passes, same optimiser steps: the memory of fp32 training on CPUs without native bf16.
+    micro_batch = int(cfg.micro_batch or default_micro_batch(cfg.batch_size, precision, on_gpu))
+    accumulate = int(cfg.batch_size) // micro_batch
     # Items are cache reads (no decoding), so on CPU extra loader processes only steal cores.
     workers = cfg.workers if cfg.workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
-    dm = BoneDataModule(records, all_records, str(cache_dir), cfg.image_size, batch_size=cfg.batch_size, workers=workers,
+    dm = BoneDataModule(records, all_records, str(cache_dir), cfg.image_size, batch_size=micro_batch, workers=workers,
                         with_boxes=with_boxes, class_weights=cfg.class_weights, allow_unreadable=cfg.allow_unreadable,
                         progress=progress, n_read=n_read, fit_on=cfg.fit_on)
     module = BoneXrayModule(
@@ -235,13 +343,13 @@ def run_training(cfg: TrainConfig) -> dict:
     trainer = L.Trainer(
         default_root_dir=str(out), max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-        precision=precision, callbacks=callbacks,
+        precision=precision, callbacks=callbacks, accumulate_grad_batches=accumulate,
         # Flush every step: a killed run keeps the metrics of the epochs its checkpoints hold.
         logger=ResumableCSVLogger(save_dir=str(out), name="", version="", flush_logs_every_n_steps=1),
         plugins=[AtomicCheckpointIO()], deterministic=not on_gpu, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1,
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if cfg.resume else None)
+    _fit(trainer, module, dm, last, cfg.resume)
     best = callbacks[0].best_model_path or str(ckpt_dir / "best.ckpt")
     score = callbacks[0].best_model_score
     if trainer.is_global_zero and not Path(best).is_file() and last.is_file():
