@@ -6,10 +6,17 @@ sensitivity), ``"positive"`` at or above the definite one (chosen for high speci
 ``"suspicious"`` between them; ``None`` where the image is out of scope or the output is not finite.
 A model card without stated operating points falls back to the threshold plus or minus the card's
 borderline band, which is how the earlier "borderline" band is defined in these terms.
+
+The fitting rules live here too, so that one module says what the numbers in a card mean:
+:func:`fit_temperature` (temperature scaling: the T that minimises the log loss of sigmoid(logit / T)
+on held-out labels) and :func:`choose_operating_points` (suspicious: the highest threshold whose
+sensitivity on held-out images is at least ``sensitivity``; definite: the lowest threshold whose
+specificity is at least ``specificity``; if the first lies above the second, both are the second).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,3 +85,73 @@ def calibrated(prob: float, card) -> float:
     p = min(max(prob, 1e-12), 1 - 1e-12)
     logit = math.log(p / (1 - p))
     return 1.0 / (1.0 + math.exp(-logit / temperature))
+
+
+def logit(prob):
+    """log(p / (1 - p)), with p clipped to [1e-12, 1 - 1e-12]; elementwise on numpy arrays."""
+    import numpy as np
+
+    p = np.clip(np.asarray(prob, np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
+
+
+def temperature_scaled(prob, temperature: float):
+    """sigmoid(logit(prob) / temperature), elementwise (what :func:`calibrated` does to one value)."""
+    import numpy as np
+
+    return 1.0 / (1.0 + np.exp(-logit(prob) / float(temperature)))
+
+
+def fit_temperature(prob, labels, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature that minimises the mean log loss of :func:`temperature_scaled` on 0/1 ``labels``
+    (golden-section search over log T within ``bounds``; the loss is unimodal in 1/T)."""
+    import numpy as np
+
+    z = logit(prob)
+    y = np.asarray(labels, np.float64)
+    if len(z) == 0 or len(z) != len(y):
+        raise ValueError("fit_temperature needs as many labels as probabilities, at least one")
+
+    def loss(log_t: float) -> float:
+        s = z / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))  # -log-likelihood of sigmoid(s)
+
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = loss(b)
+    return float(math.exp((lo + hi) / 2))
+
+
+def choose_operating_points(prob: Sequence[float], labels: Sequence[int], sensitivity: float = 0.95,
+                            specificity: float = 0.95, source: str = "held-out images") -> OperatingPoints:
+    """The two operating points by the module's rule, on (calibrated) held-out probabilities."""
+    import numpy as np
+
+    p = np.asarray(prob, np.float64)
+    y = np.asarray(labels, np.int64)
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    if not len(pos) or not len(neg):
+        raise ValueError("choosing operating points needs abnormal and normal held-out images")
+    # Sensitivity at threshold t is the share of positives with p >= t: the k-th smallest positive
+    # keeps len - k of them; the highest t keeping ceil(sensitivity * n) is that order statistic.
+    keep = int(math.ceil(sensitivity * len(pos) - 1e-9))
+    suspicious = float(pos[len(pos) - keep]) if keep > 0 else 1.0
+    # Specificity at t is the share of negatives with p < t: the smallest t above ceil(spec * n) of them.
+    below = int(math.ceil(specificity * len(neg) - 1e-9))
+    definite = float(np.nextafter(neg[below - 1], np.inf)) if below > 0 else 0.0
+    definite = min(definite, 1.0)
+    suspicious = min(suspicious, definite)
+    return OperatingPoints(suspicious, definite,
+                           f"{source}: suspicious = highest threshold with sensitivity >= {sensitivity:g} "
+                           f"({len(pos)} abnormal), definite = lowest threshold with specificity >= {specificity:g} "
+                           f"({len(neg)} normal)")
