@@ -8,8 +8,8 @@ A model card without stated operating points falls back to the threshold plus or
 borderline band, which is how the earlier "borderline" band is defined in these terms.
 
 The fitting rules live here too, so that one module says what the numbers in a card mean:
-:func:`fit_temperature` (temperature scaling: the T that minimises the log loss of sigmoid(logit / T)
-on held-out labels) and :func:`choose_operating_points` (suspicious: the highest threshold whose
+:func:`fit_temperature_and_bias` (sigmoid(logit / T + bias), the pair that minimises the log loss on
+held-out labels; :func:`fit_temperature` the bias-free form) and :func:`choose_operating_points` (suspicious: the highest threshold whose
 sensitivity on held-out images is at least ``sensitivity``; definite: the lowest threshold whose
 specificity is at least ``specificity``; if the first lies above the second, both are the second).
 """
@@ -76,15 +76,16 @@ def worst_finding(findings) -> Finding | None:
 
 
 def calibrated(prob: float, card) -> float:
-    """The card's calibration applied to one raw probability (temperature scaling on the logit);
-    the probability unchanged where the card states none."""
+    """The card's calibration applied to one raw probability: sigmoid(logit / temperature + bias)
+    (``bias`` 0 when the card states none: plain temperature scaling); unchanged where the card has no
+    calibration."""
     cal = getattr(card, "calibration", None)
     if not cal or not math.isfinite(prob):
         return prob
-    temperature = float(cal["temperature"])
+    temperature, bias = float(cal["temperature"]), float(cal.get("bias", 0.0))
     p = min(max(prob, 1e-12), 1 - 1e-12)
-    logit = math.log(p / (1 - p))
-    return 1.0 / (1.0 + math.exp(-logit / temperature))
+    z = math.log(p / (1 - p)) / temperature + bias
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 def logit(prob):
@@ -95,11 +96,35 @@ def logit(prob):
     return np.log(p / (1 - p))
 
 
-def temperature_scaled(prob, temperature: float):
-    """sigmoid(logit(prob) / temperature), elementwise (what :func:`calibrated` does to one value)."""
+def temperature_scaled(prob, temperature: float, bias: float = 0.0):
+    """sigmoid(logit(prob) / temperature + bias), elementwise (what :func:`calibrated` does to one value)."""
     import numpy as np
 
-    return 1.0 / (1.0 + np.exp(-logit(prob) / float(temperature)))
+    return 1.0 / (1.0 + np.exp(-(logit(prob) / float(temperature) + float(bias))))
+
+
+def fit_temperature_and_bias(prob, labels, iterations: int = 100) -> tuple[float, float]:
+    """(temperature, bias) minimising the mean log loss of sigmoid(logit / T + bias) on 0/1 labels
+    (Platt scaling of the logit; Newton's method, a tiny ridge keeps it finite on separable data)."""
+    import numpy as np
+
+    z = logit(prob)
+    y = np.asarray(labels, np.float64)
+    if len(z) < 2 or len(z) != len(y) or len(np.unique(y)) < 2:
+        raise ValueError("fitting a calibration needs abnormal and normal labelled images")
+    x = np.stack([z, np.ones_like(z)], 1)
+    w = np.array([1.0, 0.0])
+    for _ in range(iterations):
+        q = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (q - y) / len(y) + 1e-6 * w
+        hess = (x * (q * (1 - q))[:, None]).T @ x / len(y) + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    if not w[0] > 0:
+        raise ValueError("the fitted calibration reverses the model's order (slope <= 0): not used")
+    return float(1.0 / w[0]), float(w[1])
 
 
 def fit_temperature(prob, labels, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
@@ -155,3 +180,22 @@ def choose_operating_points(prob: Sequence[float], labels: Sequence[int], sensit
                            f"{source}: suspicious = highest threshold with sensitivity >= {sensitivity:g} "
                            f"({len(pos)} abnormal), definite = lowest threshold with specificity >= {specificity:g} "
                            f"({len(neg)} normal)")
+
+
+def decision_lines(info) -> list[str]:
+    """What ``bonexray models`` prints about a card's (dict's) findings: operating points, calibration."""
+    pts, cal = info.get("operating_points"), info.get("calibration")
+    lines = []
+    if pts:
+        lines.append(f"finding: negative below {pts['suspicious']:.3f}, suspicious (high-sensitivity point) from "
+                     f"{pts['suspicious']:.3f}, positive (high-specificity point) from {pts['definite']:.3f} "
+                     "on the calibrated probability")
+        lines.append(f"  operating points: {pts.get('source', '')}")
+    else:
+        lines.append("finding: no stated operating points (threshold -/+ the borderline band)")
+    if cal:
+        lines.append(f"calibration: {cal.get('method', 'temperature')} T {float(cal['temperature']):.3g}"
+                     + (f", bias {float(cal['bias']):.3g}" if "bias" in cal else "") + f"; {cal.get('fitted_on', '')}")
+    else:
+        lines.append("calibration: none (probabilities as the network gives them)")
+    return lines

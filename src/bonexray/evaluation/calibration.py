@@ -63,7 +63,7 @@ def calibration_report(y, p_raw, card=None, groups=None, n_bootstrap: int = 1000
 
     p_raw = np.asarray(p_raw, np.float64)
     cal = getattr(card, "calibration", None)
-    p_cal = temperature_scaled(p_raw, float(cal["temperature"])) if cal else None
+    p_cal = temperature_scaled(p_raw, float(cal["temperature"]), float(cal.get("bias", 0.0))) if cal else None
     shown = p_cal if p_cal is not None else p_raw
     out = calibration_metrics(y, shown, n_bins)
     out["ece_ci95"] = ece_ci(y, shown, groups, n_bootstrap, n_bins)
