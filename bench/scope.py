@@ -74,21 +74,31 @@ def fit_gate(train_emb, valid_emb, outlier_embs: dict, pca_quantile: float, head
     return card
 
 
+_STATS: dict = {}
+
+
 def gate_reasons(predictor, scope_card, items, emb) -> list:
-    """The full gate (statistics, DICOM evidence, head, distance) for cached items."""
+    """The full gate (statistics, DICOM evidence, head, distance) for cached items; the pixel and file
+    checks, which do not depend on the card's scope statistics, are computed once per item."""
     from types import SimpleNamespace
 
     from bonexray.data.preprocess import read_bytes_for_model
     from bonexray.inference.scope import ScopeGate, source_evidence
 
-    gate = ScopeGate(SimpleNamespace(body_parts=predictor.card.body_parts, scope=scope_card))
+    classes = predictor.card.body_parts
+    gate = ScopeGate(SimpleNamespace(body_parts=classes, scope=scope_card))
+    plain = ScopeGate(SimpleNamespace(body_parts=classes, scope=None))
     by_name = dict(items)
-    out = []
-    for name, e in zip(emb["names"], emb["embedding"]):
-        data = by_name[str(name)]
-        m = read_bytes_for_model(data, str(name), predictor.image_size)
-        out.append(gate.reasons([m.decoded.pixels], [m.truncated], [source_evidence(data)], e[None])[0])
-    return out
+    first = []
+    for name in emb["names"]:
+        key = (str(name), len(by_name[str(name)]))
+        if key not in _STATS:
+            data = by_name[str(name)]
+            m = read_bytes_for_model(data, str(name), predictor.image_size)
+            _STATS[key] = plain.reasons([m.decoded.pixels], [m.truncated], [source_evidence(data)], None)[0]
+        first.append(_STATS[key])
+    later = gate.reasons([None] * len(first), [False] * len(first), [None] * len(first), emb["embedding"])
+    return [f if f is not None else r for f, r in zip(first, later)]
 
 
 def summary(reasons) -> dict:
@@ -159,14 +169,39 @@ def measure(model: str, data: str, cache: str | None = DEFAULT_CACHE, leave_out=
     cr = res["measured_sets"].get("chest CR RG1 (DICOM file)")
     res["targets"]["chest CR RG1 refused"] = {"target": 1.0, "measured": cr["refused"] if isinstance(cr, dict) else None,
                                               "met": isinstance(cr, dict) and cr["refused"] == 1.0}
+    yv = np.array([r.abnormal for r in sets["valid"][0]])
+    lab = np.isin(yv, (0, 1))
+    fitted = fit_calibration(emb["valid"]["prob"][lab], yv[lab].astype(int),
+                             (predictor.card.split or {}).get("fit_on", "train"))
+    res["calibration"] = calibration_on_test(fitted, emb["test"]["prob"], sets["test"][0])
     if write_model:
-        yv = np.array([r.abnormal for r in sets["valid"][0]])
-        lab = np.isin(yv, (0, 1))
-        updates = {"scope": scope_card, **fit_calibration(emb["valid"]["prob"][lab], yv[lab].astype(int),
-                                                          (predictor.card.split or {}).get("fit_on", "train"))}
+        updates = {"scope": scope_card, **fitted}
         rewrite_checkpoint(predictor.path, write_model, updates, half=True)
         res["wrote"] = write_model
     return res
+
+
+def calibration_on_test(fitted: dict, test_prob, test_records) -> dict:
+    """Test-split ECE before / after the fitted calibration (study bootstrap CIs) and the operating points'
+    sensitivity and specificity on the test split."""
+    from bonexray.core.decision import temperature_scaled
+    from bonexray.evaluation.calibration import ece, ece_ci
+
+    y = np.array([r.abnormal for r in test_records])
+    lab = np.isin(y, (0, 1))
+    y, p, groups = y[lab].astype(int), np.asarray(test_prob)[lab], np.array([r.study_id for r in test_records])[lab]
+    cal = fitted["calibration"]
+    q = temperature_scaled(p, cal["temperature"], cal.get("bias", 0.0)) if cal else p
+    pts = fitted["operating_points"]
+    out = {"fitted": fitted, "n_test": int(len(y)),
+           "ece_before": ece(y, p), "ece_before_ci95": ece_ci(y, p, groups),
+           "ece_after": ece(y, q), "ece_after_ci95": ece_ci(y, q, groups), "target_ece": 0.03}
+    out["met"] = out["ece_after"] <= 0.03
+    for name in ("suspicious", "definite"):
+        pred = q >= pts[name]
+        out[f"{name}_test"] = {"threshold": pts[name], "sensitivity": float(pred[y == 1].mean()),
+                               "specificity": float((~pred[y == 0]).mean())}
+    return out
 
 
 def main(argv=None) -> int:
@@ -195,6 +230,12 @@ def main(argv=None) -> int:
     for k, t in res["targets"].items():
         m = "n/a" if t["measured"] is None else f"{t['measured']:.1%}"
         print(f"target {k}: {t['target']:.0%} -> measured {m}: {'met' if t['met'] else 'NOT met'}")
+    c = res["calibration"]
+    print(f"test ECE {c['ece_before']:.3f} {c['ece_before_ci95']} -> {c['ece_after']:.3f} {c['ece_after_ci95']} "
+          f"calibrated ({'met' if c['met'] else 'NOT met'}: target <= 0.03)")
+    for name in ("suspicious", "definite"):
+        t = c[f"{name}_test"]
+        print(f"{name} point {t['threshold']:.3f}: test sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")
     print(f"wrote {args.out}")
     return 0
 

@@ -138,7 +138,7 @@ def calibrated(trained_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("calibrated") / "calibrated.ckpt"
     return calibrate_model(trained_run["best_checkpoint"], trained_run["manifest"], out=out, quantile=0.99,
-                           device="cpu")
+                           device="cpu", head_quantile=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,13 @@ def test_calibration_writes_scope_and_band_into_the_card(calibrated):
     assert card.scope["fitted_on"].startswith("train split") and "valid split" in card.scope["threshold_source"]
     assert card.scope["held_out_refused"] <= 0.05
     assert card.borderline_band is not None and card.borderline_source
+    head = card.scope["head"]
+    assert head["classes"][0] == scope.IN_SCOPE and scope.NOT_RADIOGRAPH in head["classes"]
+    assert head["held_out_refused"] <= 0.1 + 1e-9  # its threshold passes 0.9 of the valid split
+    assert card.calibration is None or (card.calibration["temperature"] > 0
+                                        and "valid split" in card.calibration["fitted_on"])
+    assert "valid split" in card.operating_points["source"]
+    assert 0 <= card.operating_points["suspicious"] <= card.operating_points["definite"] <= 1
 
 
 def test_predict_cli_refuses_photo_ct_and_blank_and_answers_the_radiograph(calibrated, ood_files, capsys):
@@ -242,23 +249,27 @@ def test_evaluate_reports_calibration_and_band_error_rates(trained_run, tmp_path
     assert "Calibration and the borderline band" in (tmp_path / "report.md").read_text()
 
 
-def test_bench_scope_measures_every_ood_set(calibrated, trained_run, tmp_path):
+def test_bench_scope_measures_refusal_rates_per_set_and_leave_one_region_out(trained_run, tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import scope as bench_scope  # bench/scope.py
 
-    res = bench_scope.measure(str(calibrated), trained_run["manifest"], holdout_model=str(calibrated),
-                              holdout_part="leg", holdout_data=trained_run["manifest"])
-    assert res["feature_statistics"] and res["in_distribution"]["n"] == 12
-    for name in ("photos (colour files)", "photos (gray pixels only)", "CT (DICOM files)", "CT (gray pixels only)",
-                 "MR (DICOM files)", "US (DICOM files)", "synthetic gradients", "noise", "rendered text",
-                 "blank / nearly constant"):
-        r = res["ood"][name]
-        assert r["n"] > 0 and 0 <= r["auroc"] <= 1, name
-    assert res["ood"]["blank / nearly constant"]["reasons"] == {scope.BLANK: 10}
-    assert res["ood"]["CT (DICOM files)"]["refused_share"] == 1.0
-    assert res["held_out_body_part"]["part"] == "leg" and res["held_out_body_part"]["n"] > 0
+    res = bench_scope.measure(str(trained_run["best_checkpoint"]), trained_run["manifest"], cache=str(tmp_path),
+                              leave_out=("hand",), pca_quantile=0.99, head_quantile=0.9,
+                              write_model=str(tmp_path / "gated.ckpt"))
+    assert res["in_distribution"]["test"]["n"] == 12
+    for name in ("synthetic (other seed)", "rendered text (other seed)"):
+        r = res["measured_sets"][name]
+        assert r["n"] > 0 and 0 <= r["refused"] <= 1 and sum(r["reasons"].values()) == r["n"], name
+    lo = res["leave_one_region_out"]["hand"]
+    assert lo["region"]["n"] > 0 and 0 <= lo["region"]["refused"] <= 1
+    assert set(res["targets"]) >= set(bench_scope.TARGETS)
+    from bonexray.model.checkpoint import read_card
+
+    card = read_card(tmp_path / "gated.ckpt")
+    assert card.scope["head"]["classes"][0] == scope.IN_SCOPE
+    assert scope.ScopeGate(card).head is not None
 
 
 # --------------------------------------------------------------------------- DICOM kinds, size, colour, windowing

@@ -113,14 +113,22 @@ def fit_temperature_and_bias(prob, labels, iterations: int = 100) -> tuple[float
     if len(z) < 2 or len(z) != len(y) or len(np.unique(y)) < 2:
         raise ValueError("fitting a calibration needs abnormal and normal labelled images")
     x = np.stack([z, np.ones_like(z)], 1)
+
+    def loss(w):
+        s = x @ w
+        return float(np.mean(np.logaddexp(0.0, s) - y * s) + 0.5e-6 * w @ w)
+
     w = np.array([1.0, 0.0])
     for _ in range(iterations):
-        q = 1.0 / (1.0 + np.exp(-(x @ w)))
+        q = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # sigmoid without overflow
         grad = x.T @ (q - y) / len(y) + 1e-6 * w
         hess = (x * (q * (1 - q))[:, None]).T @ x / len(y) + 1e-6 * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
+        f0, t = loss(w), 1.0
+        while loss(w - t * step) > f0 and t > 1e-8:  # damped Newton: never increase the loss
+            t *= 0.5
+        w = w - t * step
+        if np.abs(t * step).max() < 1e-10:
             break
     if not w[0] > 0:
         raise ValueError("the fitted calibration reverses the model's order (slope <= 0): not used")

@@ -81,14 +81,19 @@ def fit_calibration(prob: np.ndarray, labels: np.ndarray, fit_on: str, sensitivi
     """Card fields ``calibration`` and ``operating_points`` from labelled valid-split predictions."""
     from ..core.decision import choose_operating_points, fit_temperature_and_bias, temperature_scaled
 
-    t, b = fit_temperature_and_bias(prob, labels)
     where = (f"valid split ({len(prob)} labelled images), held out" if fit_on == "train" else
              f"valid split ({len(prob)} labelled images), which this model was trained on (fit_on train+valid): "
              "in-sample, not held out")
-    pts = choose_operating_points(temperature_scaled(prob, t, b), labels, sensitivity, specificity, source=where)
-    return {"calibration": {"method": "temperature+bias", "temperature": round(t, 6), "bias": round(b, 6),
-                            "fitted_on": where,
-                            "rule": "sigmoid(logit / temperature + bias), the pair minimising the log loss"},
+    try:
+        t, b = fit_temperature_and_bias(prob, labels)
+    except ValueError as err:  # e.g. a model no better than chance on valid: no calibration, said so
+        calibration, shown, note = None, np.asarray(prob, np.float64), f"; uncalibrated ({err})"
+    else:
+        calibration = {"method": "temperature+bias", "temperature": round(t, 6), "bias": round(b, 6),
+                       "fitted_on": where, "rule": "sigmoid(logit / temperature + bias), the pair minimising the log loss"}
+        shown, note = temperature_scaled(prob, t, b), ""
+    pts = choose_operating_points(shown, labels, sensitivity, specificity, source=where + note)
+    return {"calibration": calibration,
             "operating_points": {"suspicious": round(pts.suspicious, 6), "definite": round(pts.definite, 6),
                                  "source": pts.source}}
 

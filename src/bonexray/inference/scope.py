@@ -147,6 +147,15 @@ def _dicom_evidence(data: bytes) -> SourceEvidence:
         import pydicom
 
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+    except Exception:  # noqa: BLE001 - the decoder reports unreadable files; this only adds evidence
+        return SourceEvidence()
+    return dataset_evidence(ds, data)
+
+
+def dataset_evidence(ds, data: bytes | None = None) -> SourceEvidence:
+    """Evidence of a pydicom Dataset already in memory (PACS): Modality, frames, body-part tags and, for a
+    colour photometric interpretation, its colourfulness (from ``data``, the file's bytes, or ``ds``)."""
+    try:
         modality = str(ds.get("Modality", "") or "").strip().upper()
         try:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -158,7 +167,7 @@ def _dicom_evidence(data: bytes) -> SourceEvidence:
         return SourceEvidence()
     colour = share = None
     if photometric and not photometric.startswith("MONOCHROME"):
-        colour, share = _dicom_colour(data)
+        colour, share = _dicom_colour(data if data is not None else ds)
     return SourceEvidence(colourfulness=colour, modality=modality, colour_share=share, n_frames=frames, region=region)
 
 
@@ -166,13 +175,13 @@ def _colour_evidence(colour: tuple[float | None, float | None]) -> SourceEvidenc
     return SourceEvidence(colourfulness=colour[0], colour_share=colour[1])
 
 
-def _dicom_colour(data: bytes) -> tuple[float | None, float | None]:
+def _dicom_colour(data) -> tuple[float | None, float | None]:
     """Colourfulness of a colour DICOM's first frame, judged like a colour file's (a thumbnail)."""
     try:
         import pydicom
         from PIL import Image
 
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data)) if isinstance(data, (bytes, bytearray)) else data
         try:
             from pydicom.pixels import apply_color_lut, pixel_array
 
