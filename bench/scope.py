@@ -1,24 +1,28 @@
-"""Measure the scope gate: detection AUROC of in-distribution test radiographs against images the model
-cannot know, and the share of in-distribution test images it refuses.
+"""Fit and measure the scope gate at its operating point: refusal rates for each kind of image.
 
-    python bench/scope.py fracatlas --data ../shared/data/FracAtlas --out bench/scope.json
-    python bench/scope.py fracatlas --data ../shared/data/FracAtlas \\
-        --holdout-model runs/fa-no-shoulder/checkpoints/last.ckpt --holdout-part shoulder
+    python bench/scope.py fracatlas --data ../shared/data/FracAtlas --out bench/scope.json \\
+        [--write-model calibrated.ckpt]
 
-Every image goes through the front ends' path (bytes -> ``read_bytes_for_model`` -> model ->
-``ScopeGate``). Out-of-distribution sets, all built offline: natural photos (scikit-image's bundled
-samples) as colour files and as gray pixels only; CT / MR / US / NM slices from pydicom's bundled test
-files, as DICOM files (Modality tag) and as gray PNGs (pixels only); synthetic gradients, noise,
-rendered text, blank and nearly blank images. The score per image is the feature-space score
-(inference/scope.py), +inf where an image-statistics check refused it; AUROC is scikit-learn's, OOD
-as the positive class. ``--holdout-model``: a model trained (and calibrated) on a manifest CSV of the
-dataset without one body part (``--holdout-data``), scored on that part's images from ``--data``
-against its own test split; without it the held-out-part AUROC is "not measured".
+The gate is fitted the way ``bonexray calibrate-scope`` fits it (inference/calibrate.py,
+inference/scope.py): PCA feature distance on the **train** split's embeddings, the in-scope head on
+the train split against the *fit* outlier sets of bench/scope_sets.py; both thresholds from the
+**valid** split (images neither was fitted on; the network itself was trained on train+valid). It is
+then measured on what it was not fitted on: the **test** split (in-distribution refusals) and the
+*measured* outlier sets of bench/scope_sets.py (other seeds, unseen modalities, unseen photos, the
+held-out half of the chest films, the pydicom-data chest CR). Every image goes through the front
+ends' path (bytes -> decoder -> tile -> model -> ScopeGate with the file's evidence).
+
+Leave one region out (``--leave-out hand leg``): the gate is refitted without that region's train and
+valid images and the region's images are measured against it. A shortcut, stated: the embeddings
+are still the bundled network's, which was trained on every region (retraining the network without
+a region is not affordable here), so this measures the gate, not a network that never saw the region.
+
+``--write-model``: a copy of the model whose card holds this gate, the calibration and the two
+operating points (valid split); embeddings are cached (bench/embed_cache.py).
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from collections import Counter
@@ -26,223 +30,212 @@ from pathlib import Path
 
 import numpy as np
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embed_cache import DEFAULT_CACHE, embed_items  # noqa: E402
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
-          "clock", "coins", "moon", "brick", "grass", "gravel")
-DICOM_FILES = {"CT": ("CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"),
-               "MR": ("MR_small.dcm", "examples_overlay.dcm", "MR_small_RLE.dcm"),
-               "US": ("ExplVR_BigEnd.dcm", "examples_palette.dcm", "examples_rgb_color.dcm", "examples_ybr_color.dcm",
-                      "examples_jpeg2k.dcm"),
-               "NM": ("JPEG2000.dcm", "JPEG-lossy.dcm")}
+import scope_sets  # noqa: E402
 
-
-def png(a: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
-    return buf.getvalue()
+TARGETS = {"grey non-radiographs refused": 0.95, "other-region radiographs refused": 0.90,
+           "left-out region refused": 0.80, "in-distribution test refused (at most)": 0.02}
+NON_RADIOGRAPH_SETS = ("synthetic (other seed)", "rendered text (other seed)", "US/NM slices (unseen modalities)",
+                       "photos (gray, unseen photos)")
+OTHER_REGION_SETS = ("chest films (held-out half)", "chest CR RG1 (gray pixels only)")
 
 
-def gray(a: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.fromarray(a)
-    return np.asarray(im.convert("L"))
-
-
-def photo_sets() -> dict[str, list[tuple[str, bytes]]]:
-    from skimage import data
-
-    colour, pixels = [], []
-    for name in PHOTOS:
-        a = getattr(data, name)()
-        if a.ndim == 3:
-            colour.append((f"{name}.png", png(a[..., :3])))
-        pixels.append((f"{name}-gray.png", png(gray(a[..., :3]) if a.ndim == 3 else a)))
-    return {"photos (colour files)": colour, "photos (gray pixels only)": pixels}
-
-
-def dicom_sets() -> dict[str, list[tuple[str, bytes]]]:
-    from pydicom.data import get_testdata_file
-
-    from bonexray.data.imageio import read_image_bytes, to_uint8
-
-    out: dict[str, list[tuple[str, bytes]]] = {}
-    for modality, names in DICOM_FILES.items():
-        files, pixels = [], []
-        for n in names:
-            path = get_testdata_file(n)
-            if path is None:
-                continue
-            data = Path(path).read_bytes()
-            try:
-                g = to_uint8(read_image_bytes(data, n).pixels)
-            except Exception as err:  # noqa: BLE001 - a file this machine cannot decode is left out, said so
-                print(f"  {n}: left out ({type(err).__name__})", file=sys.stderr)
-                continue
-            files.append((n, data))
-            pixels.append((n.replace(".dcm", ".png"), png(g)))
-        out[f"{modality} (DICOM files)"] = files
-        out[f"{modality} (gray pixels only)"] = pixels
-    return out
-
-
-def synthetic_sets(seed: int = 0) -> dict[str, list[tuple[str, bytes]]]:
-    from PIL import Image, ImageDraw, ImageFont
-
-    rng = np.random.default_rng(seed)
-    h, w = 384, 320
-    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w]).reshape(2, 1, 1)
-    grads = []
-    for i, ang in enumerate(np.linspace(0, np.pi, 8, endpoint=False)):
-        g = (np.cos(ang) * xx + np.sin(ang) * yy)
-        g = (255 * (g - g.min()) / (np.ptp(g) + 1e-9)).astype(np.uint8)
-        grads.append((f"gradient{i}.png", png(g)))
-    r = np.hypot(yy - 0.5, xx - 0.5)
-    grads.append(("radial.png", png((255 * r / r.max()).astype(np.uint8))))
-    for i in range(4):  # colour gradients
-        c = np.stack([xx * 255, yy * 255, np.full_like(xx, 60.0 * i)], -1).astype(np.uint8)
-        grads.append((f"colour-gradient{i}.png", png(c)))
-    noise = [(f"uniform{i}.png", png(rng.integers(0, 256, (h, w), dtype=np.uint8))) for i in range(4)]
-    noise += [(f"gauss{i}.png", png(np.clip(rng.normal(128, 20 + 20 * i, (h, w)), 0, 255).astype(np.uint8)))
-              for i in range(4)]
-    noise += [(f"colour-noise{i}.png", png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for i in range(2)]
-    text = []
-    font = ImageFont.load_default()
-    for i in range(8):
-        im = Image.new("L", (w, h), 255 if i % 2 == 0 else 0)
-        d = ImageDraw.Draw(im)
-        for line in range(18):
-            d.text((8, 6 + 20 * line), f"Report {i}: the quick brown fox {line} jumps over 13 lazy dogs",
-                   fill=0 if i % 2 == 0 else 255, font=font)
-        text.append((f"text{i}.png", png(np.asarray(im))))
-    blank = [(f"constant{v}.png", png(np.full((h, w), v, np.uint8))) for v in (0, 40, 128, 200, 255)]
-    blank += [(f"near-constant{i}.png", png(np.clip(rng.normal(100 + 30 * i, 1.0, (h, w)), 0, 255).astype(np.uint8)))
-              for i in range(5)]
-    return {"synthetic gradients": grads, "noise": noise, "rendered text": text, "blank / nearly constant": blank}
-
-
-def score_items(predictor, gate, items: list[tuple[str, bytes]], batch_size: int = 32):
-    """(scores, reasons) for (name, bytes) items through the front ends' path; undecodable files are left out."""
-    from bonexray.data.preprocess import read_bytes_for_model
-    from bonexray.inference.scope import source_evidence, statistics_reason
-
-    scores, reasons = [], []
-    for i in range(0, len(items), batch_size):
-        ms, ev, names = [], [], []
-        for name, data in items[i : i + batch_size]:
-            try:
-                ms.append(read_bytes_for_model(data, name, predictor.image_size))
-            except Exception as err:  # noqa: BLE001
-                print(f"  {name}: not decoded ({type(err).__name__}: {err})", file=sys.stderr)
-                continue
-            ev.append(source_evidence(data))
-            names.append(name)
-        if not ms:
-            continue
-        pred = predictor.predict_batch(np.stack([m.tile for m in ms]), boxes=False)
-        why = gate.reasons([m.decoded.pixels for m in ms], [m.truncated for m in ms], ev, pred.embedding)
-        feat = (gate.features.scores(pred.embedding) if gate.features is not None and pred.embedding is not None
-                else np.zeros(len(ms)))
-        for m, e, f in zip(ms, ev, feat):
-            stat = statistics_reason(m.decoded.pixels, m.truncated, e)
-            scores.append(np.inf if stat is not None else float(f))
-        reasons.extend(why)
-    return np.asarray(scores, np.float64), reasons
-
-
-def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    if not len(in_scores) or not len(out_scores):
-        return None
-    s = np.concatenate([in_scores, out_scores])
-    s = np.where(np.isfinite(s), s, 1e300)
-    return float(roc_auc_score(np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))], s))
-
-
-def test_images(model_path, data: str, part: str | None = None, exclude_part: str | None = None):
-    """(name, bytes) of the model's test split images (``part``: only that body part, from every split)."""
+def dataset_items(predictor, data: str):
     from bonexray.data.datasets import load_dataset
     from bonexray.evaluation.evaluate import assign_eval_splits, find_run_dir
-    from bonexray.model.checkpoint import read_card
 
-    records = load_dataset(data)
-    if part is not None:
-        chosen = [r for r in records if r.body_part == part]
-    else:
-        records, _ = assign_eval_splits(records, read_card(model_path).split, find_run_dir(Path(model_path)), None)
-        chosen = [r for r in records if r.split == "test" and r.body_part != exclude_part]
+    records, how = assign_eval_splits(load_dataset(data), predictor.card.split, find_run_dir(predictor.path), None)
     root = Path(records.root)
-    # Record paths are as the reader made them (already under the dataset root) or relative to it.
-    return [(r.path, (Path(r.path) if Path(r.path).is_file() else root / r.path).read_bytes()) for r in chosen]
+    out = {}
+    for split in ("train", "valid", "test"):
+        chosen = [r for r in records if r.split == split]
+        out[split] = (chosen, [(r.path, (Path(r.path) if Path(r.path).is_file() else root / r.path).read_bytes())
+                               for r in chosen])
+    return out, how
 
 
-def measure(model: str, data: str, holdout_model: str | None = None, holdout_part: str | None = None,
-            batch_size: int = 32, limit: int | None = None, holdout_data: str | None = None) -> dict:
+def fit_gate(train_emb, valid_emb, outlier_embs: dict, pca_quantile: float, head_quantile: float, info: dict):
+    from bonexray.inference.scope import INVERTED, NOT_RADIOGRAPH, UNKNOWN_PART, fit_feature_scope, fit_scope_head
+
+    fs = fit_feature_scope(train_emb, valid_emb, quantile=pca_quantile, info=dict(info))
+    kinds = {NOT_RADIOGRAPH: ("synthetic", "rendered text", "CT/MR slices", "photos (gray)"),
+             UNKNOWN_PART: ("chest films",), INVERTED: ("inverted radiographs",)}
+    outs = {reason: np.concatenate([outlier_embs[k] for k in names if k in outlier_embs and len(outlier_embs[k])])
+            for reason, names in kinds.items() if any(k in outlier_embs and len(outlier_embs[k]) for k in names)}
+    head = fit_scope_head(train_emb, outs, valid_emb, quantile=head_quantile, info={
+        "fitted_on": "train split against outliers (bench/scope_sets.py fit sets): "
+                     + ", ".join(f"{k} {len(v)}" for k, v in outlier_embs.items()),
+        "threshold_source": f"{head_quantile} of the valid split's images pass ({len(valid_emb)} images; the network "
+                            "was trained on them, the gate was not)"})
+    card = fs.to_card()
+    card["head"] = head.to_card()
+    return card
+
+
+_STATS: dict = {}
+
+
+def gate_reasons(predictor, scope_card, items, emb) -> list:
+    """The full gate (statistics, DICOM evidence, head, distance) for cached items; the pixel and file
+    checks, which do not depend on the card's scope statistics, are computed once per item."""
+    from types import SimpleNamespace
+
+    from bonexray.data.preprocess import read_bytes_for_model
+    from bonexray.inference.scope import ScopeGate, source_evidence
+
+    classes = predictor.card.body_parts
+    gate = ScopeGate(SimpleNamespace(body_parts=classes, scope=scope_card))
+    plain = ScopeGate(SimpleNamespace(body_parts=classes, scope=None))
+    by_name = dict(items)
+    first = []
+    for name in emb["names"]:
+        key = (str(name), len(by_name[str(name)]))
+        if key not in _STATS:
+            data = by_name[str(name)]
+            m = read_bytes_for_model(data, str(name), predictor.image_size)
+            _STATS[key] = plain.reasons([m.decoded.pixels], [m.truncated], [source_evidence(data)], None)[0]
+        first.append(_STATS[key])
+    later = gate.reasons([None] * len(first), [False] * len(first), [None] * len(first), emb["embedding"])
+    return [f if f is not None else r for f, r in zip(first, later)]
+
+
+def summary(reasons) -> dict:
+    return {"n": len(reasons), "refused": float(np.mean([r is not None for r in reasons])) if reasons else None,
+            "reasons": dict(Counter(r or "in scope (missed)" for r in reasons))}
+
+
+def measure(model: str, data: str, cache: str | None = DEFAULT_CACHE, leave_out=("hand", "leg"),
+            pca_quantile: float = 0.995, head_quantile: float = 0.99, write_model: str | None = None) -> dict:
+    from bonexray.inference.calibrate import fit_calibration, rewrite_checkpoint
     from bonexray.inference.predictor import Predictor
-    from bonexray.inference.scope import ScopeGate
 
     predictor = Predictor(model, device="cpu")
-    gate = ScopeGate(predictor.card)
-    ind = test_images(predictor.path, data)[:limit]
-    in_scores, in_reasons = score_items(predictor, gate, ind, batch_size)
-    result = {"model": str(predictor.path), "data": str(data),
-              "feature_statistics": gate.features is not None,
-              "in_distribution": {"set": "the model's test split", "n": len(in_scores),
-                                  "refused_share": float(np.mean([r is not None for r in in_reasons])),
-                                  "reasons": dict(Counter(r for r in in_reasons if r))},
-              "ood": {}}
-    sets = {**photo_sets(), **dicom_sets(), **synthetic_sets()}
-    for name, items in sets.items():
-        scores, reasons = score_items(predictor, gate, items, batch_size)
-        result["ood"][name] = {"n": len(scores), "auroc": auroc(in_scores, scores),
-                               "refused_share": float(np.mean([r is not None for r in reasons])) if reasons else None,
-                               "reasons": dict(Counter(r or "in scope (missed)" for r in reasons))}
-    if holdout_model and holdout_part:
-        hp = Predictor(holdout_model, device="cpu")
-        hgate = ScopeGate(hp.card)
-        own, _ = score_items(hp, hgate, test_images(hp.path, holdout_data or data, exclude_part=holdout_part)[:limit],
-                             batch_size)
-        held, hreasons = score_items(hp, hgate, test_images(hp.path, data, part=holdout_part)[:limit], batch_size)
-        result["held_out_body_part"] = {"part": holdout_part, "model": str(hp.path), "n": len(held),
-                                        "auroc": auroc(own, held),
-                                        "refused_share": float(np.mean([r is not None for r in hreasons]))}
-    else:
-        result["held_out_body_part"] = "not measured (give --holdout-model and --holdout-part)"
-    return result
+    sets, how = dataset_items(predictor, data)
+    emb = {split: embed_items(predictor, f"fracatlas-{split}", items, cache) for split, (_, items) in sets.items()}
+    for split, (chosen, _) in sets.items():
+        assert len(emb[split]["names"]) == len(chosen), f"{split}: some images did not decode"
+    fit = scope_sets.fit_sets(sets["train"][1])
+    fit_emb = {k: embed_items(predictor, "neg-" + k, v, cache)["embedding"] for k, v in fit.items() if v}
+    info = {"fitted_on": f"train split ({len(sets['train'][0])} images)",
+            "threshold_source": f"{pca_quantile} quantile of the valid split's scores ({len(sets['valid'][0])} images)"}
+    scope_card = fit_gate(emb["train"]["embedding"], emb["valid"]["embedding"], fit_emb, pca_quantile, head_quantile,
+                          info)
+    res = {"model": str(predictor.path), "data": str(data), "split": how,
+           "gate": {"pca_quantile": pca_quantile, "head_quantile": head_quantile,
+                    "head_threshold": scope_card["head"]["threshold"], "distance_threshold": scope_card["threshold"],
+                    "fit_sets": {k: len(v) for k, v in fit_emb.items()}},
+           "in_distribution": {}, "measured_sets": {}, "leave_one_region_out": {}}
+    for split in ("valid", "test"):
+        res["in_distribution"][split] = summary(gate_reasons(predictor, scope_card, sets[split][1], emb[split]))
+    test_parts = [r.body_part for r in sets["test"][0]]
+    test_reasons = gate_reasons(predictor, scope_card, sets["test"][1], emb["test"])
+    res["in_distribution"]["test_by_part"] = {p: summary([x for x, q in zip(test_reasons, test_parts) if q == p])
+                                              for p in sorted(set(test_parts))}
+    for name, items in scope_sets.eval_sets().items():
+        if not items:
+            res["measured_sets"][name] = "not available on this machine"
+            continue
+        e = embed_items(predictor, "neg-" + name, items, cache)
+        res["measured_sets"][name] = summary(gate_reasons(predictor, scope_card, items, e))
+    # Leave one region out: refit without the region (train and valid), measure its images (all splits).
+    for part in leave_out:
+        keep = {s: np.array([r.body_part != part for r in sets[s][0]]) for s in ("train", "valid")}
+        card_lo = fit_gate(emb["train"]["embedding"][keep["train"]], emb["valid"]["embedding"][keep["valid"]], fit_emb,
+                           pca_quantile, head_quantile, info)
+        region, others = [], []
+        for s in ("train", "valid", "test"):
+            rs = gate_reasons(predictor, card_lo, sets[s][1], emb[s])
+            region += [x for x, r in zip(rs, sets[s][0]) if r.body_part == part]
+            if s == "test":
+                others += [x for x, r in zip(rs, sets[s][0]) if r.body_part != part]
+        res["leave_one_region_out"][part] = {"region": summary(region), "other_test_images": summary(others)}
+    non = [r for k in NON_RADIOGRAPH_SETS if isinstance(res["measured_sets"].get(k), dict)
+           for r in [res["measured_sets"][k]]]
+    other = [res["measured_sets"][k] for k in OTHER_REGION_SETS if isinstance(res["measured_sets"].get(k), dict)]
+
+    def pooled(parts):
+        n = sum(p["n"] for p in parts)
+        return sum(p["refused"] * p["n"] for p in parts) / n if n else None
+
+    lo = [v["region"]["refused"] for v in res["leave_one_region_out"].values()]
+    got = {"grey non-radiographs refused": pooled(non), "other-region radiographs refused": pooled(other),
+           "left-out region refused": min(lo) if lo else None,
+           "in-distribution test refused (at most)": res["in_distribution"]["test"]["refused"]}
+    res["targets"] = {k: {"target": t, "measured": got[k],
+                          "met": None if got[k] is None else (got[k] <= t if "at most" in k else got[k] >= t)}
+                      for k, t in TARGETS.items()}
+    cr = res["measured_sets"].get("chest CR RG1 (DICOM file)")
+    res["targets"]["chest CR RG1 refused"] = {"target": 1.0, "measured": cr["refused"] if isinstance(cr, dict) else None,
+                                              "met": isinstance(cr, dict) and cr["refused"] == 1.0}
+    yv = np.array([r.abnormal for r in sets["valid"][0]])
+    lab = np.isin(yv, (0, 1))
+    fitted = fit_calibration(emb["valid"]["prob"][lab], yv[lab].astype(int),
+                             (predictor.card.split or {}).get("fit_on", "train"))
+    res["calibration"] = calibration_on_test(fitted, emb["test"]["prob"], sets["test"][0])
+    if write_model:
+        updates = {"scope": scope_card, **fitted}
+        rewrite_checkpoint(predictor.path, write_model, updates, half=True)
+        res["wrote"] = write_model
+    return res
+
+
+def calibration_on_test(fitted: dict, test_prob, test_records) -> dict:
+    """Test-split ECE before / after the fitted calibration (study bootstrap CIs) and the operating points'
+    sensitivity and specificity on the test split."""
+    from bonexray.core.decision import temperature_scaled
+    from bonexray.evaluation.calibration import ece, ece_ci
+
+    y = np.array([r.abnormal for r in test_records])
+    lab = np.isin(y, (0, 1))
+    y, p, groups = y[lab].astype(int), np.asarray(test_prob)[lab], np.array([r.study_id for r in test_records])[lab]
+    cal = fitted["calibration"]
+    q = temperature_scaled(p, cal["temperature"], cal.get("bias", 0.0)) if cal else p
+    pts = fitted["operating_points"]
+    out = {"fitted": fitted, "n_test": int(len(y)),
+           "ece_before": ece(y, p), "ece_before_ci95": ece_ci(y, p, groups),
+           "ece_after": ece(y, q), "ece_after_ci95": ece_ci(y, q, groups), "target_ece": 0.03}
+    out["met"] = out["ece_after"] <= 0.03
+    for name in ("suspicious", "definite"):
+        pred = q >= pts[name]
+        out[f"{name}_test"] = {"threshold": pts[name], "sensitivity": float(pred[y == 1].mean()),
+                               "specificity": float((~pred[y == 0]).mean())}
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="model path or bundled name (with scope statistics in its card)")
-    ap.add_argument("--data", required=True, help="the FracAtlas folder the model was trained on")
+    ap.add_argument("model")
+    ap.add_argument("--data", required=True)
     ap.add_argument("--out", default="scope.json")
-    ap.add_argument("--holdout-model", default=None)
-    ap.add_argument("--holdout-part", default=None)
-    ap.add_argument("--holdout-data", default=None, help="what the holdout model was trained on (default --data)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--limit", type=int, default=None, help="at most N in-distribution test images (quick runs)")
+    ap.add_argument("--cache", default=DEFAULT_CACHE)
+    ap.add_argument("--leave-out", nargs="*", default=["hand", "leg"])
+    ap.add_argument("--pca-quantile", type=float, default=0.995)
+    ap.add_argument("--head-quantile", type=float, default=0.99)
+    ap.add_argument("--write-model", default=None)
     args = ap.parse_args(argv)
-    res = measure(args.model, args.data, args.holdout_model, args.holdout_part, args.batch_size, args.limit,
-                  args.holdout_data)
+    res = measure(args.model, args.data, args.cache or None, args.leave_out, args.pca_quantile, args.head_quantile,
+                  args.write_model)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    ind = res["in_distribution"]
-    print(f"in-distribution test images: {ind['n']}, refused {ind['refused_share']:.1%} {ind['reasons']}")
-    if not res["feature_statistics"]:
-        print("note: the model card has no feature statistics (bonexray calibrate-scope): image statistics only")
-    print(f"{'OOD set':34s} {'n':>4s} {'AUROC':>7s} {'refused':>8s}")
-    for name, r in res["ood"].items():
-        a = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
-        ref = "n/a" if r["refused_share"] is None else f"{r['refused_share']:.0%}"
-        print(f"{name:34s} {r['n']:4d} {a:>7s} {ref:>8s}")
-    h = res["held_out_body_part"]
-    print("held-out body part: " + (h if isinstance(h, str) else
-                                    f"{h['part']}: AUROC {h['auroc']:.3f}, refused {h['refused_share']:.0%} of {h['n']}"))
+    for split, r in res["in_distribution"].items():
+        if "n" in r:
+            print(f"in-distribution {split}: {r['n']} images, refused {r['refused']:.1%} {r['reasons']}")
+    print(f"{'measured set (not fitted on)':36s} {'n':>4s} {'refused':>8s}")
+    for name, r in res["measured_sets"].items():
+        print(f"{name:36s} " + (f"{r['n']:4d} {r['refused']:8.1%}" if isinstance(r, dict) else r))
+    for part, r in res["leave_one_region_out"].items():
+        print(f"leave out {part}: region refused {r['region']['refused']:.1%} of {r['region']['n']}; other test images "
+              f"refused {r['other_test_images']['refused']:.1%}")
+    for k, t in res["targets"].items():
+        m = "n/a" if t["measured"] is None else f"{t['measured']:.1%}"
+        print(f"target {k}: {t['target']:.0%} -> measured {m}: {'met' if t['met'] else 'NOT met'}")
+    c = res["calibration"]
+    print(f"test ECE {c['ece_before']:.3f} {c['ece_before_ci95']} -> {c['ece_after']:.3f} {c['ece_after_ci95']} "
+          f"calibrated ({'met' if c['met'] else 'NOT met'}: target <= 0.03)")
+    for name in ("suspicious", "definite"):
+        t = c[f"{name}_test"]
+        print(f"{name} point {t['threshold']:.3f}: test sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")
     print(f"wrote {args.out}")
     return 0
 

@@ -138,7 +138,7 @@ def calibrated(trained_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("calibrated") / "calibrated.ckpt"
     return calibrate_model(trained_run["best_checkpoint"], trained_run["manifest"], out=out, quantile=0.99,
-                           device="cpu")
+                           device="cpu", head_quantile=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,13 @@ def test_calibration_writes_scope_and_band_into_the_card(calibrated):
     assert card.scope["fitted_on"].startswith("train split") and "valid split" in card.scope["threshold_source"]
     assert card.scope["held_out_refused"] <= 0.05
     assert card.borderline_band is not None and card.borderline_source
+    head = card.scope["head"]
+    assert head["classes"][0] == scope.IN_SCOPE and scope.NOT_RADIOGRAPH in head["classes"]
+    assert head["held_out_refused"] <= 0.1 + 1e-9  # its threshold passes 0.9 of the valid split
+    assert card.calibration is None or (card.calibration["temperature"] > 0
+                                        and "valid split" in card.calibration["fitted_on"])
+    assert "valid split" in card.operating_points["source"]
+    assert 0 <= card.operating_points["suspicious"] <= card.operating_points["definite"] <= 1
 
 
 def test_predict_cli_refuses_photo_ct_and_blank_and_answers_the_radiograph(calibrated, ood_files, capsys):
@@ -246,20 +253,183 @@ def test_evaluate_reports_calibration_and_band_error_rates(trained_run, tmp_path
     assert "Calibration and the borderline band" in (tmp_path / "report.md").read_text()
 
 
-def test_bench_scope_measures_every_ood_set(calibrated, trained_run, tmp_path):
+def test_bench_scope_measures_refusal_rates_per_set_and_leave_one_region_out(trained_run, tmp_path):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import scope as bench_scope  # bench/scope.py
 
-    res = bench_scope.measure(str(calibrated), trained_run["manifest"], holdout_model=str(calibrated),
-                              holdout_part="leg", holdout_data=trained_run["manifest"])
-    assert res["feature_statistics"] and res["in_distribution"]["n"] == 12
-    for name in ("photos (colour files)", "photos (gray pixels only)", "CT (DICOM files)", "CT (gray pixels only)",
-                 "MR (DICOM files)", "US (DICOM files)", "synthetic gradients", "noise", "rendered text",
-                 "blank / nearly constant"):
-        r = res["ood"][name]
-        assert r["n"] > 0 and 0 <= r["auroc"] <= 1, name
-    assert res["ood"]["blank / nearly constant"]["reasons"] == {scope.BLANK: 10}
-    assert res["ood"]["CT (DICOM files)"]["refused_share"] == 1.0
-    assert res["held_out_body_part"]["part"] == "leg" and res["held_out_body_part"]["n"] > 0
+    res = bench_scope.measure(str(trained_run["best_checkpoint"]), trained_run["manifest"], cache=str(tmp_path),
+                              leave_out=("hand",), pca_quantile=0.99, head_quantile=0.9,
+                              write_model=str(tmp_path / "gated.ckpt"))
+    assert res["in_distribution"]["test"]["n"] == 12
+    for name in ("synthetic (other seed)", "rendered text (other seed)"):
+        r = res["measured_sets"][name]
+        assert r["n"] > 0 and 0 <= r["refused"] <= 1 and sum(r["reasons"].values()) == r["n"], name
+    lo = res["leave_one_region_out"]["hand"]
+    assert lo["region"]["n"] > 0 and 0 <= lo["region"]["refused"] <= 1
+    assert set(res["targets"]) >= set(bench_scope.TARGETS)
+    from bonexray.model.checkpoint import read_card
+
+    card = read_card(tmp_path / "gated.ckpt")
+    assert card.scope["head"]["classes"][0] == scope.IN_SCOPE
+    assert scope.ScopeGate(card).head is not None
+
+
+# --------------------------------------------------------------------------- DICOM kinds, size, colour, windowing
+
+
+def _write_dicom(pixels: np.ndarray, modality: str = "CR", frames: int = 1, photometric: str | None = None,
+                 **elements) -> bytes:
+    """An uncompressed DICOM of ``pixels`` (uint8/uint16 gray, or uint8 RGB) as bytes."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture: the class says nothing, Modality does
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    colour = pixels.ndim == (4 if frames > 1 else 3)
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if colour else 1
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric or ("RGB" if colour else "MONOCHROME2")
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _gate_reason(data: bytes, name: str = "x.dcm", classes=("hand", "hip", "leg", "mixed", "shoulder")):
+    """What the gate says about a file with its pixels and tags only (no feature statistics)."""
+    from types import SimpleNamespace
+
+    from bonexray.data.imageio import read_image_bytes
+
+    d = read_image_bytes(data, name)
+    gate = scope.ScopeGate(SimpleNamespace(body_parts=list(classes), scope=None))
+    return gate.reasons([d.pixels], [d.truncated], [scope.source_evidence(data)], None)[0]
+
+
+def test_dicom_kinds_by_allow_list():
+    img = radiograph_like(7, 200, 160)
+    assert _gate_reason(_write_dicom(img, "CR")) is None
+    assert _gate_reason(_write_dicom(img, "DX")) is None
+    assert _gate_reason(_write_dicom(img, "RF")) is None  # a single fluoroscopy frame: pixels decide
+    assert _gate_reason(_write_dicom(np.stack([img] * 3), "XA", frames=3)) == scope.MULTI_FRAME
+    assert _gate_reason(_write_dicom(img, "OT")) is None  # OT/SC: the pixels decide
+    assert _gate_reason(_write_dicom(img, "")) is None
+    for modality in ("RTDOSE", "SEG", "RTIMAGE", "CT", "MR", "US", "NM", "PT", "KO"):
+        assert _gate_reason(_write_dicom(img, modality)) == scope.NOT_RADIOGRAPH, modality
+    assert _gate_reason(_write_dicom(img, "MG")) == scope.UNKNOWN_PART  # a breast radiograph
+
+
+def test_tiny_and_stripe_images_are_refused_with_a_stated_minimum():
+    assert scope.statistics_reason(radiograph_like(1, 10, 10), False) == scope.TOO_SMALL
+    assert scope.statistics_reason(radiograph_like(1, 45, 10), False) == scope.TOO_SMALL
+    assert scope.statistics_reason(radiograph_like(1, 600, 100), False) == scope.TOO_SMALL  # 6 : 1
+    side = scope.MIN_SIDE
+    assert scope.statistics_reason(radiograph_like(1, side, side), False) is None
+    assert scope.statistics_reason(radiograph_like(1, side - 1, 200), False) == scope.TOO_SMALL
+    # A 10 x 10 RTDOSE grid (pydicom's own test file) is refused before anything reads its pixels.
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("rtdose_1frame.dcm")
+    if path is not None:
+        assert _gate_reason(Path(path).read_bytes()) in (scope.TOO_SMALL, scope.NOT_RADIOGRAPH)
+
+
+def test_colour_dicom_is_checked_like_colour_files_and_a_red_arrow_is_not_colour():
+    photo = _photo()[:256, :256]
+    assert _gate_reason(_write_dicom(photo, "OT")) == scope.NOT_RADIOGRAPH
+    gray_rgb = np.repeat(radiograph_like(4, 200, 160)[..., None], 3, axis=2)
+    assert _gate_reason(_write_dicom(gray_rgb, "OT")) is None
+    # A thin red arrow drawn on a radiograph stored as RGB: an annotation, not a colour photo.
+    from PIL import ImageDraw
+
+    im = Image.fromarray(np.repeat(radiograph_like(9, 400, 320)[..., None], 3, axis=2))
+    draw = ImageDraw.Draw(im)
+    draw.line([(40, 40), (200, 200)], fill=(255, 0, 0), width=3)
+    draw.polygon([(200, 200), (180, 170), (170, 190)], fill=(255, 0, 0))
+    data = png_bytes(np.asarray(im))
+    ev = scope.source_evidence(data)
+    assert ev.colourfulness is not None and not ev.is_colour
+    assert _gate_reason(data, "arrow.png") is None
+    # The same drawing over the whole image is colour.
+    big = Image.fromarray(np.repeat(radiograph_like(9, 400, 320)[..., None], 3, axis=2))
+    ImageDraw.Draw(big).rectangle([(0, 0), (320, 250)], fill=(220, 30, 30))
+    assert _gate_reason(png_bytes(np.asarray(big)), "red.png") == scope.NOT_RADIOGRAPH
+
+
+def test_16bit_image_with_a_hot_pixel_is_windowed_robustly_not_called_blank(tmp_path):
+    from bonexray.data.imageio import read_image, to_uint8
+
+    img = radiograph_like(11, 300, 240).astype(np.uint16) * 16 + 200  # 12-bit data
+    img[10, 10] = 65535  # one hot pixel
+    Image.fromarray(img).save(tmp_path / "hot.png")
+    d = read_image(tmp_path / "hot.png")
+    assert d.pixels.dtype == np.uint16
+    u8 = to_uint8(d.pixels)
+    assert u8.std() > 20 and np.percentile(u8, 99) > 200  # the image keeps its contrast
+    assert scope.statistics_reason(d.pixels, d.truncated, scope.source_evidence(tmp_path / "hot.png")) is None
+    # The same in a DICOM without a window (the window-less path).
+    data = _write_dicom(img, "DX")
+    assert _gate_reason(data) is None
+
+
+# --------------------------------------------------------------------------- DICOM body-part tags
+
+
+def test_body_part_table_maps_dicom_terms_to_the_model_classes():
+    from bonexray.core.body_parts import dicom_region, region_outside_classes, terms_in
+
+    fracatlas = ["hand", "hip", "leg", "mixed", "shoulder"]
+    mura = ["elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist"]
+    assert terms_in("PA CHEST") == ("CHEST",) and terms_in("c-spine lat") == ("CSPINE",)
+    assert terms_in("Upper Extremity") == ("UPPEREXTREMITY",) and terms_in("legacy protocol") == ()
+    for tags, outside in (({"BodyPartExamined": "CHEST", "StudyDescription": "THORAX"}, True),
+                          ({"BodyPartExamined": "SKULL"}, True), ({"BodyPartExamined": "TEETH"}, True),
+                          ({"BodyPartExamined": "EXTREMITY"}, False), ({"BodyPartExamined": "KNEE"}, False),
+                          ({"BodyPartExamined": "WRIST", "ViewPosition": "PA"}, False),
+                          ({"ProtocolName": "XR CHEST AND SHOULDER"}, False),  # one region maps: pixels decide
+                          ({"SeriesDescription": "Abdomen supine"}, True),
+                          ({"BodyPartExamined": ""}, False), ({}, False), ({"BodyPartExamined": "FOO"}, False)):
+        assert region_outside_classes(dicom_region(tags), fracatlas) is outside, tags
+    assert not region_outside_classes(dicom_region({"BodyPartExamined": "ELBOW"}), mura)
+    assert region_outside_classes(dicom_region({"BodyPartExamined": "KNEE"}), mura)  # MURA has no knee
+    assert dicom_region({"BodyPartExamined": "HAND", "ViewPosition": "PA"}).view == "PA"
+
+
+def test_body_part_tags_refuse_a_chest_radiograph_and_keep_a_limb():
+    img = radiograph_like(3, 200, 160)
+    chest = _write_dicom(img, "CR", BodyPartExamined="CHEST", StudyDescription="THORAX")
+    assert _gate_reason(chest) == scope.UNKNOWN_PART
+    assert _gate_reason(_write_dicom(img, "CR", BodyPartExamined="HAND")) is None
+    assert _gate_reason(_write_dicom(img, "CR", ProtocolName="XR SKULL 2 VIEWS")) == scope.UNKNOWN_PART
+    assert _gate_reason(_write_dicom(img, "CR", BodyPartExamined="")) is None  # empty: pixels alone
+
+
+def test_predict_the_bundled_model_on_the_pydicom_chest_cr_is_out_of_scope(capsys):
+    from pydicom.data import get_testdata_file
+
+    from bonexray.cli import main
+
+    path = get_testdata_file("RG1_UNCR.dcm")  # pip install pydicom-data: a CR, BodyPartExamined CHEST
+    if path is None:
+        pytest.skip("pydicom-data is not installed (pip install pydicom-data)")
+    assert main(["predict", "fracatlas", path]) == 0
+    (rec,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert rec["in_scope"] is False and rec["scope_reason"] == scope.UNKNOWN_PART
+    assert rec["abnormal"] is None and rec["body_part"] is None

@@ -157,10 +157,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .model.hub import describe_models, format_models
+    from .core.decision import decision_lines
+    from .model.hub import BUNDLED, describe_models, format_models
 
     rows = describe_models()
-    print(json.dumps(rows, indent=2) if args.json else format_models(rows))
+    cards = {m.name: m.info().get("card", {}) for m in BUNDLED}
+    for r in rows:  # the two operating points and the calibration the findings use
+        card = cards.get(r["name"], {})
+        r["operating_points"], r["calibration"] = card.get("operating_points"), card.get("calibration")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_models(rows))
+    for r in rows:
+        if r["built"]:
+            print(f"{r['name']}:")
+            print("\n".join(f"  {line}" for line in decision_lines(r)))
     return 0
 
 
@@ -168,7 +180,9 @@ def cmd_calibrate_scope(args: argparse.Namespace) -> int:
     from .inference.calibrate import calibrate_model
 
     path = calibrate_model(args.model, args.data, out=args.out, quantile=args.quantile, cache=args.cache,
-                           batch_size=args.batch_size, device=args.device)
+                           batch_size=args.batch_size, device=args.device, head=not args.no_head,
+                           non_radiographs=args.non_radiographs, other_regions=args.other_regions,
+                           sensitivity=args.sensitivity, specificity=args.specificity)
     print(f"wrote {path}")
     return 0
 
@@ -330,15 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--json", action="store_true", help="one JSON list instead of text")
     mo.set_defaults(func=cmd_models)
 
-    cs = sub.add_parser("calibrate-scope", help="fit the scope gate's feature statistics and borderline band of a "
-                                                "checkpoint on its training data (never the test split)",
-                        description="Embeds the model's train split (PCA) and its valid split (the score threshold "
-                                    "and the borderline band) and writes a copy of the checkpoint whose card holds them.")
+    cs = sub.add_parser("calibrate-scope", help="fit the scope gate, the probability calibration and the two operating "
+                                                "points of a checkpoint on its training data (never the test split)",
+                        description="Embeds the model's train split (PCA; the in-scope head against built-in and given "
+                                    "outlier images) and its valid split (the gate's thresholds, the calibration "
+                                    "sigmoid(logit / T + bias), the suspicious (high-sensitivity) and definite "
+                                    "(high-specificity) operating points, the borderline band) and writes a copy of "
+                                    "the checkpoint whose card holds them.")
     cs.add_argument("model", help="checkpoint (.ckpt) or bundled model name")
     cs.add_argument("--data", required=True, help="the dataset the model was trained on")
     cs.add_argument("--out", required=True, help="the calibrated checkpoint to write")
     cs.add_argument("--quantile", type=float, default=0.995,
                     help="share of held-out valid images the feature check accepts (default 0.995)")
+    cs.add_argument("--non-radiographs", nargs="*", default=[], metavar="PATH",
+                    help="more images the gate must refuse as 'not a radiograph' (files or folders)")
+    cs.add_argument("--other-regions", nargs="*", default=[], metavar="PATH",
+                    help="radiographs of regions outside the model's classes (files or folders), e.g. chest films")
+    cs.add_argument("--no-head", action="store_true", help="fit the feature distance only, no in-scope head")
+    cs.add_argument("--sensitivity", type=float, default=0.95,
+                    help="the suspicious operating point: highest threshold with this valid-split sensitivity")
+    cs.add_argument("--specificity", type=float, default=0.95,
+                    help="the definite operating point: lowest threshold with this valid-split specificity")
     cs.add_argument("--cache", default=None, help="preprocessed cache folder (default: per-user cache)")
     cs.add_argument("--batch-size", type=int, default=64)
     cs.add_argument("--device", default="auto")

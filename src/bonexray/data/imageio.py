@@ -103,11 +103,35 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return head[_DICOM_MAGIC_OFFSET:] == _DICOM_MAGIC
 
 
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Map an image to uint8: uint8 passes through, anything else is min-max scaled to 0..255.
+#: Lower and upper percentile of the window that :func:`to_uint8` and window-less DICOM files use.
+WINDOW_PERCENTILES = (0.5, 99.5)
+_WINDOW_SAMPLE = 1_000_000  # the percentiles of a large image come from an even subsample of this many
 
-    Min-max rather than full range because 16-bit files often use only 10-12 bits, which full
-    range scaling would turn almost black. A constant image falls back to full-range scaling.
+
+def robust_range(values: np.ndarray) -> tuple[float, float]:
+    """(low, high) :data:`WINDOW_PERCENTILES` of finite ``values``; min-max when there are none in between."""
+    f = np.asarray(values, dtype=np.float32).reshape(-1)
+    if f.size > _WINDOW_SAMPLE:
+        f = f[:: int(np.ceil(f.size / _WINDOW_SAMPLE))]
+    f = f[np.isfinite(f)]
+    if f.size == 0:
+        return 0.0, 0.0
+    lo = float(np.percentile(f, WINDOW_PERCENTILES[0], method="lower"))
+    hi = float(np.percentile(f, WINDOW_PERCENTILES[1], method="higher"))
+    if hi <= lo:  # most pixels one value: keep whatever spread the rest has
+        lo, hi = float(f.min()), float(f.max())
+    return lo, hi
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map an image to uint8: uint8 passes through, anything else is windowed to 0..255 between its
+    :data:`WINDOW_PERCENTILES` (values outside clip).
+
+    The image's own range rather than full range because 16-bit files often use only 10-12 bits,
+    which full range scaling would turn almost black; percentiles rather than min-max so that a few
+    hot or dead pixels do not squeeze the image into a handful of grey levels. Small images (under
+    200 pixels) use the lower/higher order statistic, so their window is their min-max. A constant
+    image falls back to full-range scaling.
     """
     a = np.asarray(pixels)
     if a.dtype == np.uint8:
@@ -119,7 +143,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
         f = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
     if f.size == 0:
         return np.zeros(a.shape, np.uint8)
-    lo, hi = float(f.min()), float(f.max())
+    lo, hi = robust_range(f)
     if hi > lo:
         out = (f - lo) * (255.0 / (hi - lo))
     elif a.dtype.kind in "ui":
@@ -690,6 +714,7 @@ def _voi_lut_range(ds: Any, funcs: dict[str, Any], out: np.ndarray) -> tuple[flo
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
+    """A DICOM without a usable window: its :func:`robust_range` to [0, 1] (a hot pixel does not set white)."""
     x = np.asarray(x, dtype=np.float32)
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    lo, hi = robust_range(x)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)

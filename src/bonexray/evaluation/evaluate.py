@@ -31,6 +31,17 @@ from .metrics import choose_threshold, compute_metrics, study_table
 from .report import write_metrics_json, write_report
 
 
+def _ece_line(cal: dict) -> str:
+    """"0.088 [0.07, 0.11] as the network gives it -> 0.025 [...] calibrated" (CI only when bootstrapped)."""
+    def one(e, ci):
+        return f"{e:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    text = one(cal["before"]["ece"], cal["before"]["ece_ci95"]) + " as the network gives it"
+    if cal.get("after"):
+        text += f" -> {one(cal['after']['ece'], cal['after']['ece_ci95'])} calibrated (T {cal['after']['calibration']['temperature']:.3g})"
+    return text
+
+
 def parse_body_part_map(pairs: Sequence[str]) -> dict[str, str]:
     mapping = {}
     for pair in pairs:
@@ -263,10 +274,14 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     metrics["studies_with_mixed_labels"] = mixed
     phases.next()
     from ..inference.scope import borderline_band
-    from .calibration import band_error_rates, calibration_metrics, plot_reliability
+    from .calibration import band_error_rates, calibration_report, plot_reliability
 
     band, band_source = borderline_band(predictor.card)
-    metrics["abnormality"]["calibration"] = calibration_metrics(table["abnormal"], table["prob_abnormal"])
+    # ECE before and after the card's calibration (the probabilities in predictions.csv stay the network's).
+    calibration = calibration_report(table["abnormal"], table["prob_abnormal"], predictor.card, table["study_id"],
+                                     n_bootstrap=n_bootstrap)
+    curves = calibration.pop("_curves")
+    metrics["abnormality"]["calibration"] = calibration
     metrics["abnormality"]["borderline"] = band_error_rates(table["abnormal"], table["prob_abnormal"], threshold,
                                                             band, band_source)
     if with_boxes:
@@ -291,7 +306,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
                    "Abnormality (image level)")
     plot_confusion(metrics["confusion"]["body_part"], body_parts, results / "confusion_body_part.png", "Body part")
     plot_roc(table["abnormal"], table["prob_abnormal"], studies["abnormal"], studies["prob_abnormal"], results / "roc.png")
-    plot_reliability(metrics["abnormality"]["calibration"], results / "reliability.png")
+    plot_reliability({**metrics["abnormality"]["calibration"], "_curves": curves}, results / "reliability.png")
     if "localization" in metrics:
         loc = metrics["localization"]
         plot_froc(loc["froc_curve"], results / "froc.png", ci=loc["ci95"]["froc_sensitivity"])
@@ -312,7 +327,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
             f"sens {f(m_img['recall'])}  spec {f(m_img['specificity'])}  kappa {f(m_img['kappa'])}\n"
             f"  abnormality study: AUROC {f(m_study['auroc'])}  kappa {f(m_study['kappa'])}\n"
             f"  body part: acc {f(metrics['body_part']['accuracy'])}  macro-F1 {f(metrics['body_part']['macro_f1'])}\n"
-            f"  calibration: ECE {f(metrics['abnormality']['calibration']['ece'])}; borderline band "
+            f"  calibration: ECE {_ece_line(metrics['abnormality']['calibration'])}; borderline band "
             f"{metrics['abnormality']['borderline']['band']:g}: error rate "
             f"{f(metrics['abnormality']['borderline']['inside']['error_rate'])} inside "
             f"({metrics['abnormality']['borderline']['inside']['n']} images), "

@@ -1,9 +1,18 @@
-"""Fit what the scope gate and the borderline band need from a model's own training data, and write it
-into (a copy of) the checkpoint's model card: ``bonexray calibrate-scope`` and the bundled-model build.
+"""Fit what the scope gate, the calibration and the two operating points need from a model's own data,
+and write it into (a copy of) the checkpoint's model card: ``bonexray calibrate-scope``.
 
 * Feature statistics (inference/scope.py ``fit_feature_scope``): PCA of the **train** split's
   embeddings; the score threshold is a quantile of the **valid** split's scores. The test split is
   never read.
+* In-scope head (inference/scope.py ``fit_scope_head``): the train split's embeddings against
+  outliers (inference/outliers.py: synthetic images, rendered text, CT/MR slices, gray photos when
+  scikit-image is installed, inverted train images, and the user's ``--non-radiographs`` and
+  ``--other-regions`` files); its threshold is a quantile of the valid split's p(in scope).
+* Calibration (core/decision.py ``fit_temperature_and_bias``) and the operating points
+  (``choose_operating_points``: sensitivity / specificity targets) on the valid split's labelled
+  predictions. For a model fitted on train only these are held-out predictions. For a train+valid fit
+  the valid images were seen in training, so the card says the fit is in-sample; held-out predictions
+  for such a model need cross-fitting (k models, each trained without one fold of train+valid).
 * Borderline band: for a model whose threshold was chosen on the held-out valid split
   (``fit_on: train``), the half-width holding the :data:`BAND_SHARE` of valid images closest to the
   threshold; for a train+valid fit (no held-out split left) the stated default
@@ -19,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BonexrayError, CheckpointError, DatasetError
-from .scope import DEFAULT_BAND, choose_band, fit_feature_scope
+from .scope import DEFAULT_BAND, choose_band, fit_feature_scope, fit_scope_head
 
 BAND_SHARE = 0.2
 
@@ -38,10 +47,64 @@ def embed_rows(predictor, image_cache, rows, batch_size: int = 64) -> tuple[np.n
     return np.concatenate(probs), np.concatenate(embs)
 
 
+def embed_items(predictor, items, batch_size: int = 64) -> np.ndarray:
+    """Embeddings of (name, bytes) items through the front ends' decode path (undecodable ones left out)."""
+    from ..data.preprocess import read_bytes_for_model
+
+    tiles = []
+    for name, data in items:
+        try:
+            tiles.append(read_bytes_for_model(data, name, predictor.image_size).tile)
+        except BonexrayError:
+            continue
+    embs = [predictor.predict_batch(np.stack(tiles[i : i + batch_size]), boxes=False).embedding
+            for i in range(0, len(tiles), batch_size)]
+    return np.concatenate(embs) if embs else np.zeros((0, 1))
+
+
+def outlier_sets(image_cache, train_rows, non_radiographs=(), other_regions=(), n_inverted: int = 200,
+                 seed: int = 0) -> dict[str, list]:
+    """Scope reason -> (name, bytes) outliers for the in-scope head (see the module doc)."""
+    from . import outliers
+    from .scope import INVERTED, NOT_RADIOGRAPH, UNKNOWN_PART
+
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(np.asarray(train_rows), min(n_inverted, len(train_rows)), replace=False) if len(train_rows) else []
+    inverted = [(f"inverted-{r}.png", outliers.png(255 - np.asarray(image_cache.images[int(r)]))) for r in pick]
+    return {NOT_RADIOGRAPH: (outliers.synthetic(120) + outliers.rendered_text(80) + outliers.dicom_slices(("CT", "MR"))
+                             + outliers.photos() + outliers.files(non_radiographs)),
+            UNKNOWN_PART: outliers.files(other_regions), INVERTED: inverted}
+
+
+def fit_calibration(prob: np.ndarray, labels: np.ndarray, fit_on: str, sensitivity: float = 0.95,
+                    specificity: float = 0.95) -> dict[str, Any]:
+    """Card fields ``calibration`` and ``operating_points`` from labelled valid-split predictions."""
+    from ..core.decision import choose_operating_points, fit_temperature_and_bias, temperature_scaled
+
+    where = (f"valid split ({len(prob)} labelled images), held out" if fit_on == "train" else
+             f"valid split ({len(prob)} labelled images), which this model was trained on (fit_on train+valid): "
+             "in-sample, not held out")
+    try:
+        t, b = fit_temperature_and_bias(prob, labels)
+    except ValueError as err:  # e.g. a model no better than chance on valid: no calibration, said so
+        calibration, shown, note = None, np.asarray(prob, np.float64), f"; uncalibrated ({err})"
+    else:
+        calibration = {"method": "temperature+bias", "temperature": round(t, 6), "bias": round(b, 6),
+                       "fitted_on": where, "rule": "sigmoid(logit / temperature + bias), the pair minimising the log loss"}
+        shown, note = temperature_scaled(prob, t, b), ""
+    pts = choose_operating_points(shown, labels, sensitivity, specificity, source=where + note)
+    return {"calibration": calibration,
+            "operating_points": {"suspicious": round(pts.suspicious, 6), "definite": round(pts.definite, 6),
+                                 "source": pts.source}}
+
+
 def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantile: float = 0.995,
                       cache: str | os.PathLike | None = None, batch_size: int = 64, device: str = "auto",
-                      progress: bool = False) -> dict[str, Any]:
-    """Card fields ``scope``, ``borderline_band``, ``borderline_source`` for ``model`` on its training data."""
+                      progress: bool = False, head: bool = True, head_quantile: float = 0.99,
+                      non_radiographs=(), other_regions=(), sensitivity: float = 0.95,
+                      specificity: float = 0.95) -> dict[str, Any]:
+    """Card fields ``scope`` (with its ``head``), ``calibration``, ``operating_points``,
+    ``borderline_band``, ``borderline_source`` for ``model`` on its training data."""
     from ..data.datasets import load_dataset
     from ..data.preprocess import build_cache, default_cache_dir
     from ..data.splits import assign_eval_splits
@@ -76,8 +139,20 @@ def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantil
         "fitted_on": f"train split ({len(train_rows)} images)",
         "threshold_source": f"{quantile} quantile of the valid split's scores ({len(valid_rows)} images){seen}; "
                             f"split: {how}"})
-    out: dict[str, Any] = {"scope": fs.to_card()}
+    scope_card = fs.to_card()
+    if head:
+        outs = {k: embed_items(predictor, v, batch_size) for k, v in
+                outlier_sets(image_cache, train_rows, non_radiographs, other_regions).items() if v}
+        scope_card["head"] = fit_scope_head(train_emb, outs, valid_emb, quantile=head_quantile, info={
+            "fitted_on": f"train split ({len(train_rows)} images) against outliers: "
+                         + ", ".join(f"{k} {len(v)}" for k, v in outs.items()),
+            "threshold_source": f"{head_quantile} of the valid split's images pass ({len(valid_rows)} images){seen}"}
+        ).to_card()
+    out: dict[str, Any] = {"scope": scope_card}
     labelled = np.array([r.abnormal in (0, 1) for r in valid])
+    y = np.array([int(r.abnormal) if r.abnormal in (0, 1) else -1 for r in valid])
+    if labelled.sum() >= 10 and len(set(y[labelled])) == 2:
+        out.update(fit_calibration(valid_prob[labelled], y[labelled], fit_on, sensitivity, specificity))
     if fit_on == "train" and labelled.sum() >= 10:
         out["borderline_band"] = round(choose_band(valid_prob[labelled], card.threshold, BAND_SHARE), 4)
         out["borderline_source"] = (f"the {BAND_SHARE:.0%} of the held-out valid split's images closest to the threshold "
@@ -118,8 +193,9 @@ def rewrite_checkpoint(src: str | os.PathLike, out: str | os.PathLike, card_upda
 
 def calibrate_model(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                     quantile: float = 0.995, cache: str | os.PathLike | None = None, batch_size: int = 64,
-                    device: str = "auto") -> Path:
-    """``bonexray calibrate-scope``: a copy of the checkpoint whose card holds the scope statistics and band."""
+                    device: str = "auto", **options) -> Path:
+    """``bonexray calibrate-scope``: a copy of the checkpoint whose card holds the scope gate, the
+    calibration, the operating points and the band (``options``: :func:`scope_calibration`'s)."""
     from ..model.hub import resolve_model
     from .predictor import is_onnx_file
 
@@ -129,5 +205,5 @@ def calibrate_model(model: str | os.PathLike, data: str | os.PathLike, out: str 
     if Path(out).resolve() == src.resolve():
         raise BonexrayError(f"--out {out}: write a new file, not over the model")
     updates = scope_calibration(src, data, quantile=quantile, cache=cache, batch_size=batch_size, device=device,
-                                progress=True)
+                                progress=True, **options)
     return rewrite_checkpoint(src, out, updates)

@@ -5,21 +5,32 @@ cheapest first:
 
 1. ``"too little of the image decoded"``: a truncated file whose undecoded rest (a flat run of rows
    at the bottom, which decoders fill with one value) is more than half the image.
-2. ``"blank or nearly constant image"``: the decoded pixels' standard deviation is below
+2. ``"image too small or too narrow to read"``: the shorter side under :data:`MIN_SIDE` pixels, or
+   the sides further apart than :data:`MAX_ASPECT` to 1 (the model reads a square tile).
+3. ``"blank or nearly constant image"``: the decoded pixels' standard deviation is below
    :data:`BLANK_STD` (of 255), or :data:`BLANK_SHARE` of them lie within 2 grey levels of one value.
-3. ``"not a radiograph"``: the file is in colour (Hasler-Suesstrunk colourfulness of a small RGB
-   thumbnail above :data:`COLOUR_LIMIT`; radiographs stored as RGB have ~0), or a DICOM whose Modality
-   is not a projection radiograph (CT, MR, US, ...).
-4. The feature-space distance: the pooled backbone embedding that both heads read, compared with the
-   training images' embeddings (``card.scope``, written by :func:`calibrate_scope`). Score = mean of
-   (Mahalanobis distance^2 in the top-k principal components / k) and (squared residual off those
-   components / its training mean); about 1 for training-like images. Above ``threshold`` (a stated
-   quantile of held-out valid images' scores) the image is out of scope: ``"not a radiograph"`` when
-   the score is above ``far_threshold`` (:data:`FAR_FACTOR` x threshold, a fixed rule, not fitted),
-   else ``"body part not among the model's classes"`` (a radiograph-like image unlike the training data).
+4. What the file says it is. DICOM kinds by allow list: CR and DX are assessed; RF and XA only as
+   single frames (``"multi-frame DICOM, not a single radiograph"``); OT, SC and files without a
+   Modality only when their pixels pass every other check; everything else (CT, MR, US, NM, PT, RTDOSE,
+   RTIMAGE, SEG, ...) is ``"not a radiograph"``, and MG, PX, IO (breast, dental) are
+   ``"body part not among the model's classes"``. Colour: a colour file or colour DICOM whose
+   thumbnail is colourful (Hasler-Suesstrunk colourfulness above :data:`COLOUR_LIMIT`) over more than
+   :data:`COLOUR_SHARE` of its area is ``"not a radiograph"`` (a thin coloured arrow or label on a
+   radiograph is not). The DICOM body-part tags (core/body_parts.py, one table): a file that names
+   its region, none of which is among the model's classes, is ``"body part not among the model's
+   classes"``; a region that maps is evidence only.
+5. The pixel gate on the pooled backbone embedding that both heads read (``card.scope``, written by
+   ``bonexray calibrate-scope``): an in-scope head (multinomial logistic regression: in scope against
+   the outlier kinds it was fitted with) refuses when p(in scope) is below its threshold, with the
+   most probable outlier kind as the reason; and the feature distance (Mahalanobis distance in the
+   top-k principal components of the training embeddings plus the residual off them) refuses above
+   its threshold: ``"not a radiograph"`` above ``far_threshold`` (:data:`FAR_FACTOR` x threshold, a
+   fixed rule), else ``"body part not among the model's classes"``. Both thresholds are quantiles of
+   held-out in-scope images' scores (images neither was fitted on).
 
 Models without ``card.scope`` (older checkpoints) and ONNX files without the ``embedding`` output
-get checks 1-3 only. ``bench/scope.py`` measures the gate as detection AUROCs.
+get checks 1-4 only; a card without ``scope["head"]`` gets the feature distance only.
+``bench/scope.py`` measures the refusal rate at the operating point for each kind of image.
 """
 from __future__ import annotations
 
@@ -32,20 +43,37 @@ from typing import Any
 
 import numpy as np
 
+from ..core.body_parts import REGION_TAGS, DicomRegion, dicom_region, region_outside_classes
+
 NOT_RADIOGRAPH = "not a radiograph"
 UNKNOWN_PART = "body part not among the model's classes"
 BLANK = "blank or nearly constant image"
 TRUNCATED = "too little of the image decoded"
-SCOPE_REASONS = (NOT_RADIOGRAPH, UNKNOWN_PART, BLANK, TRUNCATED)
+TOO_SMALL = "image too small or too narrow to read"
+MULTI_FRAME = "multi-frame DICOM, not a single radiograph"
+INVERTED = "image looks inverted (a negative)"
+SCOPE_REASONS = (NOT_RADIOGRAPH, UNKNOWN_PART, BLANK, TRUNCATED, TOO_SMALL, MULTI_FRAME, INVERTED)
 
 BLANK_STD = 3.0
 BLANK_SHARE = 0.98
 MIN_DECODED_SHARE = 0.5
 COLOUR_LIMIT = 12.0
+#: Share of a colourful thumbnail's pixels that must be coloured (chroma above :data:`CHROMA_MIN`).
+COLOUR_SHARE = 0.05
+CHROMA_MIN = 40
 FAR_FACTOR = 3.0
-#: DICOM modalities that are not projection radiographs.
-NON_RADIOGRAPH_MODALITIES = {"CT", "MR", "US", "NM", "PT", "XA", "RF", "OP", "OPT", "SM", "ES", "IVUS", "OCT", "ECG",
-                             "MG", "PX", "IO", "BI", "XC", "GM"}
+#: The model reads a square tile; an image with a shorter side below this, or sides further apart
+#: than MAX_ASPECT : 1, holds too little to read at that size.
+MIN_SIDE = 64
+MAX_ASPECT = 4.0
+#: DICOM modalities that are assessed: projection radiographs.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
+#: Fluoroscopy and angiography: projection images, assessed as single frames only.
+SINGLE_FRAME_MODALITIES = frozenset({"RF", "XA"})
+#: Other captures and files without a Modality: assessed only when the pixels pass every check.
+PIXELS_DECIDE_MODALITIES = frozenset({"OT", "SC", ""})
+#: Projection radiographs of regions no model here knows (breast, dental): refused as such.
+OTHER_REGION_MODALITIES = frozenset({"MG", "PX", "IO"})
 #: Half-width of the borderline band when the model card states none (not tuned on any data).
 DEFAULT_BAND = 0.1
 
@@ -55,10 +83,20 @@ DEFAULT_BAND = 0.1
 
 @dataclass(frozen=True)
 class SourceEvidence:
-    """What the file says besides its gray pixels: colourfulness (None: a gray source) and DICOM Modality."""
+    """What the file says besides its gray pixels. ``colourfulness`` (None: a gray source) and
+    ``colour_share`` of its thumbnail; for DICOM: ``modality`` (None: not DICOM or unreadable tags, ""
+    when the tag is empty), ``n_frames`` and the body-region terms of its tags (core/body_parts.py)."""
 
     colourfulness: float | None = None
     modality: str | None = None
+    colour_share: float | None = None
+    n_frames: int = 1
+    region: DicomRegion | None = None
+
+    @property
+    def is_colour(self) -> bool:
+        return (self.colourfulness is not None and self.colourfulness > COLOUR_LIMIT
+                and (self.colour_share is None or self.colour_share > COLOUR_SHARE))
 
 
 def colourfulness(rgb: np.ndarray) -> float:
@@ -69,11 +107,19 @@ def colourfulness(rgb: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+def coloured_share(rgb: np.ndarray) -> float:
+    """Share of pixels whose chroma (largest minus smallest channel) is above :data:`CHROMA_MIN`."""
+    x = np.asarray(rgb)[..., :3].astype(np.int16)
+    return float(((x.max(-1) - x.min(-1)) > CHROMA_MIN).mean()) if x.size else 0.0
+
+
 _GRAY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+_DICOM_TAGS = ["Modality", "NumberOfFrames", "PhotometricInterpretation", "SamplesPerPixel", "ViewPosition",
+               *REGION_TAGS]
 
 
 def source_evidence(source: Any) -> SourceEvidence:
-    """Colour / modality evidence of a file path, its bytes or a PIL image; a file it cannot read says nothing.
+    """Colour / DICOM evidence of a file path, its bytes or a PIL image; a file it cannot read says nothing.
 
     The file's warnings (pydicom's, Pillow's) are not repeated here: the decoder gives them, naming the file.
     """
@@ -86,7 +132,7 @@ def source_evidence(source: Any) -> SourceEvidence:
 
 def _source_evidence(source: Any) -> SourceEvidence:
     if hasattr(source, "mode") and hasattr(source, "convert"):  # PIL image
-        return SourceEvidence(_pil_colourfulness(source))
+        return _colour_evidence(_pil_colour(source))
     data = source
     if isinstance(source, (str, os.PathLike)):
         try:
@@ -97,33 +143,113 @@ def _source_evidence(source: Any) -> SourceEvidence:
     if not isinstance(data, (bytes, bytearray)):
         return SourceEvidence()
     if len(data) > 132 and data[128:132] == b"DICM":
-        try:
-            import pydicom
-
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Modality"])
-            return SourceEvidence(modality=str(ds.get("Modality", "")).strip().upper() or None)
-        except Exception:  # noqa: BLE001 - the decoder reports unreadable files; this only adds evidence
-            return SourceEvidence()
+        return _dicom_evidence(bytes(data))
     try:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
-            return SourceEvidence(_pil_colourfulness(im))
+            return _colour_evidence(_pil_colour(im))
     except Exception:  # noqa: BLE001
         return SourceEvidence()
 
 
-def _pil_colourfulness(im) -> float | None:
+def _dicom_evidence(data: bytes) -> SourceEvidence:
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+    except Exception:  # noqa: BLE001 - the decoder reports unreadable files; this only adds evidence
+        return SourceEvidence()
+    return dataset_evidence(ds, data)
+
+
+def dataset_evidence(ds, data: bytes | None = None) -> SourceEvidence:
+    """Evidence of a pydicom Dataset already in memory (PACS): Modality, frames, body-part tags and, for a
+    colour photometric interpretation, its colourfulness (from ``data``, the file's bytes, or ``ds``)."""
+    try:
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            frames = 1
+        region = dicom_region(ds)
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    except Exception:  # noqa: BLE001 - the decoder reports unreadable files; this only adds evidence
+        return SourceEvidence()
+    colour = share = None
+    if photometric and not photometric.startswith("MONOCHROME"):
+        colour, share = _dicom_colour(data if data is not None else ds)
+    return SourceEvidence(colourfulness=colour, modality=modality, colour_share=share, n_frames=frames, region=region)
+
+
+def _colour_evidence(colour: tuple[float | None, float | None]) -> SourceEvidence:
+    return SourceEvidence(colourfulness=colour[0], colour_share=colour[1])
+
+
+def _dicom_colour(data) -> tuple[float | None, float | None]:
+    """Colourfulness of a colour DICOM's first frame, judged like a colour file's (a thumbnail)."""
+    try:
+        import pydicom
+        from PIL import Image
+
+        ds = pydicom.dcmread(io.BytesIO(data)) if isinstance(data, (bytes, bytearray)) else data
+        try:
+            from pydicom.pixels import apply_color_lut, pixel_array
+
+            arr = pixel_array(ds, index=0)
+        except ImportError:  # pydicom 2.x
+            from pydicom.pixel_data_handlers.util import apply_color_lut
+
+            arr = ds.pixel_array
+            arr = arr[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else arr
+        if str(ds.PhotometricInterpretation).strip().upper() == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+        if arr.ndim != 3 or arr.shape[-1] < 3:
+            return None, None
+        arr = arr[..., :3]
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr.astype(np.float64) * (255.0 / max(float(arr.max()), 1.0)), 0, 255).astype(np.uint8)
+        small = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        small.thumbnail((128, 128))
+        rgb = np.asarray(small)
+        return colourfulness(rgb), coloured_share(rgb)
+    except Exception:  # noqa: BLE001 - a colour DICOM this cannot decode: the decoder reports it
+        return None, None
+
+
+def _pil_colour(im) -> tuple[float | None, float | None]:
     if im.mode in _GRAY_MODES:
-        return None
+        return None, None
     try:
         if im.format == "JPEG":
             im.draft("RGB", (128, 128))  # decode at 1/8 scale: colour needs no detail
         small = im.convert("RGB")
         small.thumbnail((128, 128))
-        return colourfulness(np.asarray(small))
+        rgb = np.asarray(small)
+        return colourfulness(rgb), coloured_share(rgb)
     except Exception:  # noqa: BLE001 - a truncated colour file: the gray decode path decides
+        return None, None
+
+
+def dicom_kind_reason(evidence: SourceEvidence | None) -> str | None:
+    """Check 4's DICOM allow list: None when the file is not DICOM or its kind may be assessed."""
+    if evidence is None or evidence.modality is None:
         return None
+    m = evidence.modality
+    if m in RADIOGRAPH_MODALITIES or m in PIXELS_DECIDE_MODALITIES:
+        return None
+    if m in SINGLE_FRAME_MODALITIES:
+        return MULTI_FRAME if evidence.n_frames > 1 else None
+    if m in OTHER_REGION_MODALITIES:
+        return UNKNOWN_PART
+    return NOT_RADIOGRAPH
+
+
+def region_reason(evidence: SourceEvidence | None, classes: Sequence[str]) -> str | None:
+    """The body-part tags name only regions outside the model's ``classes``: :data:`UNKNOWN_PART`."""
+    if evidence is None or not region_outside_classes(evidence.region, classes):
+        return None
+    return UNKNOWN_PART
 
 
 # --------------------------------------------------------------------------- image statistics
@@ -154,13 +280,16 @@ def decoded_share(pixels: np.ndarray) -> float:
 
 
 def statistics_reason(pixels: np.ndarray, truncated: bool, evidence: SourceEvidence | None = None) -> str | None:
-    """Checks 1-3 of the module doc on the decoded (full-resolution) gray pixels; None: nothing found."""
+    """Checks 1-4 of the module doc on the decoded (full-resolution) gray pixels and the file's evidence,
+    except the body-part tags (they need the model's classes: :func:`region_reason`); None: nothing found."""
     raw = np.asarray(pixels)
     g = _as_uint8(raw)
     step = max(1, int(np.ceil(max(g.shape) / 512)))  # a subsample is plenty for these statistics
     sub = g[::step, ::step]
     if truncated and decoded_share(g) < MIN_DECODED_SHARE:
         return TRUNCATED
+    if g.ndim == 2 and (min(g.shape) < MIN_SIDE or max(g.shape) > MAX_ASPECT * min(g.shape)):
+        return TOO_SMALL
     if sub.size == 0 or float(sub.std()) < BLANK_STD:
         return BLANK
     if raw.dtype != np.uint8 and raw.dtype.kind in "ui":
@@ -174,9 +303,10 @@ def statistics_reason(pixels: np.ndarray, truncated: bool, evidence: SourceEvide
     if near_mode / sub.size >= BLANK_SHARE:
         return BLANK
     if evidence is not None:
-        if evidence.colourfulness is not None and evidence.colourfulness > COLOUR_LIMIT:
-            return NOT_RADIOGRAPH
-        if evidence.modality in NON_RADIOGRAPH_MODALITIES:
+        kind = dicom_kind_reason(evidence)
+        if kind is not None:
+            return kind
+        if evidence.is_colour:
             return NOT_RADIOGRAPH
     return None
 
@@ -254,6 +384,100 @@ def fit_feature_scope(train_emb: np.ndarray, held_out_emb: np.ndarray, k: int = 
     return fs
 
 
+IN_SCOPE = "in scope"
+
+
+@dataclass
+class ScopeHead:
+    """Check 5's in-scope head: multinomial logistic regression on the standardised embedding.
+
+    ``classes[0]`` is :data:`IN_SCOPE`; the others are scope reasons (the outlier kinds it was fitted
+    with). An image is refused when p(in scope) is below ``threshold``; the reason is its most probable
+    other class."""
+
+    mean: np.ndarray  # (C,)
+    scale: np.ndarray  # (C,)
+    coef: np.ndarray  # (K, C)
+    intercept: np.ndarray  # (K,)
+    classes: list[str]
+    threshold: float
+    info: dict[str, Any]
+
+    def probabilities(self, embedding: np.ndarray) -> np.ndarray:
+        z = (np.asarray(embedding, np.float64) - self.mean) / self.scale
+        logits = z @ self.coef.T + self.intercept
+        logits -= logits.max(1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(1, keepdims=True)
+
+    def p_in_scope(self, embedding: np.ndarray) -> np.ndarray:
+        return self.probabilities(embedding)[:, 0]
+
+    def reasons(self, embedding: np.ndarray) -> list[str | None]:
+        probs = self.probabilities(embedding)
+        out: list[str | None] = []
+        for row in probs:
+            if row[0] >= self.threshold:  # NaN compares False: refused
+                out.append(None)
+            else:
+                out.append(self.classes[1 + int(np.nanargmax(row[1:]))] if np.isfinite(row[1:]).any()
+                           else NOT_RADIOGRAPH)
+        return out
+
+    def to_card(self) -> dict[str, Any]:
+        k, c = self.coef.shape
+        return {"method": "multinomial logistic regression on the standardised embedding", "dim": c,
+                "classes": list(self.classes), "mean": _pack(self.mean, "<f4"), "scale": _pack(self.scale, "<f4"),
+                "coef": _pack(self.coef, "<f4"), "intercept": [float(v) for v in self.intercept],
+                "threshold": float(self.threshold), **self.info}
+
+    @classmethod
+    def from_card(cls, d: dict[str, Any] | None) -> ScopeHead | None:
+        if not d:
+            return None
+        c, classes = int(d["dim"]), [str(x) for x in d["classes"]]
+        k = len(classes)
+        if k < 2 or classes[0] != IN_SCOPE or any(x not in SCOPE_REASONS for x in classes[1:]):
+            raise ValueError(f"scope head classes {classes} must be {IN_SCOPE!r} then scope reasons")
+        known = {"method", "dim", "classes", "mean", "scale", "coef", "intercept", "threshold"}
+        return cls(_unpack(d["mean"], "<f4", (c,)), _unpack(d["scale"], "<f4", (c,)), _unpack(d["coef"], "<f4", (k, c)),
+                   np.asarray(d["intercept"], np.float64).reshape(k), classes, float(d["threshold"]),
+                   {key: v for key, v in d.items() if key not in known})
+
+
+def fit_scope_head(in_scope: np.ndarray, outliers: dict[str, np.ndarray], held_out: np.ndarray,
+                   quantile: float = 0.99, c: float = 0.1, info: dict[str, Any] | None = None) -> ScopeHead:
+    """Fit the head on in-scope embeddings against ``outliers`` (scope reason -> embeddings; outlier
+    exposure); its threshold refuses at most ``1 - quantile`` of ``held_out`` in-scope embeddings (images
+    the head was not fitted on). Classes are weighted to balance; ``c`` is the inverse L2 strength."""
+    from sklearn.linear_model import LogisticRegression
+
+    kinds = [k for k, v in outliers.items() if len(v)]
+    if not kinds:
+        raise ValueError("the scope head needs outlier examples of at least one kind")
+    bad = [k for k in kinds if k not in SCOPE_REASONS]
+    if bad:
+        raise ValueError(f"outlier kinds {bad} are not scope reasons")
+    x = np.concatenate([np.asarray(in_scope, np.float64)] + [np.asarray(outliers[k], np.float64) for k in kinds])
+    y = np.concatenate([np.zeros(len(in_scope), int)] + [np.full(len(outliers[k]), i + 1) for i, k in enumerate(kinds)])
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    mean, scale = mean.astype(np.float32).astype(np.float64), scale.astype(np.float32).astype(np.float64)
+    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+    lr.fit((x - mean) / scale, y)
+    coef, intercept = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:  # two classes: sklearn gives one row; as softmax, [0, w] against [in, out]
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.r_[0.0, intercept]
+    head = ScopeHead(mean, scale, coef.astype(np.float32).astype(np.float64), np.asarray(intercept, np.float64),
+                     [IN_SCOPE, *kinds], 0.0, {})
+    held = head.p_in_scope(held_out)
+    head.threshold = float(np.quantile(held, 1.0 - quantile, method="lower"))  # refuses at most 1 - quantile
+    head.info = {"quantile": quantile, "C": c, "n_fit_in_scope": int(len(in_scope)),
+                 "n_fit_outliers": {k: int(len(outliers[k])) for k in kinds}, "n_threshold": int(len(held)),
+                 "held_out_refused": float((held < head.threshold).mean()), **(info or {})}
+    return head
+
+
 # --------------------------------------------------------------------------- the gate
 
 
@@ -262,8 +486,11 @@ class ScopeGate:
 
     def __init__(self, card, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.classes = list(getattr(card, "body_parts", None) or [])
+        stats = getattr(card, "scope", None) if enabled else None
         try:
-            self.features = FeatureScope.from_card(getattr(card, "scope", None)) if enabled else None
+            self.features = FeatureScope.from_card(stats)
+            self.head = ScopeHead.from_card(stats.get("head")) if isinstance(stats, dict) else None
         except (KeyError, TypeError, ValueError) as err:
             from ..errors import CheckpointError
 
@@ -275,7 +502,10 @@ class ScopeGate:
         feat = (f"feature distance (threshold {self.features.threshold:.3g}, "
                 f"{self.features.info.get('quantile', '?')} quantile of held-out valid images)"
                 if self.features is not None else "no feature statistics in this model card")
-        return f"image statistics (blank, truncated, colour, DICOM modality) and {feat}"
+        if self.head is not None:
+            feat = (f"in-scope head (refuses p(in scope) < {self.head.threshold:.3g}, "
+                    f"{self.head.info.get('quantile', '?')} of held-out images pass) and " + feat)
+        return ("image statistics (truncated, size, blank), DICOM kind and body-part tags, colour, and " + feat)
 
     def reasons(self, pixels: Sequence[np.ndarray | None], truncated: Sequence[bool],
                 evidence: Sequence[SourceEvidence | None], embedding: np.ndarray | None) -> list[str | None]:
@@ -283,7 +513,13 @@ class ScopeGate:
         gray image (None: the statistics checks are skipped for that image)."""
         if not self.enabled:
             return [None] * len(truncated)
-        out = [statistics_reason(p, t, e) if p is not None else None for p, t, e in zip(pixels, truncated, evidence)]
+        out = [statistics_reason(p, t, e) if p is not None else dicom_kind_reason(e)
+               for p, t, e in zip(pixels, truncated, evidence)]
+        out = [r if r is not None else region_reason(e, self.classes) for r, e in zip(out, evidence)]
+        if embedding is not None and self.head is not None:
+            for i, r in enumerate(self.head.reasons(embedding)):
+                if out[i] is None:
+                    out[i] = r
         if self.features is not None and embedding is not None:
             scores = self.features.scores(embedding)
             for i, s in enumerate(scores):

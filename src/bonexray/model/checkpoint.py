@@ -90,7 +90,8 @@ class ModelCard:
     borderline_band: float | None = None
     borderline_source: str | None = None
     #: Probability calibration fitted on held-out predictions (core/decision.py ``calibrated``):
-    #: {"method": "temperature", "temperature": T, "fitted_on": ...}; None: probabilities as the net gives them.
+    #: {"method": "temperature" or "temperature+bias", "temperature": T, "bias": b (optional, 0),
+    #: "fitted_on": ...}; None: probabilities as the net gives them.
     calibration: dict | None = None
     #: The two operating points of the three-state finding (core/decision.py): {"suspicious": p_low,
     #: "definite": p_high, "source": ...} on the calibrated probability; None: threshold -/+ band.
@@ -143,6 +144,9 @@ class ModelCard:
             t = cal.get("temperature") if isinstance(cal, Mapping) else None
             if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
                 raise CheckpointError(f"model card calibration {cal!r} has no positive finite temperature")
+            b = cal.get("bias", 0.0)
+            if not (isinstance(b, (int, float)) and math.isfinite(b)):
+                raise CheckpointError(f"model card calibration {cal!r} has a bias that is not a finite number")
         pts = self.operating_points
         if pts is not None:
             lo = pts.get("suspicious") if isinstance(pts, Mapping) else None
@@ -155,6 +159,12 @@ class ModelCard:
             lacking = [k for k in need if not isinstance(self.scope, Mapping) or k not in self.scope]
             if lacking:
                 raise CheckpointError(f"model card scope statistics lack {', '.join(lacking)}")
+            head = self.scope.get("head")
+            if head is not None:
+                need = ("dim", "classes", "mean", "scale", "coef", "intercept", "threshold")
+                lacking = [k for k in need if not isinstance(head, Mapping) or k not in head]
+                if lacking:
+                    raise CheckpointError(f"model card scope head lacks {', '.join(lacking)}")
         if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean) or not all(
                 math.isfinite(v) for v in self.mean + self.std) or not all(v > 0 for v in self.std):
             raise CheckpointError(f"model card mean/std {self.mean}/{self.std} are not a valid normalisation")

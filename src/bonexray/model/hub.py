@@ -54,7 +54,7 @@ class BundledModel:
 #: RESULTS/metrics.json``, then paste the SHA-256 it prints here.
 BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("fracatlas-efficientnet_lite0-320", ("fracatlas",),
-                 sha256="d3db1702c8e3aff1b1432edd4e38df56c052b95e8d6995eba3bd484950facd5d"),
+                 sha256="e71cb93a31450ef24f2eeaae668e6e3ef058b32ac9094f5c847654bdfa4691a1"),
 )
 
 DEFAULT_MODEL = "fracatlas"
