@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = "bonexray"
@@ -114,7 +113,6 @@ def _package_graph() -> dict[str, set[str]]:
     return out
 
 
-METRICS_PAIR = ["bonexray.evaluation.localization", "bonexray.evaluation.report"]
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -129,14 +127,8 @@ def test_relative_imports_resolve_to_modules():
     assert "bonexray.inference.scope" in graph["bonexray.pipeline"]  # an import inside a function
 
 
-def test_no_module_cycles_apart_from_the_metrics_pair():
-    assert [c for c in _cycles(_graph()) if c != METRICS_PAIR] == []
-
-
-@pytest.mark.xfail(strict=False, reason="evaluation.localization <-> evaluation.report is removed on the "
-                                        "metrics branch (evaluation/markdown.py); passes once that is merged")
-def test_no_cycle_between_localization_and_report():
-    assert METRICS_PAIR not in _cycles(_graph())
+def test_no_module_cycles():
+    assert _cycles(_graph()) == []
 
 
 def test_no_package_cycles():
@@ -154,11 +146,6 @@ def test_core_imports_no_heavy_library_and_nothing_else_of_bonexray():
             assert top != ROOT or target.startswith(f"{ROOT}.core"), (name, target)
 
 
-#: training/module.py picks the valid-split threshold with evaluation.metrics.choose_threshold; the
-#: function belongs to neither package's owner here, so the edge is tracked on its own below.
-TRAINING_THRESHOLD = ("bonexray.training.module", "bonexray.evaluation.metrics")
-
-
 def _evaluation_importers() -> list[tuple[str, str]]:
     allowed = (f"{ROOT}.evaluation", f"{ROOT}.cli")
     return sorted((m, t) for m, targets in _graph().items() for t in targets
@@ -166,10 +153,4 @@ def _evaluation_importers() -> list[tuple[str, str]]:
 
 
 def test_only_evaluation_and_the_cli_import_evaluation():
-    assert [e for e in _evaluation_importers() if e != TRAINING_THRESHOLD] == []
-
-
-@pytest.mark.xfail(strict=False, reason="training.module imports evaluation.metrics.choose_threshold; it moves "
-                                        "out of evaluation/ with the training/metrics owners")
-def test_training_does_not_import_evaluation():
-    assert TRAINING_THRESHOLD not in _evaluation_importers()
+    assert _evaluation_importers() == []

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import __version__
+from ._version import __version__
 from .atomic import atomic_write_text
 from .errors import BonexrayError
 

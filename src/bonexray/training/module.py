@@ -150,7 +150,7 @@ class BoneXrayModule(L.LightningModule):
         self.val_labels.update(abnormal.float())
 
     def on_validation_epoch_end(self) -> None:
-        from ..evaluation.metrics import choose_threshold
+        from .threshold import choose_threshold
 
         probs_t = self.val_probs.compute().detach().float().reshape(-1)
         labels_t = self.val_labels.compute().detach().long().reshape(-1)
