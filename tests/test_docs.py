@@ -137,5 +137,5 @@ def test_site_builds_strict(tmp_path):
     cli = (site / "cli.html").read_text(encoding="utf-8")
     assert "usage: bonexray train" in cli and "usage: bonexray pacs listen" in cli  # generated from --help
     api = (site / "api.html").read_text(encoding="utf-8")
-    assert 'id="bonexray.api.load_model"' in api and 'id="bonexray.api.Prediction.in_scope"' in api
+    assert 'id="bonexray.api.load_model"' in api and 'id="bonexray.core.findings.ImageFinding.in_scope"' in api and 'id="bonexray.core.findings.ImageFinding.finding"' in api
     assert "Backend check" in (site / "measurement-log.html").read_text(encoding="utf-8")  # bench/RESULTS.md included
