@@ -51,8 +51,8 @@ def strict_json_lines(out: str) -> list[dict]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary files left behind (the cache folder's lock file is meant to stay)."""
-    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME and (
+    """Temporary files left behind (the cache folder's lock file and the output marker are meant to stay)."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, ".bonexray-out.json") and (
         p.name.startswith(".") or p.name.endswith((".tmp", ".part", ".partial"))))
 
 

@@ -69,10 +69,10 @@ def test_cache_items_carry_boxes_on_the_fracture(tmp_path):
     cache, _ = build_cache(rs, tmp_path / "cache", size=64, progress=False)
     ds = split_datasets(cache, rs, rs.body_parts, with_boxes=True)["train"]
     plain = split_datasets(cache, rs, rs.body_parts)["train"]
-    assert len(plain[0]) == 3 and len(ds[0]) == 6
+    assert len(plain[0]) == 3 and len(ds[0]) == 7  # image, labels, boxes, valid, known, outlines
     n_boxed = 0
     for i in range(len(ds)):
-        img, abnormal, _, boxes, valid, known = ds[i]
+        img, abnormal, _, boxes, valid, known, _outlines = ds[i]
         if valid.any():
             n_boxed += 1
             assert abnormal == 1 and known and int(valid.sum()) == 1

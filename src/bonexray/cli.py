@@ -53,18 +53,19 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
     from .data.preprocess import build_cache
 
-    from .output_folder import claim_folder, refuse_overwriting_inputs
+    from .output_folder import claim_folder, mark_folder, refuse_overwriting_inputs
 
     if args.limit is not None and args.limit < 1:
         raise BonexrayError(f"--limit {args.limit}: give a number of images >= 1 (leave it out for all)")
     out = claim_folder(args.out, "preprocess", CACHE_FILES, overwrite=args.overwrite, inputs=[args.data],
-                       legacy=_is_cache_folder)
+                       legacy=_is_cache_folder, create=False)
     records = load_dataset(args.data, source=args.source)
     refuse_overwriting_inputs(out, CACHE_FILES, [r.path for r in records])
     if args.limit:
         records.records = records.records[: args.limit]
     cache, reused = build_cache(records, args.out, size=args.size, workers=args.workers,
                                 progress=not args.quiet, force=args.force)
+    mark_folder(out, "preprocess", CACHE_FILES)
     _print_summary(f"{'reused' if reused else 'built'} cache {cache.root} ({records.source}, {args.size}px)",
                    cache.summary())
     if records.problems:

@@ -24,6 +24,8 @@ from .errors import BonexrayError
 
 #: The marker file a command leaves in a folder it writes.
 MARKER = ".bonexray-out.json"
+#: Files a folder may hold without counting as content: the marker and the cache build's lock.
+BOOKKEEPING = frozenset({MARKER, ".bonexray.lock"})
 
 
 def _resolved(p: str | os.PathLike) -> Path:
@@ -74,7 +76,7 @@ def _refuse_inputs(targets: Iterable[Path], inputs: Iterable[str | os.PathLike],
 
 def claim_folder(path: str | os.PathLike, command: str, files: Iterable[str], *, overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike] = (), legacy: Callable[[Path], bool] | None = None,
-                 flag: str = "--out", write_marker: bool = True) -> Path:
+                 flag: str = "--out", write_marker: bool = True, create: bool = True) -> Path:
     """Check ``path`` for ``command`` (e.g. ``"evaluate"``), which writes ``files`` (names relative to the
     folder) and reads ``inputs``; then create the folder and write the marker. Returns the folder.
 
@@ -82,12 +84,14 @@ def claim_folder(path: str | os.PathLike, command: str, files: Iterable[str], *,
     without ``overwrite``, a non-empty folder without this command's marker (and not ``legacy``), and a
     file the command would write that its earlier runs did not write (the marker lists those).
     ``write_marker=False`` checks only (for processes other than the one that writes).
+    ``create=False`` leaves a folder that does not exist yet alone (a command that fails before writing
+    leaves nothing behind); the command then calls :func:`mark_folder` once it has made the folder.
     """
     folder = check_writable_folder(path, flag)
     files = list(files)
     _refuse_inputs([folder / f for f in files], inputs, flag, folder)
     marker = read_marker(folder) if folder.is_dir() else None
-    entries = [e.name for e in folder.iterdir() if e.name != MARKER] if folder.is_dir() else []
+    entries = [e.name for e in folder.iterdir() if e.name not in BOOKKEEPING] if folder.is_dir() else []
     hint = f"choose a new or empty {flag}, or pass --overwrite to write into it"
     if entries and not overwrite:
         if marker is None and not (legacy is not None and legacy(folder)):
@@ -102,14 +106,21 @@ def claim_folder(path: str | os.PathLike, command: str, files: Iterable[str], *,
             if foreign:
                 raise BonexrayError(f"{flag} {folder}: {', '.join(foreign)} were not written by `bonexray {command}`; "
                                     f"{hint}")
-    if write_marker:
-        folder.mkdir(parents=True, exist_ok=True)
-        before = set((marker or {}).get("files") or ()) if (marker or {}).get("command") == command else set()
-        atomic_write_text(folder / MARKER, json.dumps({
-            "command": command, "files": sorted(before | set(files)), "bonexray_version": __version__,
-            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }, indent=2) + "\n")
+    if write_marker and (create or folder.is_dir()):
+        mark_folder(folder, command, files)
     return folder
+
+
+def mark_folder(folder: str | os.PathLike, command: str, files: Iterable[str]) -> None:
+    """Create ``folder`` if needed and record that ``command`` writes ``files`` there (the marker)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = read_marker(folder)
+    before = set((marker or {}).get("files") or ()) if (marker or {}).get("command") == command else set()
+    atomic_write_text(folder / MARKER, json.dumps({
+        "command": command, "files": sorted(before | set(files)), "bonexray_version": __version__,
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }, indent=2) + "\n")
 
 
 def claim_file(path: str | os.PathLike, command: str, *, overwrite: bool = False,

@@ -21,7 +21,7 @@ from ..data.datasets import load_dataset
 from ..data.preprocess import build_cache, default_cache_dir
 from ..data.splits import assign_eval_splits
 from ..errors import BonexrayError, CheckpointError, DatasetError
-from ..output_folder import claim_folder, refuse_overwriting_inputs
+from ..output_folder import claim_folder, mark_folder, refuse_overwriting_inputs
 from ..inference.results import finite_rows
 from ..inference.writers import csv_safe
 from ..runs import find_run_dir
@@ -159,7 +159,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     rank0 = int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
     # Before the work, not after it; only the writing process leaves the marker.
     results = claim_folder(out, "evaluate", EVALUATE_FILES, overwrite=overwrite, inputs=[data, splits, *given],
-                           write_marker=rank0)
+                           write_marker=rank0, create=False)
     ckpts = [resolve_model(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
     distributed = wants_distributed(devices, num_nodes)
     if distributed:
@@ -298,7 +298,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     metrics["dropped_rows"] = {"n": len(dropped), "rows": [{"file": f, "reason": why} for f, why in dropped]}
 
     phases.next()
-    results.mkdir(parents=True, exist_ok=True)
+    mark_folder(results, "evaluate", EVALUATE_FILES)
     text_cols = [c for c in table.columns if table[c].dtype == object]
     table.assign(**{c: table[c].map(csv_safe) for c in text_cols}).to_csv(  # no spreadsheet formulas
         results / "predictions.csv", index=False, float_format="%.6f")

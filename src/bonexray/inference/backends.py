@@ -189,10 +189,16 @@ def exported_onnx(checkpoint: str | os.PathLike) -> ExportedModel:
             if _intact_export(path):
                 return ExportedModel(path)
             break  # rebuilt below, in the first place that takes it
+    from ..errors import BonexrayError, CheckpointError
+
     for path in locations:
         try:
             return ExportedModel(export_onnx(ckpt, path))
         except OSError:  # read-only folder, full disk: try the next place
+            continue
+        except CheckpointError:
+            raise
+        except BonexrayError:  # the output guard refuses this place (a file where the folder should be)
             continue
     scratch = Path(tempfile.mkdtemp(prefix="bonexray-onnx-"))
     return ExportedModel(export_onnx(ckpt, scratch / "model.onnx"), temporary=True)
