@@ -3,7 +3,8 @@
 Each setting is one real ``bonexray train --recipe fracatlas`` process (efficientnet_lite0 with its box
 and localisation heads, 320 px, batch 32, AdamW, deterministic algorithms) stopped after ``--steps``
 optimiser steps on ``--limit`` images, under ``/usr/bin/time -v``; the figure is its ``Maximum
-resident set size``. The cache is built once, before the first setting, and shared.
+resident set size``. The cache is train's own per-user cache (``--cache`` to choose another), built by
+the first setting if it is missing (a full build of the dataset, not of the ``--limit`` images).
 ``--pretrained none`` (the ImageNet weights change no memory figure and need no download).
 
     python bench/train_memory.py --data ../shared/data/FracAtlas
@@ -32,9 +33,9 @@ SETTINGS = {
 }
 
 
-def train_cmd(data: str, out: Path, cache: Path, limit: int, steps: int, extra: list[str]) -> list[str]:
+def train_cmd(data: str, out: Path, cache: str | None, limit: int, steps: int, extra: list[str]) -> list[str]:
     return [sys.executable, "-c", "import sys; from bonexray.cli import main; sys.exit(main(sys.argv[1:]))",
-            "train", "--recipe", "fracatlas", "--data", data, "--out", str(out), "--cache", str(cache),
+            "train", "--recipe", "fracatlas", "--data", data, "--out", str(out), *(["--cache", cache] if cache else []),
             "--limit", str(limit), "--max-steps", str(steps), "--pretrained", "none", "--quiet", *extra]
 
 
@@ -51,12 +52,13 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=80, help="images (whole exam groups; default 80)")
     ap.add_argument("--steps", type=int, default=2, help="optimiser steps per setting (default 2)")
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--cache", default=None, help="preprocessed cache folder (default: train's per-user cache)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bonexray-train-memory-") as tmp:
-        cache = Path(tmp) / "cache"
+        cache = args.cache
         for name in args.settings:
             out = Path(tmp) / f"run-{name}"
             cmd = ["/usr/bin/time", "-v", *train_cmd(args.data, out, cache, args.limit, args.steps, SETTINGS[name])]

@@ -371,7 +371,9 @@ def test_cancel_in_the_page_stops_the_server_work(live, page):
             break
         page.wait_for_timeout(10)
     assert work.cancelled == cancelled + 1
-    assert work.last_cancelled["of"] == 16 and work.last_cancelled["inferred"] < 16 and work.last_cancelled["decoded"] < 16
+    # The model work stops; decoding 16 small files may already be over when the cancel arrives
+    # (tests/test_serve_cancel.py checks that decoding stops too).
+    assert work.last_cancelled["of"] == 16 and work.last_cancelled["inferred"] < 16 and work.last_cancelled["decoded"] <= 16
     page.set_input_files("#file-input", str(_radiographs(1)[0]))  # the next drop is served in full
     page.wait_for_selector("#status >> text=Done: 1 image")
     assert work.last_completed == {"of": 1, "decoded": 1, "inferred": 1}
@@ -447,7 +449,7 @@ def test_one_study_only_when_the_user_says_so(live, page):
     page.set_input_files("#file-input", [str(p) for p in images])
     page.wait_for_function("() => document.querySelectorAll('.study-line').length === 1")
     line = page.inner_text(".study-line")
-    assert "Study of 3 images" in line and re.search(r"\d of 3 images abnormal", line) and "mean" not in line
+    assert "Study of 3 images" in line and re.search(r"\d of 3 images (abnormal|positive)", line) and "mean" not in line
 
 
 def test_a_study_headline_counts_its_abnormal_images_and_flags_mixed_body_parts(live, page):
@@ -455,14 +457,17 @@ def test_a_study_headline_counts_its_abnormal_images_and_flags_mixed_body_parts(
     files = _radiographs(6)
 
     def six_as_one(route):
-        body = httpx.post(route.request.url.replace("studies=each", "studies=one"), timeout=300,
+        body = httpx.post(route.request.url, timeout=300, data={"grouping": "one"},
                           files=[("files", (f.name, f.read_bytes())) for f in files]).json()
         t = body["threshold"]
         for i, rec in enumerate(body["images"]):  # the server's answers, set to the reported case
             hand = i < 2
             rec.update(prob_abnormal=(0.88, 0.98)[i] if hand else 0.05, abnormal=hand, in_scope=True, scope_reason=None,
                        confidence="clear", body_part="hand" if hand else "leg")
+            rec.pop("finding", None)  # a server without three-state findings: the page counts `abnormal`
         study = body["studies"][0]
+        for key in ("finding", "n_positive", "n_suspicious", "n_negative", "body_parts", "mixed_body_parts"):
+            study.pop(key, None)
         study.update(prob_abnormal=0.34, abnormal=0.34 >= t, body_part="leg", confidence="clear", n_out_of_scope=0)
         body["study"] = study
         route.fulfill(json=body)
@@ -490,7 +495,7 @@ def test_phone_image_and_verdict_in_view_and_announced(live, page):
     assert 0 <= verdict["y"] < 844
     status = page.inner_text("#status")
     word = page.locator("#viewer-verdict .verdict").inner_text()
-    assert word in ("Abnormal", "Normal", "Borderline") and word in status
+    assert word in ("Positive", "Suspicious", "Negative", "Abnormal", "Normal", "Borderline") and word in status
     assert word == page.locator("#studies .verdict").inner_text()
     assert f"{100 * expected['images'][0]['prob_abnormal']:.1f}%" in status
     assert page.get_attribute("#status", "role") == "status"
@@ -634,6 +639,7 @@ def test_the_page_takes_borderline_from_the_server_only(live, page):
         t = body["threshold"]
         rec.update(prob_abnormal=t + 0.02, abnormal=True, in_scope=True, scope_reason=None, body_part="hand")
         rec.pop("confidence", None)  # a server that sends no confidence: the page must not make one up
+        rec.pop("finding", None)  # nor a finding: the page shows the server's verdict, nothing of its own
         route.fulfill(json=body)
 
     page.route("**/api/predict*", near_threshold)
@@ -744,7 +750,7 @@ def test_blank_image_and_photo_say_cannot_assess_with_the_reason(live, page, tmp
     cards = page.inner_text("#results")
     assert "blank or nearly constant image" in cards and "not a radiograph" in cards
     summary = page.inner_text("#studies")
-    assert re.search(r"[01] of 3 images abnormal; 2 could not be assessed", summary)
+    assert re.search(r"[01] of 3 images (abnormal|positive, \d suspicious, \d negative); 2 could not be assessed", summary)
     assert "Cannot assess" not in page.locator(".study-line").first.inner_text()  # the radiograph is judged
     assert not page.problems
 
