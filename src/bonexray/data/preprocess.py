@@ -201,17 +201,9 @@ def _exit_when_orphaned(parent: int) -> None:
 
 def check_output_folder(path: str | os.PathLike, what: str) -> Path:
     """Refuse, before any work, an output folder that is a file or cannot be created/written."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise BonexrayError(f"{what} {p}: exists and is not a folder")
-    existing = p
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise BonexrayError(f"{what} {p}: cannot create it, {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BonexrayError(f"{what} {p}: no permission to write in {existing}")
-    return p
+    from ..output_folder import check_writable_folder
+
+    return check_writable_folder(path, what)
 
 
 #: Per-process memo of content digests: (path, size, mtime, ctime, inode) -> digest, so prepare_data and
