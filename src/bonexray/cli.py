@@ -42,7 +42,12 @@ CACHE_FILES = ("meta.json", "index.csv", "images.u8", "problems.txt", ".bonexray
 
 
 def _is_cache_folder(folder) -> bool:
-    """A cache built before the output marker existed (or by train/evaluate): its meta.json has a fingerprint."""
+    """A cache built before the output marker existed (or by train/evaluate): its meta.json has a fingerprint;
+    or one another preprocess is building now (it holds the cache's lock file, and waits its turn on it)."""
+    from .data.preprocess import LOCK_NAME
+
+    if (folder / LOCK_NAME).is_file():
+        return True
     try:
         return "fingerprint" in json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError, TypeError):
