@@ -110,6 +110,67 @@ def test_horizontal_flip_moves_boxes_exactly():
     torch.testing.assert_close(moved, torch.tensor([[[34.0, 20.0, 54.0, 40.0]]]))
 
 
+_STILL = dict(hflip=0.0, max_rotation_deg=0.0, scale=(1.0, 1.0), translate=0.0, contrast=0.0, brightness=0.0, gamma=0.0)
+
+
+@pytest.mark.parametrize("with_outlines", [False, True])
+def test_quarter_turns_move_boxes_and_outlines_exactly_with_their_image(with_outlines):
+    # One off-centre bright rectangle per image; every image is turned (p=1): its box must be exactly
+    # the bright pixels' box afterwards, and the turns drawn must include 90, 180 and 270 degrees.
+    s, b = 48, 12
+    x = torch.zeros(b, 1, s, s)
+    boxes = torch.zeros(b, 1, 4)
+    for i in range(b):
+        r, c = 3 + i, 20 + i
+        x[i, :, r:r + 5, c:c + 9] = 1.0
+        boxes[i, 0] = torch.tensor([c, r, c + 9, r + 5], dtype=torch.float32)
+    valid = torch.ones(b, 1, dtype=torch.bool)
+    polygons = None
+    if with_outlines:
+        x0, y0, x1, y1 = boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
+        polygons = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
+                                torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], -2)  # (b, 1, 4, 2)
+    cfg = AugmentConfig(**_STILL, quarter_turn=1.0)
+    out, moved, ok = augment_batch(x, cfg, generator=torch.Generator().manual_seed(2), boxes=boxes, valid=valid,
+                                   polygons=polygons)
+    assert ok.all()
+    seen = set()
+    for i in range(b):
+        turned = [k for k in (1, 2, 3) if torch.allclose(out[i, 0], torch.rot90(x[i, 0], k, dims=(-2, -1)), atol=1e-4)]
+        assert len(turned) == 1, "each image is turned by exactly one quarter-turn multiple"
+        seen.add(turned[0])
+        ys, xs = torch.nonzero(out[i, 0] > 0.5, as_tuple=True)
+        truth = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        assert moved[i, 0].tolist() == pytest.approx(truth, abs=1e-4)
+    assert seen == {1, 2, 3}
+
+
+def test_jpeg_recompression_changes_the_drawn_images_reproducibly_and_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 32, 32)
+    x = (x * 255).round() / 255
+    cfg = AugmentConfig(**_STILL, jpeg=0.5, jpeg_quality=(30, 30))
+    state = torch.get_rng_state()
+    a = augment_batch(x, cfg, generator=torch.Generator().manual_seed(4))
+    b = augment_batch(x, cfg, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(a, b)
+    changed = [(a[i] - x[i]).abs().max().item() > 2 / 255 for i in range(6)]
+    assert 0 < sum(changed) < 6, "about half the images are re-compressed (noise does not survive JPEG 30)"
+    none = augment_batch(x, AugmentConfig(**_STILL, jpeg=0.0), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(none, x)
+
+
+def test_the_robust_preset_turns_and_recompresses_and_the_cli_offers_it():
+    from bonexray.training.config import CHOICES
+    from bonexray.training.module import AUGMENT_PRESETS
+
+    robust, standard = AUGMENT_PRESETS["robust"], AUGMENT_PRESETS["standard"]
+    assert robust.quarter_turn > 0 and robust.jpeg > 0 and robust.jpeg_quality[0] >= 30
+    assert standard.quarter_turn == 0 and standard.jpeg == 0
+    assert "robust" in CHOICES["augment"]
+
+
 def test_a_stride_4_head_sees_a_small_fracture_on_more_cells_and_decodes_it_exactly():
     # A fracture of the median FracAtlas size in a 320-px tile (about 17 x 19 px).
     boxes = torch.tensor([[[100.0, 140.0, 117.0, 159.0]]])

@@ -1,8 +1,11 @@
 """Radiograph augmentation on batched tensors with kornia, so it runs wherever the batch is (GPU included).
 
 Horizontal flip, then one affine warp per image (rotation, scale, shift), then mild gamma, contrast and
-brightness; every image of a batch draws its own parameters. Nothing that changes anatomy: no vertical
-flips or large rotations (body-part cues must survive). Fracture boxes, when given, go through the
+brightness; every image of a batch draws its own parameters. The ``standard`` preset changes no
+anatomy: no vertical flips or large rotations. The ``robust`` preset adds what radiographs go through
+on their way to the model: a quarter turn (a film read in the wrong orientation; with the horizontal
+flip, every rotation and flip of the square tile) and JPEG re-compression (PIL, on the CPU, before
+the warp, as it happens to a stored image), so that verdicts do not change under them. Fracture boxes, when given, go through the
 same flip and warp as their image and are clipped to the tile: with each fracture's outline (polygon
 points), the new box is the one around the warped outline, which stays tight under rotation; without
 one, kornia's ``bbox_xyxy`` key makes it the axis-aligned box around the warped corners, which a
@@ -10,9 +13,12 @@ rotation enlarges.
 """
 from __future__ import annotations
 
+import io
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 
@@ -25,6 +31,9 @@ class AugmentConfig:
     contrast: float = 0.15  # factor in [1 - c, 1 + c], around each image's mean
     brightness: float = 0.08  # added, in [-b, b]
     gamma: float = 0.15  # exponent in [exp(-g), exp(g)]
+    quarter_turn: float = 0.0  # probability of a turn by 90, 180 or 270 degrees (equally likely)
+    jpeg: float = 0.0  # probability of JPEG re-compression
+    jpeg_quality: tuple[int, int] = (30, 95)  # quality drawn uniformly in this range (inclusive)
 
 
 @lru_cache(maxsize=8)
@@ -60,6 +69,12 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generat
     generator) when given.
     """
     pipeline = _pipeline(cfg, boxes is not None, polygons is not None and boxes is not None)
+    if cfg.jpeg > 0 or cfg.quarter_turn > 0:
+        with _rng(generator):
+            if cfg.jpeg > 0:
+                x = _recompress(x, cfg)
+            if cfg.quarter_turn > 0:
+                x, boxes, polygons = _quarter_turns(x, cfg.quarter_turn, boxes, polygons)
     if boxes is not None and polygons is not None:
         # kornia's points are pixel-centre coordinates (a flip maps x to w - 1 - x); ours are continuous
         # (pixel edges at integers), hence the half-pixel shifts.
@@ -74,14 +89,8 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generat
         inputs = (x, b)
     else:
         inputs = (x,)
-    if generator is None:
+    with _rng(generator):
         out = pipeline(*inputs)
-    else:
-        # kornia draws from the global CPU RNG; run it on the generator's stream and advance that instead.
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(generator.get_state())
-            out = pipeline(*inputs)
-            generator.set_state(torch.get_rng_state())
     if boxes is None:
         return out.clamp(0, 1)
     h, w = x.shape[-2:]
@@ -93,3 +102,68 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generat
     b = torch.stack([b[..., 0].clamp(0, w), b[..., 1].clamp(0, h), b[..., 2].clamp(0, w), b[..., 3].clamp(0, h)], -1)
     valid = valid & ((b[..., 2] - b[..., 0]) >= 2) & ((b[..., 3] - b[..., 1]) >= 2)
     return out[0].clamp(0, 1), b, valid
+
+
+@contextmanager
+def _rng(generator: torch.Generator | None):
+    """Draw from the global CPU RNG, or from ``generator``'s stream (advancing it) when given: kornia
+    only knows the global one."""
+    if generator is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        yield
+        generator.set_state(torch.get_rng_state())
+
+
+def _recompress(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """JPEG-encode and decode the images drawn (probability ``cfg.jpeg``) at a quality drawn from
+    ``cfg.jpeg_quality``; PIL's codec is the one real files went through (kornia's differentiable
+    codec needs three channels and costs far more)."""
+    from PIL import Image
+
+    chosen = torch.rand(x.shape[0]) < cfg.jpeg
+    qualities = torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, (x.shape[0],))
+    if not bool(chosen.any()):
+        return x
+    out = x.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        tile = (x[i, 0].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(tile).save(buf, format="JPEG", quality=int(qualities[i]))
+        buf.seek(0)
+        decoded = torch.from_numpy(np.asarray(Image.open(buf).convert("L"))).to(x.device)
+        out[i, 0] = decoded.to(x.dtype) / 255.0
+    return out
+
+
+def _turn_points(pts: torch.Tensor, k: int, side: float) -> torch.Tensor:
+    """(..., 2) x, y in continuous tile pixels -> where ``torch.rot90(tile, k, dims=(-2, -1))`` puts
+    them (counter-clockwise turns of a square tile of ``side`` pixels)."""
+    x, y = pts[..., 0], pts[..., 1]
+    for _ in range(k % 4):
+        x, y = y, side - x
+    return torch.stack([x, y], -1)
+
+
+def _quarter_turns(x: torch.Tensor, p: float, boxes: torch.Tensor | None, polygons: torch.Tensor | None):
+    """Turn each image drawn (probability ``p``) by 90, 180 or 270 degrees, with its boxes and outlines."""
+    h, w = x.shape[-2:]
+    if h != w:
+        raise ValueError(f"quarter turns need square tiles, got {h}x{w}")
+    turns = torch.where(torch.rand(x.shape[0]) < p, torch.randint(1, 4, (x.shape[0],)), torch.zeros(x.shape[0], dtype=torch.long))
+    if not bool(turns.any()):
+        return x, boxes, polygons
+    x = x.clone()
+    boxes = boxes.clone() if boxes is not None else None
+    polygons = polygons.clone() if polygons is not None else None
+    for i in torch.nonzero(turns).flatten().tolist():
+        k = int(turns[i])
+        x[i] = torch.rot90(x[i], k, dims=(-2, -1))
+        if boxes is not None:
+            corners = _turn_points(boxes[i].to(torch.float32).reshape(-1, 2, 2), k, float(w))
+            boxes[i] = torch.cat([corners.amin(1), corners.amax(1)], -1).to(boxes.dtype)
+        if polygons is not None:
+            polygons[i] = _turn_points(polygons[i].to(torch.float32), k, float(w)).to(polygons.dtype)
+    return x, boxes, polygons

@@ -21,7 +21,7 @@ CHOICES = {
     "monitor": ("valid_loss", "valid_auroc"),
     "select": ("best", "last"),
     "schedule": ("cosine", "onecycle"),
-    "augment": ("standard", "flip-rotate"),
+    "augment": ("standard", "robust", "flip-rotate"),
     "class_weights": ("per_body_part", "global"),
     "threshold_method": ("youden", "sensitivity"),
     "fit_on": ("train", "train+valid"),

@@ -18,9 +18,11 @@ from ..model.detection import BoxSettings, box_loss, decode_boxes
 from .losses import boxes_to_mask, localization_loss, multitask_loss
 
 
-#: Augmentation presets (``--augment``); "flip-rotate" is the plain fine-tune baseline's.
+#: Augmentation presets (``--augment``); "flip-rotate" is the plain fine-tune baseline's; "robust" adds
+#: quarter turns and JPEG re-compression to "standard".
 AUGMENT_PRESETS = {
     "standard": AugmentConfig(),
+    "robust": AugmentConfig(quarter_turn=0.5, jpeg=0.3),
     "flip-rotate": AugmentConfig(max_rotation_deg=15.0, scale=(1.0, 1.0), translate=0.0, contrast=0.0,
                                  brightness=0.0, gamma=0.0),
 }

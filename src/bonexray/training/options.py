@@ -59,8 +59,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {D.schedule})")
     o.add_argument("--warmup-epochs", type=float, default=None, help=f"warm-up of the cosine schedule (default {D.warmup_epochs})")
     o.add_argument("--augment", choices=CHOICES["augment"], default=None,
-                   help="standard: flip, rotation, scale, shift, gamma/contrast/brightness; flip-rotate: horizontal "
-                        f"flip and rotation up to 15 degrees only (default {D.augment})")
+                   help="standard: flip, rotation, scale, shift, gamma/contrast/brightness; robust: standard plus "
+                        "quarter turns (half the images) and JPEG re-compression at quality 30-95 (30%%), so "
+                        "verdicts hold under them; flip-rotate: horizontal flip and rotation up to 15 degrees only "
+                        f"(default {D.augment})")
     o.add_argument("--class-weights", choices=CHOICES["class_weights"], default=None,
                    help="abnormality loss weights: per_body_part (the MURA paper's) or global (one positive weight, "
                         f"like BCE's pos_weight) (default {D.class_weights})")
