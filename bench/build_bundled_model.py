@@ -3,6 +3,9 @@
     python bench/build_bundled_model.py runs/fa/checkpoints/last.ckpt --data ../shared/data/FracAtlas \\
         --metrics results/fa/metrics.json
 
+With ``--keep-card`` the checkpoint's own card (``bench/scope.py --write-model``: the gate fitted
+against bench/scope_sets.py's outliers, the calibration and operating points) is kept as it is.
+
 Writes ``src/bonexray/weights/<name>.ckpt`` (the network in float16, batch-norm statistics in float32,
 the model card with the scope statistics and the borderline band, fitted on the train/valid splits
 only) and ``<name>.json`` (training data with the FracAtlas citation and licence, the test metrics
@@ -91,15 +94,24 @@ def test_auroc(model: Path, data: Path, work: Path, cache: str | None, batch_siz
 
 def build(checkpoint: str | Path, data: str | Path, metrics: str | Path, out_dir: str | Path, name: str,
           quantile: float = 0.995, cache: str | None = None, batch_size: int = 64, max_auroc_drop: float = 0.005,
-          images=REFERENCE_IMAGES, n_bootstrap: int = 0) -> dict:
-    """Build ``<out_dir>/<name>.ckpt`` + ``<name>.json``; returns the description written (with ``sha256``)."""
+          images=REFERENCE_IMAGES, n_bootstrap: int = 0, keep_card: bool = False) -> dict:
+    """Build ``<out_dir>/<name>.ckpt`` + ``<name>.json``; returns the description written (with ``sha256``).
+
+    ``keep_card``: the checkpoint's card already holds the gate, calibration and operating points
+    (``bench/scope.py --write-model``, fitted against its outlier sets); keep them instead of refitting
+    with ``calibrate-scope``'s defaults."""
     from bonexray.inference.calibrate import rewrite_checkpoint, scope_calibration
     from bonexray.model.checkpoint import read_card
     from bonexray.model.hub import file_sha256
 
     checkpoint, data, out_dir = Path(checkpoint), Path(data), Path(out_dir)
     numbers = test_metrics(Path(metrics))
-    updates = scope_calibration(checkpoint, data, quantile=quantile, cache=cache, batch_size=batch_size, device="cpu")
+    if keep_card:
+        if not (read_card(checkpoint).scope or {}).get("head"):
+            raise SystemExit(f"{checkpoint}: --keep-card needs a card with the scope gate's head (bench/scope.py --write-model)")
+        updates = {}
+    else:
+        updates = scope_calibration(checkpoint, data, quantile=quantile, cache=cache, batch_size=batch_size, device="cpu")
     with tempfile.TemporaryDirectory(prefix="bonexray-bundle-") as tmp:
         work = Path(tmp)
         staged = rewrite_checkpoint(checkpoint, work / f"{name}.ckpt", updates, half=True)
@@ -134,7 +146,8 @@ def build(checkpoint: str | Path, data: str | Path, metrics: str | Path, out_dir
                           "max_allowed_difference": max_auroc_drop},
         "scope_gate": {k: scope.get(k) for k in ("method", "k", "threshold", "far_threshold", "quantile", "n_fit",
                                                  "n_threshold", "held_out_refused", "fitted_on", "threshold_source",
-                                                 "far_rule")},
+                                                 "far_rule", "head")}
+                      | {"measured": "bench/scope.py fracatlas --data ../shared/data/FracAtlas (bench/scope.json)"},
         "borderline": {"band": card.borderline_band, "source": card.borderline_source},
         "intended_use": INTENDED_USE,
         "reference_predictions": refs,
@@ -156,9 +169,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-auroc-drop", type=float, default=0.005)
+    ap.add_argument("--keep-card", action="store_true",
+                    help="keep the checkpoint's gate, calibration and operating points (bench/scope.py --write-model) "
+                         "instead of refitting them with calibrate-scope's default outlier sets")
     args = ap.parse_args(argv)
     info = build(args.checkpoint, args.data, args.metrics, args.out, args.name, quantile=args.quantile,
-                 cache=args.cache, batch_size=args.batch_size, max_auroc_drop=args.max_auroc_drop)
+                 cache=args.cache, batch_size=args.batch_size, max_auroc_drop=args.max_auroc_drop,
+                 keep_card=args.keep_card)
     f16 = info["float16_check"]
     print(f"wrote {Path(args.out) / info['file']} ({info['size_bytes'] / 1e6:.1f} MB) and {info['name']}.json")
     print(f"test AUROC float32 {f16['test_auroc_float32']:.4f}, float16 {f16['test_auroc_float16']:.4f}")

@@ -156,3 +156,25 @@ def test_the_shipped_bundled_model_matches_its_pin_and_recorded_predictions():
                 assert got[key] == pytest.approx(value, abs=1e-4), (want["path"], key)
         assert (got["abnormal"], got["body_part"], got["in_scope"]) == (want["abnormal"], want["body_part"],
                                                                         want["in_scope"])
+
+
+def test_build_keeps_a_card_fitted_elsewhere_and_refuses_one_without_the_gate(bundle, tmp_path):
+    from build_bundled_model import build
+
+    from bonexray.model.checkpoint import read_card
+
+    source = bundle["dir"] / bundle["info"]["file"]  # its card holds a gate with its head, fitted by the build
+    kept = build(source, bundle["data"] / "manifest.csv", _metrics_of(bundle), tmp_path / "kept", "kept-efficientnet_lite0-64", keep_card=True,
+                 images=("img000.png",))
+    before, after = read_card(source), read_card(tmp_path / "kept" / kept["file"])
+    assert after.scope == before.scope and after.calibration == before.calibration
+    assert after.operating_points == before.operating_points
+    assert kept["scope_gate"]["head"] == before.scope["head"]
+    with pytest.raises(SystemExit, match="--keep-card needs a card with the scope gate's head"):
+        build(bundle["checkpoint"], bundle["data"] / "manifest.csv", _metrics_of(bundle), tmp_path / "no",
+              "no-efficientnet_lite0-64", keep_card=True, images=("img000.png",))
+    assert not (tmp_path / "no").exists()
+
+
+def _metrics_of(bundle) -> Path:
+    return bundle["dir"].parent / "results" / "metrics.json"
