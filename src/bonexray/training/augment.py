@@ -133,7 +133,7 @@ def _recompress(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
         buf = io.BytesIO()
         Image.fromarray(tile).save(buf, format="JPEG", quality=int(qualities[i]))
         buf.seek(0)
-        decoded = torch.from_numpy(np.asarray(Image.open(buf).convert("L"))).to(x.device)
+        decoded = torch.from_numpy(np.array(Image.open(buf).convert("L"))).to(x.device)  # np.array: a writable copy
         out[i, 0] = decoded.to(x.dtype) / 255.0
     return out
 
