@@ -46,3 +46,20 @@ def test_core_decoding_and_findings_import_no_torch():
             "BoxSettings()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nms_stopped_at_a_limit_keeps_the_first_boxes_of_the_full_pass(seed):
+    """The decoder stops the greedy pass at max_detections: the same boxes, in the same order, as the
+    whole pass cut there (many overlapping candidates, ties in score included)."""
+    from bonexray.core.boxes import nms
+
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 300, (800, 2)).astype(np.float32)
+    wh = rng.uniform(4, 60, (800, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + wh], 1)
+    scores = np.round(rng.uniform(0, 1, 800), 2).astype(np.float32)  # ties
+    full = nms(boxes, scores, 0.5)
+    assert len(full) > 120
+    for limit in (1, 10, 100, len(full) + 5):
+        np.testing.assert_array_equal(nms(boxes, scores, 0.5, limit=limit), full[:limit])

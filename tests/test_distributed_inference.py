@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -20,9 +21,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.g
 
 
 def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    # The scope gate runs in one process only (refused with --devices): compare predictions without it.
-    extra = ["--no-scope-check"] if args and args[0] == "predict" else []
-    return subprocess.run([sys.executable, "-m", "bonexray.cli", *map(str, args), *extra], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bonexray.cli", *map(str, args)], capture_output=True, text=True,
                           env=ENV, cwd=cwd, timeout=300)
 
 
@@ -34,6 +33,43 @@ def _study_tree(base: Path, n: int = 20) -> Path:
         Image.fromarray(radiograph_like(i, 90 + 3 * i, 70 + i, abnormal=i % 2)).save(folder / f"image{i}.png")
     (base / "patient00000" / "study1_negative" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return base
+
+
+def _out_of_scope_files(folder: Path) -> Path:
+    """Files the scope gate refuses (a colour photo, a blank image, a CT slice) and a CR DICOM it
+    assesses; both DICOMs state one StudyInstanceUID, so they form one study."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    photo = np.kron(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))
+    Image.fromarray(photo).save(folder / "photo.png")
+    Image.fromarray(np.full((90, 70), 128, np.uint8)).save(folder / "blank.png")
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.save_as(folder / "ct.dcm")
+    ct.Modality = "CR"
+    ct.SOPInstanceUID = pydicom.uid.generate_uid()
+    ct.save_as(folder / "cr.dcm")
+    return folder
+
+
+def _gated_checkpoint(path: Path, images: list[Path]) -> Path:
+    """A small model whose card holds the pixel gate (feature distance and in-scope head), fitted on
+    ``images`` so that it refuses about half of them: the embedding checks decide some records."""
+    from bonexray.inference.calibrate import rewrite_checkpoint
+    from bonexray.inference.predictor import Predictor
+    from bonexray.inference.scope import INVERTED, fit_feature_scope, fit_scope_head
+    from bonexray.pipeline import decode
+
+    plain = make_checkpoint(path.with_name("plain.ckpt"), body_parts=("hand", "leg"))
+    predictor = Predictor(plain, device="cpu", backend="torch")
+    tiles = [decode(p, predictor.image_size).tile for p in images]
+    emb = predictor.predict_batch(np.stack(tiles), boxes=False).embedding
+    inverted = predictor.predict_batch(255 - np.stack(tiles), boxes=False).embedding
+    scope = fit_feature_scope(emb, emb, k=4, quantile=0.6).to_card()
+    scope["head"] = fit_scope_head(emb, {INVERTED: inverted}, emb, quantile=0.8).to_card()
+    return rewrite_checkpoint(plain, path, {"scope": scope})
 
 
 def test_devices_syntax():
@@ -53,23 +89,36 @@ def test_cam_across_processes_is_refused_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_predict_two_processes_writes_what_one_process_writes(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "m.ckpt", body_parts=("hand", "leg"))
+    """The scope gate on (the default), with a model card that holds the pixel gate: every verdict and
+    every refusal, from the file checks and the embedding checks alike, as one process gives them."""
     data = _study_tree(tmp_path / "data")
+    _out_of_scope_files(data / "patient00002" / "study9_negative")
+    ckpt = _gated_checkpoint(tmp_path / "m.ckpt", sorted(data.rglob("image*.png")))
     one = _cli("predict", ckpt, data, "--study", "--batch-size", "4", cwd=tmp_path)
     two = _cli("predict", ckpt, data, "--study", "--batch-size", "4", "--devices", "2", cwd=tmp_path)
     assert one.returncode == 1, one.stderr  # the damaged file
     assert two.returncode == one.returncode, two.stderr[-3000:]
     assert two.stdout == one.stdout  # byte for byte: every record, once, in input order
     recs = [json.loads(line) for line in one.stdout.splitlines()]
-    assert sum(r["type"] == "image" for r in recs) == 20 and sum(r["type"] == "study" for r in recs) > 3
+    assert sum(r["type"] == "image" for r in recs) == 24 and sum(r["type"] == "study" for r in recs) > 3
+    by_name = {Path(r["path"]).name: r for r in recs if r["type"] == "image"}
+    assert by_name["photo.png"]["scope_reason"] == "not a radiograph" and by_name["photo.png"]["abnormal"] is None
+    assert by_name["blank.png"]["scope_reason"] == "blank or nearly constant image"
+    assert by_name["ct.dcm"]["scope_reason"] == "not a radiograph"
+    assert by_name["ct.dcm"]["study"] == by_name["cr.dcm"]["study"]  # one StudyInstanceUID, one study
+    gated = [r for n, r in by_name.items() if n.startswith("image")]
+    # The embedding checks refuse some of the radiograph-like images and pass others.
+    assert any(r["in_scope"] is False for r in gated) and any(r["in_scope"] is True for r in gated)
+    assert {r["scope_reason"] for r in gated if r["in_scope"] is False} <= {
+        "not a radiograph", "body part not among the model's classes", "image looks inverted (a negative)"}
     broken = str(data / "patient00000" / "study1_negative" / "broken.png")
     assert [ln for ln in two.stderr.splitlines() if ln.startswith("bonexray predict:")] == \
            [ln for ln in one.stderr.splitlines() if ln.startswith("bonexray predict:")]
     assert any(ln.startswith(f"bonexray predict: {broken}: ") for ln in two.stderr.splitlines())
-    # CSV through the same path.
-    one_csv = _cli("predict", ckpt, data, "--format", "csv", "--devices", "1", cwd=tmp_path)
-    two_csv = _cli("predict", ckpt, data, "--format", "csv", "--devices", "2", cwd=tmp_path)
-    assert two_csv.stdout == one_csv.stdout and one_csv.stdout.count("\n") == 21
+    # CSV through the same path, and the gate off.
+    one_csv = _cli("predict", ckpt, data, "--format", "csv", "--devices", "1", "--no-scope-check", cwd=tmp_path)
+    two_csv = _cli("predict", ckpt, data, "--format", "csv", "--devices", "2", "--no-scope-check", cwd=tmp_path)
+    assert two_csv.stdout == one_csv.stdout and one_csv.stdout.count("\n") == 25
 
 
 @pytest.mark.slow
@@ -94,7 +143,7 @@ def test_predict_launched_by_torchrun(tmp_path):
     data = _study_tree(tmp_path / "data", n=9)
     one = _cli("predict", ckpt, data, cwd=tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "bonexray.cli", "predict", str(ckpt), str(data), "--devices", "2", "--no-scope-check"]
+           "-m", "bonexray.cli", "predict", str(ckpt), str(data), "--devices", "2"]
     two = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     # The damaged file: exit 1 from rank 0, which torchrun passes on.
     assert one.returncode == 1 and two.returncode == 1, two.stderr[-3000:]
@@ -175,14 +224,3 @@ def test_fewer_images_than_processes(tmp_path):
     two = _cli("predict", ckpt, png, "--devices", "2", cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one.stdout and one.stdout.count("\n") == 1
-
-
-def test_scope_gate_across_processes_is_refused_in_one_line(tmp_path, capsys):
-    from bonexray.cli import main
-
-    ckpt = make_checkpoint(tmp_path / "m.ckpt")
-    png = tmp_path / "a.png"
-    Image.fromarray(radiograph_like(1)).save(png)
-    assert main(["predict", str(ckpt), str(png), "--devices", "2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "scope gate runs in one process" in err[0]

@@ -233,17 +233,24 @@ class Analyser:
         """The model's outputs (inference/predictor.py BatchPrediction) for a batch of decoded images."""
         return self.predictor.predict_batch(np.stack([d.tile for d in decoded]), box_settings=self.box_settings)
 
-    def interpret(self, decoded: Sequence[Decoded], pred, studies: Sequence[str | None] | None = None
-                  ) -> Interpretation:
-        """Findings for the finite rows of ``pred`` (one per ``decoded``); a Problem for each other row."""
+    def interpret(self, decoded: Sequence[Decoded], pred, studies: Sequence[str | None] | None = None,
+                  scope_reasons: Sequence[str | None] | None = None) -> Interpretation:
+        """Findings for the finite rows of ``pred`` (one per ``decoded``); a Problem for each other row.
+
+        ``scope_reasons``: the gate's decision for each of ``decoded``, already taken where the images
+        were read (inference across processes: :meth:`~bonexray.inference.scope.ScopeGate.file_reasons`
+        and ``embedding_reasons`` on each rank); None: the gate decides here."""
         studies = list(studies) if studies is not None else [None] * len(decoded)
         finite = finite_rows(pred.prob, pred.parts)
         problems = [Problem(d.label, nonfinite_reason(self.model_label)) for d, ok in zip(decoded, finite, strict=True)
                     if not ok]
         kept = [int(i) for i in np.flatnonzero(finite)]
-        embedding = None if pred.embedding is None else np.asarray(pred.embedding)[kept]
-        reasons = self.gate.reasons([decoded[i].pixels for i in kept], [decoded[i].truncated for i in kept],
-                                    [decoded[i].evidence for i in kept], embedding)
+        if scope_reasons is not None:
+            reasons = [scope_reasons[i] for i in kept]
+        else:
+            embedding = None if pred.embedding is None else np.asarray(pred.embedding)[kept]
+            reasons = self.gate.reasons([decoded[i].pixels for i in kept], [decoded[i].truncated for i in kept],
+                                        [decoded[i].evidence for i in kept], embedding)
         findings = [self._finding(decoded[i], pred, i, why, studies[i]) for i, why in zip(kept, reasons, strict=True)]
         return Interpretation(findings, kept, problems)
 

@@ -90,8 +90,8 @@ def run_predict(
 
     With ``devices`` other than 1 or several ``num_nodes``, the images are shared among processes
     (:mod:`bonexray.inference.distributed`) and global rank 0 writes every record, in input order,
-    as one process would; the other ranks write nothing and return 0. The scope gate does not run
-    across processes yet: such a run needs ``scope_check=False``.
+    as one process would (the scope gate too: each rank decides it for the images it reads); the other
+    ranks write nothing and return 0.
     A bad model file raises :class:`CheckpointError` (the CLI turns it into exit status 2).
     """
     from .inference.distributed import local_world_size, rank_device, wants_distributed
@@ -108,10 +108,6 @@ def run_predict(
     distributed = wants_distributed(devices, num_nodes)
     if distributed and cam_dir is not None:
         raise BonexrayError("--cam runs in one process: drop --devices/--num-nodes, or write heatmaps in a second run")
-    if distributed and scope_check:
-        # Refused rather than run without the gate: an out-of-scope image must never get a silent verdict.
-        raise BonexrayError("the scope gate runs in one process only for now: drop --devices/--num-nodes, or pass "
-                            "--no-scope-check to predict across processes without it")
     stream = stream or sys.stdout
     if distributed:
         predictor = Predictor(model, device=rank_device(device), tta=tta, backend=backend,
@@ -120,16 +116,8 @@ def run_predict(
         predictor = Predictor(model, device=device, tta=tta, backend=backend)
     plan = collect_inputs(paths, study=study)
     if distributed:
-        from .pipeline import Analyser, decode
-        from .inference.distributed import predict_distributed
-
-        def load(i: int):
-            d = decode(plan.items[i].path, predictor.image_size)
-            return d.tile, d.truncated, (d.geometry, d.tags)
-
-        outcomes = predict_distributed(predictor, len(plan.items), load, batch_size=batch_size, devices=devices,
-                                       num_nodes=num_nodes, strategy=strategy, boxes=predictor.has_boxes,
-                                       box_settings=Analyser(predictor, scope_check=False).box_settings)
+        outcomes = _predict_across_processes(predictor, plan.items, batch_size, scope_check, devices=devices,
+                                             num_nodes=num_nodes, strategy=strategy)
         if outcomes is None:  # not global rank 0: rank 0 writes everything
             return 0
     failed = 0
@@ -148,7 +136,7 @@ def run_predict(
     try:
         writer = Writer(fmt, predictor.body_parts, stream, with_cam=cam_writer is not None)
         if distributed:
-            failed += _write_outcomes(predictor, plan.items, outcomes, writer, batch_size)
+            failed += _write_outcomes(predictor, plan.items, outcomes, writer, batch_size, scope_check)
         else:
             failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size, scope_check)
     except BrokenPipeError:
@@ -193,16 +181,45 @@ def _predict_items(predictor: Predictor, items: Sequence[InputItem], writer: Wri
     return out.failed
 
 
-def _write_outcomes(predictor: Predictor, items: Sequence[InputItem], outcomes, writer: Writer, batch_size: int) -> int:
+def _predict_across_processes(predictor: Predictor, items: Sequence[InputItem], batch_size: int, scope_check: bool,
+                              **processes):
+    """What every rank found for ``items`` (inference/distributed.py), on global rank 0; None elsewhere.
+
+    Each rank decodes its images once and takes the scope gate's decisions there, as one process takes
+    them: the file checks when it reads an image (its pixels are then dropped), the embedding checks
+    once its batch is predicted; only the decision travels to rank 0, as each item's ``extra``
+    (geometry, DICOM tags, scope reason)."""
+    from .pipeline import Analyser, decode
+    from .inference.distributed import predict_distributed
+
+    gate = Analyser(predictor, scope_check=scope_check).gate
+
+    def load(i: int):
+        d = decode(items[i].path, predictor.image_size)
+        return d.tile, d.truncated, (d.geometry, d.tags, gate.file_reasons([d.pixels], [d.truncated], [d.evidence])[0])
+
+    def annotate(extras, pred):
+        reasons = gate.embedding_reasons([e[2] for e in extras], pred.embedding)
+        return [(geometry, tags, why) for (geometry, tags, _), why in zip(extras, reasons, strict=True)]
+
+    return predict_distributed(predictor, len(items), load, batch_size=batch_size, boxes=predictor.has_boxes,
+                               box_settings=Analyser(predictor, scope_check=False).box_settings, annotate=annotate,
+                               **processes)
+
+
+def _write_outcomes(predictor: Predictor, items: Sequence[InputItem], outcomes, writer: Writer, batch_size: int,
+                    scope_check: bool = True) -> int:
     """Write what the ranks found (in input order) exactly as :func:`_predict_items` writes it."""
     from .pipeline import Analyser, Decoded
 
-    analyser = Analyser(predictor, scope_check=False)
+    analyser = Analyser(predictor, scope_check=scope_check)
     out = _Output(writer, None)
     for start in range(0, len(items), batch_size):
         chunk = outcomes[start : start + batch_size]
         for o in chunk:
-            if o.error is not None:
+            if o.skipped:  # a DICOMDIR, SR, PDF of a DICOM media folder: named, not a failure
+                _error(str(items[o.index].path), f"skipped: {o.error}")
+            elif o.error is not None:
                 out.fail(str(items[o.index].path), o.error)
         ok = [o for o in chunk if o.error is None]
         if not ok:
@@ -212,7 +229,7 @@ def _write_outcomes(predictor: Predictor, items: Sequence[InputItem], outcomes, 
         pred = BatchPrediction(np.array([o.prob for o in ok]), np.stack([o.parts for o in ok]), None,
                                [o.boxes for o in ok] if predictor.has_boxes else None)
         studies = study_keys(decoded, [items[o.index].study for o in ok])
-        out.emit(analyser.interpret(decoded, pred, studies), decoded)
+        out.emit(analyser.interpret(decoded, pred, studies, scope_reasons=[o.extra[2] for o in ok]), decoded)
     out.finish(analyser)
     return out.failed
 

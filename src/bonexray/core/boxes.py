@@ -51,17 +51,19 @@ def cell_centres(h: int, w: int, stride: int) -> np.ndarray:
     return np.stack([gx.reshape(-1), gy.reshape(-1)], 1)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_limit: float) -> np.ndarray:
-    """Indices of the boxes kept by greedy NMS, best score first."""
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_limit: float, limit: int | None = None) -> np.ndarray:
+    """Indices of the boxes kept by greedy NMS, best score first; with ``limit``, the first ``limit`` of
+    them (the greedy pass stops there: later boxes never change which better ones are kept)."""
     order = np.argsort(-scores, kind="stable")
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    x0, y0, x1, y1 = (np.ascontiguousarray(boxes[:, k]) for k in range(4))
     kept = []
-    while order.size:
+    while order.size and (limit is None or len(kept) < limit):
         i = order[0]
         kept.append(i)
         rest = order[1:]
-        w = np.clip(np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0]), 0, None)
-        h = np.clip(np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1]), 0, None)
+        w = np.maximum(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0)
+        h = np.maximum(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0)
         inter = w * h
         iou = inter / (area[i] + area[rest] - inter)
         order = rest[~(iou > iou_limit)]
@@ -90,6 +92,6 @@ def decode_boxes(box_logits: np.ndarray, box_ltrb: np.ndarray, box_centerness: n
         boxes = np.clip(np.stack([c[:, 0] - d[:, 0], c[:, 1] - d[:, 1], c[:, 0] + d[:, 2], c[:, 1] + d[:, 3]], 1), 0, size)
         ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, sc = boxes[ok], s[keep][ok]
-        kept = nms(boxes, sc, settings.nms_iou)[: settings.max_detections]
+        kept = nms(boxes, sc, settings.nms_iou, limit=settings.max_detections)
         out.append(np.concatenate([boxes[kept], sc[kept, None]], 1).astype(np.float32))
     return out

@@ -9,8 +9,9 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -150,8 +151,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     ``overwrite`` allows any other folder. The files of ``data`` (manifest and images) and the
     checkpoints are never written over (bonexray/output_folder.py).
     """
-    from ..inference.distributed import local_world_size, rank_device, wants_distributed
-    from ..inference.predictor import Ensemble, Predictor
+    from ..inference.distributed import wants_distributed
     from ..model.hub import resolve_model
 
     t0 = time.perf_counter()
@@ -160,26 +160,113 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     # Before the work, not after it; only the writing process leaves the marker.
     results = claim_folder(out, "evaluate", EVALUATE_FILES, overwrite=overwrite, inputs=[data, splits, *given],
                            write_marker=rank0, create=False)
-    ckpts = [resolve_model(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else checkpoint)]
+    ckpts = [resolve_model(c) for c in given]
     distributed = wants_distributed(devices, num_nodes)
+    predictor = _load_predictor(ckpts, device, tta, backend, devices if distributed else None)
+    run_dir = _same_split(predictor, ckpts)
+    fit_on_valid = _fit_on_valid(predictor, ckpts[0], split)
+    sel = _select(predictor, data, split, cache, splits, body_part_map, run_dir, results, distributed, progress)
+    # Localisation is scored where the data says where fractures are (FracAtlas' COCO boxes) and the
+    # model has a box head.
+    with_boxes = predictor.has_boxes and any("localized" in r.extras for r in sel.chosen)
+    rechoose = not fit_on_valid and (tta != "none" or len(ckpts) > 1)
+    known = None
     if distributed:
+        known = _predict_across_processes(predictor, sel, rechoose, with_boxes, batch_size, devices=devices,
+                                          num_nodes=num_nodes, strategy=strategy)
+        if known is None:  # not global rank 0: rank 0 computes and writes the results
+            return None
+    probs, part_probs, *found = _predict_rows(predictor, sel.image_cache, [sel.row_of[r.path] for r in sel.chosen],
+                                              batch_size, f"evaluate {split}", progress, boxes=with_boxes, known=known)
+    threshold, threshold_source = _threshold(predictor, sel, run_dir, fit_on_valid, rechoose, batch_size, progress,
+                                             known)
+    phases = _Phases(["abnormality metrics", "calibration"] + (["box metrics"] if with_boxes else [])
+                     + ["predictions.csv and figures", "report"], progress)
+    table = _prediction_table(sel.chosen, probs, part_probs, threshold, predictor.body_parts)
+    metrics, studies, curves = _all_metrics(table, found[0] if with_boxes else None, sel.chosen, threshold, predictor,
+                                            n_bootstrap, phases, progress)
+    info = _run_info(predictor, ckpts, data, split, sel, threshold, threshold_source, tta)
+    metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
+                                         "skipped_unreadable", "backend")})
+    metrics["dropped_rows"] = {"n": len(sel.dropped), "rows": [{"file": f, "reason": why} for f, why in sel.dropped]}
+    phases.next()
+    _write_table_and_figures(results, table, studies, metrics, curves, predictor.body_parts, run_dir)
+    phases.next()
+    write_metrics_json(results / "metrics.json", metrics)
+    report = write_report(results, metrics, predictor.body_parts, info)
+    phases.close()
+    return _summary(metrics, info, sel, time.perf_counter() - t0, report)
+
+
+def _threshold(predictor, sel: "_Selection", run_dir, fit_on_valid: bool, rechoose: bool, batch_size: int,
+               progress: bool, known) -> tuple[float, str]:
+    """The operating threshold evaluated at, and where it comes from."""
+    if fit_on_valid:
+        return predictor.threshold, ("model card (a train+valid fit keeps 0.5, the operating point of its "
+                                     "class-balanced loss; no split was left to choose it on)")
+    if rechoose:
+        # The stored threshold was chosen on valid for one model without TTA; choose it again, on the
+        # valid split only, for what is evaluated here.
+        return _rechoose_threshold_on_valid(predictor, sel.image_cache, sel.records, run_dir, sel.row_of, sel.status,
+                                            batch_size, progress, known=known)
+    return predictor.threshold, "model card (chosen on valid during training)"
+
+
+def _run_info(predictor, ckpts, data, split: str, sel: "_Selection", threshold: float, threshold_source: str,
+              tta: str) -> dict:
+    """What was evaluated, and how (metrics.json and the report's header)."""
+    return {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split,
+            "split_protocol": sel.how, "threshold": threshold, "threshold_source": threshold_source, "tta": tta,
+            "backbone": predictor.card.backbone, "image_size": predictor.image_size,
+            "skipped_unreadable": len(sel.skipped),
+            "dropped_rows": (f"{len(sel.dropped)} (each named in metrics.json and on stderr)" if sel.dropped else 0),
+            # The engine that ran (an ensemble: each member's), e.g. openvino-bf16 chosen by --backend auto.
+            "backend": ", ".join(m.backend for m in getattr(predictor, "members", [predictor]))}
+
+
+def _load_predictor(ckpts: Sequence[Path], device: str, tta: str, backend: str, devices=None):
+    """One Predictor, or an Ensemble of several; ``devices`` (across processes): this rank's device and cores."""
+    from ..inference.predictor import Ensemble, Predictor
+
+    options: dict = {}
+    if devices is not None:
         from ..inference.backends import physical_cores
+        from ..inference.distributed import local_world_size, rank_device
 
         device = rank_device(device)
-        threads = max(1, physical_cores() // local_world_size(devices))
-        predictor = (Predictor(ckpts[0], device=device, tta=tta, backend=backend, threads=threads) if len(ckpts) == 1
-                     else Ensemble(ckpts, device=device, tta=tta, backend=backend, threads=threads))
-    else:
-        predictor = (Predictor(ckpts[0], device=device, tta=tta, backend=backend) if len(ckpts) == 1
-                     else Ensemble(ckpts, device=device, tta=tta, backend=backend))
-    body_parts = predictor.body_parts
-    run_dir = _same_split(predictor, ckpts)
-    # A final fit (train --fit-on train+valid) trained on the valid split: no score or threshold may come from it.
-    fit_on_valid = any((m.card.split or {}).get("fit_on") == "train+valid" for m in getattr(predictor, "members", [predictor]))
-    if fit_on_valid and split == "valid":
-        raise BonexrayError(f"{ckpts[0]}: this model was trained on the valid split too (train --fit-on train+valid), "
-                            "so scores on it say nothing; evaluate --split test")
+        options["threads"] = max(1, physical_cores() // local_world_size(devices))
+    if len(ckpts) == 1:
+        return Predictor(ckpts[0], device=device, tta=tta, backend=backend, **options)
+    return Ensemble(ckpts, device=device, tta=tta, backend=backend, **options)
 
+
+def _fit_on_valid(predictor, first: Path, split: str) -> bool:
+    """Whether a member was a final fit (train --fit-on train+valid): no score or threshold may come from valid."""
+    fit_on_valid = any((m.card.split or {}).get("fit_on") == "train+valid"
+                       for m in getattr(predictor, "members", [predictor]))
+    if fit_on_valid and split == "valid":
+        raise BonexrayError(f"{first}: this model was trained on the valid split too (train --fit-on train+valid), "
+                            "so scores on it say nothing; evaluate --split test")
+    return fit_on_valid
+
+
+@dataclass
+class _Selection:
+    """The dataset as evaluate reads it: records (split assigned, body parts mapped), the image cache and
+    the images chosen (labelled, readable, in cache-row order), with every row left out and why."""
+
+    records: Any
+    image_cache: Any
+    how: str
+    status: dict
+    row_of: dict
+    chosen: list
+    skipped: list
+    dropped: list
+
+
+def _select(predictor, data, split, cache, splits, body_part_map, run_dir, results, distributed: bool,
+            progress: bool) -> _Selection:
     records = load_dataset(data)
     refuse_overwriting_inputs(results, EVALUATE_FILES, [r.path for r in records], "--out")
     dropped = list(records.dropped)  # rows of the dataset's list left out by the reader (label, missing file)
@@ -193,22 +280,14 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         how = "all images"
     else:  # before any body-part remapping: the split is stratified by the dataset's own body parts
         records, how = assign_eval_splits(records, predictor.card.split, run_dir, splits)
-    mapping = parse_body_part_map(body_part_map)
-    for r in records.records:
-        r.body_part = mapping.get(r.body_part, r.body_part)
-    unknown = sorted({r.body_part for r in records} - set(body_parts))
-    if unknown:
-        raise DatasetError(
-            f"{data}: body parts {', '.join(unknown)} are not classes of this model ({', '.join(body_parts)}). "
-            "Map them with --map-body-part DATA=MODEL (e.g. --map-body-part wrist=hand), or evaluate on matching data"
-        )
-    status = dict(zip(image_cache.index["path"], image_cache.index["status"]))
-    row_of = dict(zip(image_cache.index["path"], image_cache.index["row"]))
+    _map_body_parts(records, data, body_part_map, predictor.body_parts)
+    index = image_cache.index
+    status, row_of = dict(zip(index["path"], index["status"])), dict(zip(index["path"], index["row"]))
     in_split = [r for r in records if split == "all" or r.split == split]
     dropped += [(r.path, "no 0/1 label") for r in in_split if r.abnormal not in (0, 1)]
     chosen = [r for r in in_split if r.abnormal in (0, 1)]
     skipped = [r for r in chosen if status.get(r.path) not in ("ok", "truncated")]
-    reasons = dict(zip(image_cache.index["path"], image_cache.index["reason"]))
+    reasons = dict(zip(index["path"], index["reason"]))
     dropped += [(r.path, f"unreadable image ({reasons.get(r.path) or status.get(r.path) or 'not in the cache'})")
                 for r in skipped]
     if not distributed or int(os.environ.get("RANK", "0")) == 0:
@@ -218,42 +297,41 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     chosen = sorted((r for r in chosen if status.get(r.path) in ("ok", "truncated")), key=lambda r: row_of[r.path])
     if not chosen:
         raise DatasetError(f"{data}: no labelled, readable images in split {split!r} ({how})")
+    return _Selection(records, image_cache, how, status, row_of, chosen, skipped, dropped)
 
-    # Localisation is scored where the data says where fractures are (FracAtlas' COCO boxes) and the
-    # model has a box head.
-    with_boxes = predictor.has_boxes and any("localized" in r.extras for r in chosen)
-    rechoose = not fit_on_valid and (tta != "none" or len(ckpts) > 1)
-    known = None
-    if distributed:
-        from ..inference.distributed import predict_distributed
 
-        # One pass over every row this evaluation reads (the threshold's valid rows too): each
-        # Trainer.predict call would start the processes again.
-        wanted = sorted({row_of[r.path] for r in chosen}
-                        | ({row_of[r.path] for r in _valid_for_threshold(records, status)} if rechoose else set()))
-        outcomes = predict_distributed(
-            predictor, len(wanted), lambda i: (image_cache.read_rows([wanted[i]])[0], False, None),
-            batch_size=batch_size, devices=devices, num_nodes=num_nodes, strategy=strategy, boxes=with_boxes,
-            box_settings=_eval_box_settings(predictor) if with_boxes else None)
-        if outcomes is None:  # not global rank 0: rank 0 computes and writes the results
-            return None
-        known = {wanted[o.index]: o for o in outcomes}
-    probs, part_probs, *found = _predict_rows(predictor, image_cache, [row_of[r.path] for r in chosen], batch_size,
-                                              f"evaluate {split}", progress, boxes=with_boxes, known=known)
-    threshold, threshold_source = predictor.threshold, "model card (chosen on valid during training)"
-    if fit_on_valid:
-        threshold_source = ("model card (a train+valid fit keeps 0.5, the operating point of its class-balanced loss; "
-                            "no split was left to choose it on)")
-    elif rechoose:
-        # The stored threshold was chosen on valid for one model without TTA; choose it again, on the
-        # valid split only, for what is evaluated here.
-        threshold, threshold_source = _rechoose_threshold_on_valid(predictor, image_cache, records, run_dir, row_of,
-                                                                 status, batch_size, progress, known=known)
+def _map_body_parts(records, data, body_part_map: Sequence[str], body_parts: Sequence[str]) -> None:
+    """``--map-body-part DATA=MODEL`` applied in place; a body part the model lacks stops here."""
+    mapping = parse_body_part_map(body_part_map)
+    for r in records.records:
+        r.body_part = mapping.get(r.body_part, r.body_part)
+    unknown = sorted({r.body_part for r in records} - set(body_parts))
+    if unknown:
+        raise DatasetError(
+            f"{data}: body parts {', '.join(unknown)} are not classes of this model ({', '.join(body_parts)}). "
+            "Map them with --map-body-part DATA=MODEL (e.g. --map-body-part wrist=hand), or evaluate on matching data"
+        )
 
-    phases = _Phases(["abnormality metrics", "calibration"] + (["box metrics"] if with_boxes else [])
-                     + ["predictions.csv and figures", "report"], progress)
-    phases.next()
-    table = pd.DataFrame({
+
+def _predict_across_processes(predictor, sel: _Selection, rechoose: bool, with_boxes: bool, batch_size: int,
+                              **processes) -> dict | None:
+    """Cache row -> ItemResult for every row this evaluation reads, on global rank 0; None elsewhere."""
+    from ..inference.distributed import predict_distributed
+
+    # One pass over every row this evaluation reads (the threshold's valid rows too): each
+    # Trainer.predict call would start the processes again.
+    wanted = sorted({sel.row_of[r.path] for r in sel.chosen}
+                    | ({sel.row_of[r.path] for r in _valid_for_threshold(sel.records, sel.status)} if rechoose
+                       else set()))
+    outcomes = predict_distributed(
+        predictor, len(wanted), lambda i: (sel.image_cache.read_rows([wanted[i]])[0], False, None),
+        batch_size=batch_size, boxes=with_boxes, box_settings=_eval_box_settings(predictor) if with_boxes else None,
+        **processes)
+    return None if outcomes is None else {wanted[o.index]: o for o in outcomes}
+
+
+def _prediction_table(chosen, probs, part_probs, threshold: float, body_parts: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({
         "path": [r.path for r in chosen],
         "study_id": [r.study_id for r in chosen],
         "body_part": [r.body_part for r in chosen],
@@ -263,41 +341,54 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         "pred_body_part": [body_parts[j] for j in part_probs.argmax(1)],
         **{f"prob_{p}": part_probs[:, j] for j, p in enumerate(body_parts)},
     })
+
+
+def _all_metrics(table: pd.DataFrame, found, chosen, threshold: float, predictor, n_bootstrap: int, phases,
+                 progress: bool):
+    """(metrics, study table, reliability curves): abnormality, calibration and, with ``found`` boxes, box metrics."""
+    phases.next()
+    metrics, studies = _abnormality_metrics(table, threshold, predictor.body_parts, n_bootstrap)
+    phases.next()
+    curves = _add_calibration(metrics, table, threshold, predictor.card, n_bootstrap)
+    if found is not None:
+        phases.next()
+        metrics["localization"] = _localization(chosen, found, predictor.image_size, n_bootstrap, progress)
+    return metrics, studies, curves
+
+
+def _abnormality_metrics(table: pd.DataFrame, threshold: float, body_parts, n_bootstrap: int):
+    """(compute_metrics' dict with ``studies_with_mixed_labels``, the study table)."""
     # A study whose views disagree (a fracture seen on one view only) counts as abnormal: reported once
     # here, as a count in metrics.json, instead of a Python warning per metric computed.
     labels_per_study = table.groupby("study_id", sort=False)["abnormal"].nunique()
-    mixed = int((labels_per_study > 1).sum())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*have images with different abnormal labels.*")
         metrics = compute_metrics(table, threshold, body_parts, n_bootstrap=n_bootstrap)
         studies = study_table(table)
-    metrics["studies_with_mixed_labels"] = mixed
-    phases.next()
-    from ..inference.scope import borderline_band
-    from .calibration import band_error_rates, calibration_report, plot_reliability
+    metrics["studies_with_mixed_labels"] = int((labels_per_study > 1).sum())
+    return metrics, studies
 
-    band, band_source = borderline_band(predictor.card)
+
+def _add_calibration(metrics: dict, table: pd.DataFrame, threshold: float, card, n_bootstrap: int) -> dict:
+    """``abnormality.calibration`` and ``.borderline`` into ``metrics``; returns the reliability curves."""
+    from ..inference.scope import borderline_band
+    from .calibration import band_error_rates, calibration_report
+
+    band, band_source = borderline_band(card)
     # ECE before and after the card's calibration (the probabilities in predictions.csv stay the network's).
-    calibration = calibration_report(table["abnormal"], table["prob_abnormal"], predictor.card, table["study_id"],
+    calibration = calibration_report(table["abnormal"], table["prob_abnormal"], card, table["study_id"],
                                      n_bootstrap=n_bootstrap)
     curves = calibration.pop("_curves")
     metrics["abnormality"]["calibration"] = calibration
     metrics["abnormality"]["borderline"] = band_error_rates(table["abnormal"], table["prob_abnormal"], threshold,
                                                             band, band_source)
-    if with_boxes:
-        phases.next()
-        metrics["localization"] = _localization(chosen, found[0], predictor.image_size, n_bootstrap, progress)
-    info = {"checkpoint": ", ".join(str(c) for c in ckpts), "data": str(data), "split": split, "split_protocol": how,
-            "threshold": threshold, "threshold_source": threshold_source, "tta": tta, "backbone": predictor.card.backbone,
-            "image_size": predictor.image_size, "skipped_unreadable": len(skipped),
-            "dropped_rows": (f"{len(dropped)} (each named in metrics.json and on stderr)" if dropped else 0),
-            # The engine that ran (an ensemble: each member's), e.g. openvino-bf16 chosen by --backend auto.
-            "backend": ", ".join(m.backend for m in getattr(predictor, "members", [predictor]))}
-    metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
-                                         "skipped_unreadable", "backend")})
-    metrics["dropped_rows"] = {"n": len(dropped), "rows": [{"file": f, "reason": why} for f, why in dropped]}
+    return curves
 
-    phases.next()
+
+def _write_table_and_figures(results: Path, table: pd.DataFrame, studies: pd.DataFrame, metrics: dict, curves: dict,
+                             body_parts: Sequence[str], run_dir: Path | None) -> None:
+    from .calibration import plot_reliability
+
     mark_folder(results, "evaluate", EVALUATE_FILES)
     text_cols = [c for c in table.columns if table[c].dtype == object]
     table.assign(**{c: table[c].map(csv_safe) for c in text_cols}).to_csv(  # no spreadsheet formulas
@@ -312,29 +403,29 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
         plot_froc(loc["froc_curve"], results / "froc.png", ci=loc["ci95"]["froc_sensitivity"])
     if run_dir is not None and (run_dir / "metrics.csv").is_file():
         plot_curves(run_dir / "metrics.csv", results / "curves.png")
-    phases.next()
-    write_metrics_json(results / "metrics.json", metrics)
-    report = write_report(results, metrics, body_parts, info)
-    phases.close()
+
+
+def _summary(metrics: dict, info: dict, sel: _Selection, seconds: float, report) -> str:
+    """The lines the CLI prints after an evaluation."""
     m_img, m_study = metrics["abnormality"]["image"], metrics["abnormality"]["study"]
+    border, mixed = metrics["abnormality"]["borderline"], metrics["studies_with_mixed_labels"]
 
     def f(x):
         return "n/a" if x is None else f"{x:.3f}"
 
-    return (f"evaluated {metrics['n_images']} images / {metrics['n_studies']} studies ({split}; {how}) "
-            f"in {time.perf_counter() - t0:.1f}s on {info['backend']}\n"
+    return (f"evaluated {metrics['n_images']} images / {metrics['n_studies']} studies ({info['split']}; {sel.how}) "
+            f"in {seconds:.1f}s on {info['backend']}\n"
             f"  abnormality image: AUROC {f(m_img['auroc'])}  acc {f(m_img['accuracy'])}  "
             f"sens {f(m_img['recall'])}  spec {f(m_img['specificity'])}  kappa {f(m_img['kappa'])}\n"
             f"  abnormality study: AUROC {f(m_study['auroc'])}  kappa {f(m_study['kappa'])}\n"
             f"  body part: acc {f(metrics['body_part']['accuracy'])}  macro-F1 {f(metrics['body_part']['macro_f1'])}\n"
             f"  calibration: ECE {_ece_line(metrics['abnormality']['calibration'])}; borderline band "
-            f"{metrics['abnormality']['borderline']['band']:g}: error rate "
-            f"{f(metrics['abnormality']['borderline']['inside']['error_rate'])} inside "
-            f"({metrics['abnormality']['borderline']['inside']['n']} images), "
-            f"{f(metrics['abnormality']['borderline']['outside']['error_rate'])} outside\n"
+            f"{border['band']:g}: error rate {f(border['inside']['error_rate'])} inside "
+            f"({border['inside']['n']} images), {f(border['outside']['error_rate'])} outside\n"
             + (_localization_line(metrics["localization"]) if "localization" in metrics else "")
-            + (f"  skipped {len(skipped)} unreadable image(s)\n" if skipped else "")
-            + (f"  dropped {len(dropped)} row(s) of the data (named above and in metrics.json)\n" if dropped else "")
+            + (f"  skipped {len(sel.skipped)} unreadable image(s)\n" if sel.skipped else "")
+            + (f"  dropped {len(sel.dropped)} row(s) of the data (named above and in metrics.json)\n"
+               if sel.dropped else "")
             + (f"  {mixed} stud(y/ies) have views with different labels; each counts as abnormal (any view)\n"
                if mixed else "")
             + f"  report: {report}")

@@ -410,64 +410,78 @@ def localization_metrics(pred_boxes: Sequence[Any], gt_boxes: Sequence[Any],
     fractured = np.flatnonzero(matches.n_gt > 0)
     frac_group, n_frac_groups = _group_index(group_idx[fractured].tolist())
     fractured_curves = _Curves(matches, fractured, frac_group, n_frac_groups) if len(fractured) else None
-    n_boxes = int(matches.n_gt.sum())
-    keys = [_rate_key(f) for f in FROC_FP_RATES]
 
-    ones = np.ones((1, n_groups))
-    point = everything.evaluate(ones)
-    ap50, ap = (float(a[0]) for a in _ap_pair(point["ap"]))
-    froc = _froc_at(point, ones, everything.boxes_per_group)[0]
-    result: dict[str, Any] = {
-        "ap50": finite_or_none(ap50), "ap50_95": finite_or_none(ap), "pointing": finite_or_none(point["pointing"][0]),
-        "froc_sensitivity": {k: finite_or_none(v) for k, v in zip(keys, froc)},
-        "n_images": len(preds), "n_boxes": n_boxes,
-        "n_fractured_images": int(len(fractured)),
-        "n_detections": everything.n_detections,
-        "n_unannotated_excluded": n_excluded,
-        "ci95_resamples": _resamples(n_boot),
-        "froc_curve": _curve_corners(point["fp_per_image"][0], point["sensitivity"][0], len(preds), n_boxes),
-    }
+    result = _point_estimates(everything, matches, len(preds), int(len(fractured)), n_excluded, n_boot)
     frac = _fractured_only(n_boot)
     if fractured_curves is not None:
         f_point = fractured_curves.evaluate(np.ones((1, n_frac_groups)))
         f50, f = (float(a[0]) for a in _ap_pair(f_point["ap"]))
         frac.update({"ap50": finite_or_none(f50), "ap50_95": finite_or_none(f), "n_images": int(len(fractured)),
-                     "n_boxes": n_boxes, "n_detections": fractured_curves.n_detections})
-
+                     "n_boxes": result["n_boxes"], "n_detections": fractured_curves.n_detections})
     ci = _no_ci()
     if n_boot > 0:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        _bootstrap_cis(everything, fractured_curves, n_boot, seed, progress, ci, frac)
+    _drop_undefined_cis(result, ci, frac)
+    result["ci95"] = ci
+    result["fractured_only"] = frac
+    return result
 
-            bar = tqdm(total=n_boot * (2 if fractured_curves is not None else 1), desc="box CIs", unit="resample",
-                       leave=False)
-        try:
-            boot = _bootstrap(everything, n_boot, seed, bar)
-            b50, b = _ap_pair(boot["ap"])
-            ci["ap50"], ci["ap50_95"] = percentile_ci(b50), percentile_ci(b)
-            ci["pointing"] = percentile_ci(boot["pointing"])
-            ci["froc_sensitivity"] = {k: percentile_ci(boot["froc"][:, j]) for j, k in enumerate(keys)}
-            if fractured_curves is not None:
-                f_boot = _bootstrap(fractured_curves, n_boot, seed, bar)
-                f50, f = _ap_pair(f_boot["ap"])
-                frac["ci95"] = {"ap50": percentile_ci(f50), "ap50_95": percentile_ci(f)}
-        finally:
-            if bar is not None:
-                bar.close()
-    # A CI for an undefined point estimate would be meaningless.
+
+def _point_estimates(everything: _Curves, matches: _Matches, n_images: int, n_fractured: int, n_excluded: int,
+                     n_boot: int) -> dict[str, Any]:
+    """The full-set values (every group weighted once) and the counts of :func:`localization_metrics`."""
+    ones = np.ones((1, everything.n_groups))
+    point = everything.evaluate(ones)
+    ap50, ap = (float(a[0]) for a in _ap_pair(point["ap"]))
+    froc = _froc_at(point, ones, everything.boxes_per_group)[0]
+    n_boxes = int(matches.n_gt.sum())
+    return {
+        "ap50": finite_or_none(ap50), "ap50_95": finite_or_none(ap), "pointing": finite_or_none(point["pointing"][0]),
+        "froc_sensitivity": {_rate_key(f): finite_or_none(v) for f, v in zip(FROC_FP_RATES, froc)},
+        "n_images": n_images, "n_boxes": n_boxes,
+        "n_fractured_images": n_fractured,
+        "n_detections": everything.n_detections,
+        "n_unannotated_excluded": n_excluded,
+        "ci95_resamples": _resamples(n_boot),
+        "froc_curve": _curve_corners(point["fp_per_image"][0], point["sensitivity"][0], n_images, n_boxes),
+    }
+
+
+def _bootstrap_cis(everything: _Curves, fractured_curves: _Curves | None, n_boot: int, seed: int, progress: bool,
+                   ci: dict[str, Any], frac: dict[str, Any]) -> None:
+    """Fill ``ci`` (all images) and ``frac["ci95"]`` (fractured only) from ``n_boot`` resamples each."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_boot * (2 if fractured_curves is not None else 1), desc="box CIs", unit="resample",
+                   leave=False)
+    try:
+        boot = _bootstrap(everything, n_boot, seed, bar)
+        b50, b = _ap_pair(boot["ap"])
+        ci["ap50"], ci["ap50_95"] = percentile_ci(b50), percentile_ci(b)
+        ci["pointing"] = percentile_ci(boot["pointing"])
+        ci["froc_sensitivity"] = {_rate_key(f): percentile_ci(boot["froc"][:, j]) for j, f in enumerate(FROC_FP_RATES)}
+        if fractured_curves is not None:
+            f_boot = _bootstrap(fractured_curves, n_boot, seed, bar)
+            f50, f = _ap_pair(f_boot["ap"])
+            frac["ci95"] = {"ap50": percentile_ci(f50), "ap50_95": percentile_ci(f)}
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _drop_undefined_cis(result: dict[str, Any], ci: dict[str, Any], frac: dict[str, Any]) -> None:
+    """A CI for an undefined point estimate would be meaningless: None there."""
     for k in ("ap50", "ap50_95", "pointing"):
         if result[k] is None:
             ci[k] = None
-    for k in keys:
+    for k in (_rate_key(f) for f in FROC_FP_RATES):
         if result["froc_sensitivity"][k] is None:
             ci["froc_sensitivity"][k] = None
     for k in ("ap50", "ap50_95"):
         if frac[k] is None:
             frac["ci95"][k] = None
-    result["ci95"] = ci
-    result["fractured_only"] = frac
-    return result
 
 
 def _curve_corners(fpr: np.ndarray, sens: np.ndarray, n_images: int, n_boxes: int) -> dict[str, Any]:

@@ -313,36 +313,16 @@ def compute_metrics(pred_table: Any, threshold: float, body_parts: Sequence[str]
 
     y_img, p_img = df["abnormal"].to_numpy(int), df["prob_abnormal"].to_numpy(float)
     y_st, p_st = st["abnormal"].to_numpy(int), st["prob_abnormal"].to_numpy(float)
-
-    per_part: dict[str, Any] = {}
-    for part in body_parts:
-        im = df["body_part"].to_numpy() == part
-        sm = st["body_part"].to_numpy() == part
-        per_part[part] = {
-            "image": binary_metrics(y_img[im], p_img[im], threshold, with_ap=True),
-            "study": binary_metrics(y_st[sm], p_st[sm], threshold, with_ap=False),
-        }
-
     img_m = binary_metrics(y_img, p_img, threshold, with_ap=True)
     st_m = binary_metrics(y_st, p_st, threshold, with_ap=False)
-    if n_bootstrap > 0:
-        study_index = pd.Index(st["study_id"]).get_indexer(df["study_id"])
-        ci = _bootstrap_ci(study_index, y_img, p_img, y_st, p_st, threshold,
-                           int(n_bootstrap), seed)
-    else:
-        ci = {k: None for k in ("image_auroc", "study_auroc", "image_kappa", "study_kappa")}
-    # A CI for an undefined point estimate would be meaningless.
-    for key, point in (("image_auroc", img_m["auroc"]), ("study_auroc", st_m["auroc"]),
-                       ("image_kappa", img_m["kappa"]), ("study_kappa", st_m["kappa"])):
-        if point is None:
-            ci[key] = None
-
+    ci = _abnormality_cis(df, st, threshold, n_bootstrap, seed, img_m, st_m)
     bp, bp_cm = _body_part_metrics(df, body_parts)
     return {
         "threshold": threshold,
         "n_images": int(len(df)),
         "n_studies": int(len(st)),
-        "abnormality": {"image": img_m, "study": st_m, "per_body_part": per_part, "ci95": ci},
+        "abnormality": {"image": img_m, "study": st_m, "per_body_part": _per_body_part(df, st, body_parts, threshold),
+                        "ci95": ci},
         "body_part": bp,
         "confusion": {
             "abnormality": _quiet(confusion_matrix, y_img, (p_img >= threshold).astype(int),
@@ -352,6 +332,39 @@ def compute_metrics(pred_table: Any, threshold: float, body_parts: Sequence[str]
             "body_part": bp_cm,
         },
     }
+
+
+def _per_body_part(df: pd.DataFrame, st: pd.DataFrame, body_parts: Sequence[str], threshold: float) -> dict[str, Any]:
+    """Image- and study-level abnormality metrics of each body part (its studies: by majority part)."""
+    y_img, p_img = df["abnormal"].to_numpy(int), df["prob_abnormal"].to_numpy(float)
+    y_st, p_st = st["abnormal"].to_numpy(int), st["prob_abnormal"].to_numpy(float)
+    per_part: dict[str, Any] = {}
+    for part in body_parts:
+        im = df["body_part"].to_numpy() == part
+        sm = st["body_part"].to_numpy() == part
+        per_part[part] = {
+            "image": binary_metrics(y_img[im], p_img[im], threshold, with_ap=True),
+            "study": binary_metrics(y_st[sm], p_st[sm], threshold, with_ap=False),
+        }
+    return per_part
+
+
+def _abnormality_cis(df: pd.DataFrame, st: pd.DataFrame, threshold: float, n_bootstrap: int, seed: int,
+                     img_m: dict, st_m: dict) -> dict[str, list[float] | None]:
+    """The study bootstrap's AUROC and kappa CIs; None for a point estimate that is undefined."""
+    if n_bootstrap > 0:
+        study_index = pd.Index(st["study_id"]).get_indexer(df["study_id"])
+        ci = _bootstrap_ci(study_index, df["abnormal"].to_numpy(int), df["prob_abnormal"].to_numpy(float),
+                           st["abnormal"].to_numpy(int), st["prob_abnormal"].to_numpy(float), threshold,
+                           int(n_bootstrap), seed)
+    else:
+        ci = {k: None for k in ("image_auroc", "study_auroc", "image_kappa", "study_kappa")}
+    # A CI for an undefined point estimate would be meaningless.
+    for key, point in (("image_auroc", img_m["auroc"]), ("study_auroc", st_m["auroc"]),
+                       ("image_kappa", img_m["kappa"]), ("study_kappa", st_m["kappa"])):
+        if point is None:
+            ci[key] = None
+    return ci
 
 
 # --------------------------------------------------------------------------- report section

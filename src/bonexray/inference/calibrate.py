@@ -148,13 +148,21 @@ def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantil
                          + ", ".join(f"{k} {len(v)}" for k, v in outs.items()),
             "threshold_source": f"{head_quantile} of the valid split's images pass ({len(valid_rows)} images){seen}"}
         ).to_card()
-    out: dict[str, Any] = {"scope": scope_card}
+    return {"scope": scope_card, **_valid_split_fields(valid, valid_prob, card.threshold, fit_on, sensitivity,
+                                                      specificity)}
+
+
+def _valid_split_fields(valid, valid_prob: np.ndarray, threshold: float, fit_on: str, sensitivity: float,
+                        specificity: float) -> dict[str, Any]:
+    """``calibration``, ``operating_points`` (with enough labelled valid images of both labels) and the
+    borderline band from the valid split's records and predictions."""
+    out: dict[str, Any] = {}
     labelled = np.array([r.abnormal in (0, 1) for r in valid])
     y = np.array([int(r.abnormal) if r.abnormal in (0, 1) else -1 for r in valid])
     if labelled.sum() >= 10 and len(set(y[labelled])) == 2:
         out.update(fit_calibration(valid_prob[labelled], y[labelled], fit_on, sensitivity, specificity))
     if fit_on == "train" and labelled.sum() >= 10:
-        out["borderline_band"] = round(choose_band(valid_prob[labelled], card.threshold, BAND_SHARE), 4)
+        out["borderline_band"] = round(choose_band(valid_prob[labelled], threshold, BAND_SHARE), 4)
         out["borderline_source"] = (f"the {BAND_SHARE:.0%} of the held-out valid split's images closest to the threshold "
                                     f"({int(labelled.sum())} images)")
     else:

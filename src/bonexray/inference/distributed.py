@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BonexrayError, ImageReadError
+from ..errors import BonexrayError, ImageReadError, NotAnImageError
 
 
 @dataclass
@@ -30,9 +30,12 @@ class ItemResult:
     #: (n, 5) boxes in tile pixels (model with a box head and boxes asked for), else None.
     boxes: np.ndarray | None = None
     truncated: bool = False
-    #: Whatever the loader returned beside the tile (e.g. the image's Letterbox), handed back as is.
+    #: Whatever the loader returned beside the tile (e.g. the image's Letterbox), handed back as is
+    #: (or as the caller's ``annotate`` made it once the batch was predicted).
     extra: Any = None
     error: str | None = None
+    #: True when ``error`` says why the file is no image (a DICOMDIR, an SR): skipped, not failed.
+    skipped: bool = False
 
 
 def parse_devices(devices: str | int | None):
@@ -69,7 +72,8 @@ def rank_device(device: str | None) -> str:
 
 
 class _Items:
-    """A map-style dataset over item indices; ``load(i)`` -> (uint8 tile (S, S), truncated, extra)."""
+    """A map-style dataset over item indices; ``load(i)`` -> (uint8 tile (S, S), truncated, extra);
+    an item is ``(index, tile, truncated, extra, error, skipped)``."""
 
     def __init__(self, n: int, load: Callable[[int], tuple[np.ndarray, bool, Any]]) -> None:
         self.n, self.load = n, load
@@ -80,13 +84,15 @@ class _Items:
     def __getitem__(self, i: int):
         try:
             tile, truncated, extra = self.load(i)
-            return i, tile, truncated, extra, None
+            return i, tile, truncated, extra, None, False
+        except NotAnImageError as err:  # named as skipped, not failed, as one process names it
+            return i, None, False, None, err.reason, True
         except ImageReadError as err:
-            return i, None, False, None, err.reason
+            return i, None, False, None, err.reason, False
         except BonexrayError:
             raise  # a setup problem (a missing decoder): stop, as one process does
         except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
-            return i, None, False, None, f"{type(err).__name__}: {err}"
+            return i, None, False, None, f"{type(err).__name__}: {err}", False
 
 
 def _quiet_lightning() -> None:
@@ -106,19 +112,25 @@ def _as_list(batch):
     return batch  # items stay Python objects; tiles are stacked per batch in predict_step
 
 
-def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.ndarray, bool, Any]], *,
-                        batch_size: int = 16, devices="auto", num_nodes: int = 1, strategy: str = "ddp",
-                        boxes: bool = False, box_settings=None) -> list[ItemResult] | None:
-    """Predict items ``0..n_items-1`` over all ranks; on global rank 0 their results in index order, else None."""
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader
+#: ``annotate(extras, prediction)``: per predicted batch on its rank, the loader's extras of its items
+#: (input order within the batch) and their BatchPrediction -> what is gathered as each item's ``extra``.
+Annotate = Callable[[list[Any], Any], list[Any]]
 
+
+def _check_strategy(strategy):
     if strategy in ("auto", None, ""):
-        strategy = "ddp"
+        return "ddp"
     if "spawn" in str(strategy) or "fork" in str(strategy):
         raise BonexrayError(f"--strategy {strategy}: inference across processes runs with 'ddp' (the command is "
                             "started once per process, as for training); spawn/fork would copy the loaded model")
+    return strategy
+
+
+def _predict_module(predictor, n_items: int, load, batch_size: int, boxes: bool, box_settings,
+                    annotate: Annotate | None):
+    """The LightningModule each rank runs: reads its share, predicts it batch by batch, keeps ItemResults."""
+    import lightning as L
+    from torch.utils.data import DataLoader
 
     class PredictModule(L.LightningModule):
         def __init__(self) -> None:
@@ -144,39 +156,37 @@ def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.
 
         def predict_step(self, batch, batch_idx):
             ok = [b for b in batch if b[4] is None]
-            self.found.extend(ItemResult(i, error=err) for i, _, _, _, err in batch if err is not None)
+            self.found.extend(ItemResult(b[0], error=b[4], skipped=b[5]) for b in batch if b[4] is not None)
             if ok:
                 pred = self._engine[0].predict_batch(np.stack([b[1] for b in ok]), boxes=boxes, box_settings=box_settings)
-                for j, (i, _, truncated, extra, _) in enumerate(ok):
+                extras = [b[3] for b in ok]
+                if annotate is not None:
+                    extras = annotate(extras, pred)
+                for j, (i, _, truncated, *_) in enumerate(ok):
                     self.found.append(ItemResult(i, float(pred.prob[j]), np.asarray(pred.parts[j]),
-                                                 pred.boxes[j] if pred.boxes is not None else None, bool(truncated), extra))
+                                                 pred.boxes[j] if pred.boxes is not None else None, bool(truncated),
+                                                 extras[j]))
             return None
 
-    _quiet_lightning()
-    on_gpu = str(predictor.device).startswith("cuda")
-    if not on_gpu:
-        # Share the cores: one process per core (torch ops outside onnxruntime, e.g. box decoding).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size(devices)))
-    module = PredictModule()
-    trainer = L.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=parse_devices(devices), num_nodes=num_nodes,
-                        strategy=strategy, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, use_distributed_sampler=False)
-    trainer.predict(module, return_predictions=False)
-    # Gathered here, after predict, not in a hook: a rank whose share is empty (fewer items than ranks)
-    # runs no predict epoch at all, and a collective in a hook would wait for it forever. Lightning
-    # keeps the process group until the process exits.
+    return PredictModule()
+
+
+def _gather_on_rank0(found: list[ItemResult]) -> list[list[ItemResult] | None]:
+    """Every rank's results on global rank 0 (elsewhere: only this rank's); the process group ends here."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(module.found, gathered, dst=0)
-        # Done with the other ranks: what rank 0 computes next (e.g. torchmetrics' detection AP in
-        # evaluate) must not try to synchronise with processes that have moved on.
-        dist.destroy_process_group()
-    else:
-        gathered = [module.found]
-    if not trainer.is_global_zero:
-        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return [found]
+    rank0 = dist.get_rank() == 0
+    gathered = [None] * dist.get_world_size() if rank0 else None
+    dist.gather_object(found, gathered, dst=0)
+    # Done with the other ranks: what rank 0 computes next (e.g. torchmetrics' detection AP in
+    # evaluate) must not try to synchronise with processes that have moved on.
+    dist.destroy_process_group()
+    return gathered if rank0 else [found]
+
+
+def _in_index_order(gathered, n_items: int) -> list[ItemResult]:
     by_index: dict[int, ItemResult] = {}
     for part in gathered:
         for res in part or []:
@@ -185,3 +195,34 @@ def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.
     if missing:  # never write a partial table as if it were whole
         raise BonexrayError(f"inference across processes lost {len(missing)} of {n_items} items (first: {missing[0]})")
     return [by_index[i] for i in range(n_items)]
+
+
+def predict_distributed(predictor, n_items: int, load: Callable[[int], tuple[np.ndarray, bool, Any]], *,
+                        batch_size: int = 16, devices="auto", num_nodes: int = 1, strategy: str = "ddp",
+                        boxes: bool = False, box_settings=None, annotate: Annotate | None = None
+                        ) -> list[ItemResult] | None:
+    """Predict items ``0..n_items-1`` over all ranks; on global rank 0 their results in index order, else None.
+
+    ``annotate``: see :data:`Annotate` (predict decides the scope gate's embedding checks there, on the
+    rank that holds the embedding, so only the decision is gathered)."""
+    import lightning as L
+    import torch
+
+    strategy = _check_strategy(strategy)
+    _quiet_lightning()
+    on_gpu = str(predictor.device).startswith("cuda")
+    if not on_gpu:
+        # Share the cores: one process per core (torch ops outside onnxruntime, e.g. box decoding).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size(devices)))
+    module = _predict_module(predictor, n_items, load, batch_size, boxes, box_settings, annotate)
+    trainer = L.Trainer(accelerator="gpu" if on_gpu else "cpu", devices=parse_devices(devices), num_nodes=num_nodes,
+                        strategy=strategy, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, use_distributed_sampler=False)
+    trainer.predict(module, return_predictions=False)
+    # Gathered here, after predict, not in a hook: a rank whose share is empty (fewer items than ranks)
+    # runs no predict epoch at all, and a collective in a hook would wait for it forever. Lightning
+    # keeps the process group until the process exits.
+    gathered = _gather_on_rank0(module.found)
+    if not trainer.is_global_zero:
+        return None
+    return _in_index_order(gathered, n_items)

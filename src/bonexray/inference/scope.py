@@ -511,16 +511,28 @@ class ScopeGate:
                 evidence: Sequence[SourceEvidence | None], embedding: np.ndarray | None) -> list[str | None]:
         """One entry per image: None (in scope) or the reason. ``pixels``: the decoded full-resolution
         gray image (None: the statistics checks are skipped for that image)."""
+        return self.embedding_reasons(self.file_reasons(pixels, truncated, evidence), embedding)
+
+    def file_reasons(self, pixels: Sequence[np.ndarray | None], truncated: Sequence[bool],
+                     evidence: Sequence[SourceEvidence | None]) -> list[str | None]:
+        """Checks 1-4 and the body-part tags: what the file and its pixels say, before the model runs
+        (a process that reads the image can decide these and drop the pixels)."""
         if not self.enabled:
             return [None] * len(truncated)
         out = [statistics_reason(p, t, e) if p is not None else dicom_kind_reason(e)
                for p, t, e in zip(pixels, truncated, evidence)]
-        out = [r if r is not None else region_reason(e, self.classes) for r, e in zip(out, evidence)]
-        if embedding is not None and self.head is not None:
+        return [r if r is not None else region_reason(e, self.classes) for r, e in zip(out, evidence)]
+
+    def embedding_reasons(self, prior: Sequence[str | None], embedding: np.ndarray | None) -> list[str | None]:
+        """Check 5 for the images that ``prior`` (:meth:`file_reasons`, one per row of ``embedding``) leaves in scope."""
+        out = list(prior)
+        if not self.enabled or embedding is None:
+            return out
+        if self.head is not None:
             for i, r in enumerate(self.head.reasons(embedding)):
                 if out[i] is None:
                     out[i] = r
-        if self.features is not None and embedding is not None:
+        if self.features is not None:
             scores = self.features.scores(embedding)
             for i, s in enumerate(scores):
                 if out[i] is None and not s <= self.features.threshold:  # NaN counts as out
