@@ -188,7 +188,7 @@ def cmd_calibrate_scope(args: argparse.Namespace) -> int:
     path = calibrate_model(args.model, args.data, out=args.out, quantile=args.quantile, cache=args.cache,
                            batch_size=args.batch_size, device=args.device, head=not args.no_head,
                            non_radiographs=args.non_radiographs, other_regions=args.other_regions,
-                           sensitivity=args.sensitivity, specificity=args.specificity)
+                           sensitivity=args.sensitivity, specificity=args.specificity, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -359,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the checkpoint whose card holds them.")
     cs.add_argument("model", help="checkpoint (.ckpt) or bundled model name")
     cs.add_argument("--data", required=True, help="the dataset the model was trained on")
-    cs.add_argument("--out", required=True, help="the calibrated checkpoint to write")
+    cs.add_argument("--out", required=True,
+                    help="the calibrated checkpoint to write: a new file, or one an earlier calibrate-scope wrote")
+    cs.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out that is not a calibrated checkpoint (never the model, the data "
+                         "or the outlier files)")
     cs.add_argument("--quantile", type=float, default=0.995,
                     help="share of held-out valid images the feature check accepts (default 0.995)")
     cs.add_argument("--non-radiographs", nargs="*", default=[], metavar="PATH",
