@@ -197,3 +197,25 @@ def test_a_calibrated_checkpoint_is_calibrate_scopes_own_output(small, tmp_path)
     (tmp_path / "notes.ckpt").write_text("not a model")
     assert not is_calibrated_checkpoint(tmp_path / "notes.ckpt")
     assert not is_calibrated_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_cache_folder_is_never_a_foreign_one(small, tmp_path, capsys):
+    manifest, ckpt = small
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.csv").write_text("my spreadsheet\n")
+    before = snapshot(mine)
+    rc, _, err = run(capsys, "evaluate", ckpt, "--data", manifest, "--split", "all", "--out", tmp_path / "res",
+                     "--bootstrap", 10, "--backend", "torch", "--cache", mine)
+    line = one_line(err)
+    assert rc == 2 and f"--cache {mine}: not empty and not written by `bonexray preprocess`" in line
+    assert "--overwrite" not in line  # evaluate's --overwrite is about --out, not the cache
+    rc, _, err = run(capsys, "train", "--data", manifest, "--out", tmp_path / "run", "--pretrained", "none",
+                     "--image-size", 64, "--epochs", 1, "--quiet", "--cache", mine)
+    assert rc == 2 and f"--cache {mine}" in one_line(err)
+    assert snapshot(mine) == before
+    # preprocess --overwrite still writes into such a folder; then evaluate reuses it as a cache
+    assert run(capsys, "preprocess", manifest, "--out", mine, "--size", 64, "--workers", 1, "--quiet",
+               "--overwrite")[0] == 0
+    assert run(capsys, "evaluate", ckpt, "--data", manifest, "--split", "all", "--out", tmp_path / "res",
+               "--bootstrap", 10, "--backend", "torch", "--cache", mine)[0] == 0
