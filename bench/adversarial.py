@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -28,6 +27,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the synthetic images, manifests and servers the tests build
+
+from builders import HtmlPageServer, make_manifest, png_bytes, radiograph_like  # noqa: E402
 CLI = "import sys; from bonexray.cli import main; sys.exit(main(sys.argv[1:]))"
 # predict --cam with the heatmap captions also written to stderr (the picture's text cannot be read back).
 CLI_WITH_CAPTIONS = ("import json, sys; import bonexray.inference.cam as cam; real = cam.caption\n"
@@ -97,31 +99,12 @@ def testdata(name: str) -> Path | None:
 # ---------------------------------------------------------------------------- inputs
 
 
-def radiograph(seed: int, h: int = 96, w: int = 80, abnormal: int = 0) -> np.ndarray:
-    """A dark background with a bright 'bone' bar; abnormal ones get a dark gap."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 30, size=(h, w)).astype(np.uint8)
-    img[:, w // 3: 2 * w // 3] = 200
-    if abnormal:
-        img[h // 2 - 3: h // 2 + 3, w // 3: 2 * w // 3] = 40
-    return img
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def manifest(folder: Path, n: int = 24, parts=("hand", "leg"), labels: dict[int, str] | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        label = (i // 2) % 2
-        (folder / f"img{i:03d}.png").write_bytes(png(radiograph(i, abnormal=label)))
-        rows.append({"path": f"img{i:03d}.png", "body_part": parts[i % len(parts)],
-                     "abnormal": (labels or {}).get(i, str(label)), "study_id": f"s{i // 2}"})
-    path = folder / "manifest.csv"
+def manifest(folder: Path, n: int = 24, labels: dict[int, str] | None = None) -> Path:
+    """The tests' synthetic manifest (hand and leg), with ``labels`` written over some rows' abnormal cells."""
+    path = make_manifest(folder, n=n, parts=("hand", "leg"))
+    rows = list(csv.DictReader(open(path, newline="")))
+    for i, label in (labels or {}).items():
+        rows[i]["abnormal"] = label
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -143,7 +126,7 @@ def dicom_cr(study_uid: str, patient: str, seed: int, body_part: str) -> bytes:
     ds.PatientID, ds.PatientName, ds.StudyInstanceUID, ds.SeriesInstanceUID = patient, patient, study_uid, generate_uid()
     ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 96, 80, 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = radiograph(seed).tobytes()
+    ds.PixelData = radiograph_like(seed).tobytes()
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
@@ -265,7 +248,7 @@ def slow_bodies(ws: Workspace) -> Outcome:
                 except (socket.timeout, ConnectionError):
                     answers.append("")
             after = httpx.post(f"{url}/api/predict", timeout=60,
-                               files=[("files", ("x.png", png(radiograph(0)), "image/png"))]).status_code
+                               files=[("files", ("x.png", png_bytes(radiograph_like(0)), "image/png"))]).status_code
         finally:
             for s in slow:
                 s.close()
@@ -322,7 +305,7 @@ def dropped_rows(ws: Workspace) -> Outcome:
 def cam_caption(ws: Workspace) -> Outcome:
     rng = np.random.default_rng(7)
     photo = ws.base / "photo.png"
-    photo.write_bytes(png(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)))
+    photo.write_bytes(png_bytes(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)))
     r = cli("predict", ws.model, photo, "--cam", ws.base / "cams-photo", "--device", "cpu", program=CLI_WITH_CAPTIONS)
     captions = [json.loads(ln[len("CAPTION "):]) for ln in r.err.splitlines() if ln.startswith("CAPTION ")]
     recs = [rec for rec in r.records() if rec.get("type") == "image"]
@@ -342,7 +325,7 @@ def cam_caption(ws: Workspace) -> Outcome:
 def cam_unwritable(ws: Workspace) -> Outcome:
     images = [ws.base / f"cam{i}.png" for i in range(2)]
     for i, p in enumerate(images):
-        p.write_bytes(png(radiograph(10 + i, 400, 320)))
+        p.write_bytes(png_bytes(radiograph_like(10 + i, 400, 320)))
     seen, ok = [], True
     for label, opts in (("read-only", "ro,size=64k"), ("full", "size=4k")):
         mount = ws.base / f"mnt-{label}"
@@ -462,7 +445,7 @@ def frames(ws: Workspace) -> Outcome:
     mf = testdata("emri_small.dcm")
     if mf is not None:
         paths.append(mf)
-    pages = [Image.fromarray(radiograph(20 + i)) for i in range(3)]
+    pages = [Image.fromarray(radiograph_like(20 + i)) for i in range(3)]
     for fmt, suffix in (("TIFF", ".tif"), ("GIF", ".gif")):
         p = ws.base / f"three{suffix}"
         pages[0].save(p, format=fmt, save_all=True, append_images=pages[1:])
@@ -479,27 +462,9 @@ def frames(ws: Workspace) -> Outcome:
 
 @item("14", "pacs analyze against a server answering an HTML login page", fast=True)
 def pacs_html(ws: Workspace) -> Outcome:
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class LoginPage(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Hospital portal</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        r = cli("pacs", "analyze", "--url", f"http://127.0.0.1:{server.server_address[1]}/portal", "--model",
-                ws.base / "unused.ckpt", "--date", "20240101")
-    finally:
-        server.shutdown()
+    with HtmlPageServer() as portal:
+        r = cli("pacs", "analyze", "--url", f"{portal.url}/portal", "--model", ws.base / "unused.ckpt", "--date",
+                "20240101")
     line = r.lines()[0] if r.lines() else ""
     return Outcome("one line: not DICOMweb, HTTP 200 text/html, the page's start quoted",
                    f"exit {r.rc}; {short(line[line.find('error:'):], 120)!r}",
@@ -512,7 +477,7 @@ def cut_upload(ws: Workspace) -> Outcome:
     import httpx
 
     part = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + png(radiograph(1)) + b"\r\n")
+            b"Content-Type: image/png\r\n\r\n" + png_bytes(radiograph_like(1)) + b"\r\n")
     with serve(ws) as url:
         r = httpx.post(f"{url}/api/predict", content=part, timeout=30,
                        headers={"Content-Type": "multipart/form-data; boundary=b"})
@@ -579,7 +544,7 @@ def non_utf8(ws: Workspace) -> Outcome:
     folder = ws.path("names")
     raw = os.fsencode(folder) + b"/caf\xe9.png"
     with open(raw, "wb") as f:
-        f.write(png(radiograph(3)))
+        f.write(png_bytes(radiograph_like(3)))
     name = os.fsdecode(raw)
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     seen, ok = [], True
