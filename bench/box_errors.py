@@ -12,41 +12,27 @@ import argparse
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+from box_model_data import add_model_data_arguments, load_box_model_and_data
 
 
 def main(argv=None) -> int:
     import torch
     from torchvision.ops import box_iou
 
-    from bonexray.data.datasets import load_dataset
-    from bonexray.data.preprocess import build_cache, default_cache_dir, letterbox_boxes
-    from bonexray.evaluation.evaluate import assign_eval_splits
-    from bonexray.inference.predictor import Predictor
+    from bonexray.data.preprocess import letterbox_boxes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--splits", default=None, help="the run folder or its splits.csv (default: recomputed from the card)")
+    add_model_data_arguments(ap)
     ap.add_argument("--split", default="test")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    pred = Predictor(args.model, backend="torch")
-    if not pred.has_boxes:
-        print(f"{args.model}: this model has no box head", file=sys.stderr)
+    loaded = load_box_model_and_data(args)
+    if loaded is None:
         return 2
-    records = load_dataset(args.data)
-    cache, _ = build_cache(records, default_cache_dir(records.root, pred.image_size), size=pred.image_size, progress=False)
-    splits = args.splits
-    if splits and Path(splits).is_dir():
-        splits = str(Path(splits) / "splits.csv")
-    records, how = assign_eval_splits(records, pred.card.split, None, splits)
+    pred, cache, records, how = loaded
     row = dict(zip(cache.index["path"], cache.index["row"]))
     boxed = [r for r in records if r.split == args.split and r.extras.get("boxes") and r.path in row]
     settings = replace(pred.box_settings, threshold=0.0, max_detections=1)

@@ -26,9 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+from box_model_data import add_model_data_arguments, load_box_model_and_data
 
 
 #: Candidates kept per image before suppression (by score; COCO AP counts at most 100 per image).
@@ -184,15 +182,8 @@ SETTINGS = [("nms", 0.5), ("nms", 0.3), ("nms", 0.2), ("nms", 0.1), ("nms+nested
 
 
 def main(argv=None) -> int:
-    from bonexray.data.datasets import load_dataset
-    from bonexray.data.preprocess import build_cache, default_cache_dir
-    from bonexray.evaluation.evaluate import assign_eval_splits
-    from bonexray.inference.predictor import Predictor
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--splits", default=None, help="the run folder or its splits.csv (default: recomputed from the card)")
+    add_model_data_arguments(ap)
     ap.add_argument("--choose-on", default="valid")
     ap.add_argument("--report-on", default="test")
     ap.add_argument("--fp-per-image", type=float, default=1.0, help="operating point chosen for at most this many FP/image")
@@ -203,16 +194,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log file as it comes
-    pred = Predictor(args.model, backend="torch")
-    if not pred.has_boxes:
-        print(f"{args.model}: this model has no box head", file=sys.stderr)
+    loaded = load_box_model_and_data(args)
+    if loaded is None:
         return 2
-    records = load_dataset(args.data)
-    cache, _ = build_cache(records, default_cache_dir(records.root, pred.image_size), size=pred.image_size, progress=False)
-    splits = args.splits
-    if splits and Path(splits).is_dir():
-        splits = str(Path(splits) / "splits.csv")
-    records, how = assign_eval_splits(records, pred.card.split, None, splits)
+    pred, cache, records, how = loaded
     print(f"{args.model}: card split ({how}); card boxes {pred.card.boxes}")
     data = {}
     for split in (args.choose_on, args.report_on):

@@ -179,3 +179,36 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+#: What a hospital portal answers where a DICOMweb server was expected: a login page.
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Hospital portal</body></html>"
+
+
+class HtmlPageServer:
+    """An HTTP server on 127.0.0.1 (a free port) answering every GET with :data:`LOGIN_PAGE` (200, text/html);
+    ``.url``; a context manager."""
+
+    def __enter__(self) -> "HtmlPageServer":
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class LoginPage(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(LOGIN_PAGE)))
+                self.end_headers()
+                self.wfile.write(LOGIN_PAGE)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

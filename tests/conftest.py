@@ -50,6 +50,17 @@ def tiny_train_args(data, out, **overrides) -> dict:
     return args
 
 
+def cli_argv(args: dict) -> list[str]:
+    """``tiny_train_args``-style keyword arguments as `bonexray train` flags (True: a bare flag; None/False: left out)."""
+    out = []
+    for k, v in args.items():
+        if v is True:
+            out.append(f"--{k.replace('_', '-')}")
+        elif v not in (None, False):
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A model trained for 2 epochs on a synthetic 48-image manifest: run dir + its training result."""

@@ -177,3 +177,24 @@ def test_scale_bench_judges_linearity_by_the_marginal_cost_and_training_without_
     assert v["predict"]["marginal_change"] == pytest.approx(0.0) and v["predict"]["marginal_target_met"]
     assert v["train"]["time_target_met"] is None  # start-up grows with N: judged on "train steps"
     assert v["train steps"]["time_target_met"] and v["train steps"]["time_per_image_change"] == pytest.approx(0.4 / 8.2)
+
+
+def test_adversarial_script_covers_every_item_and_its_fast_items_pass(tmp_path):
+    """bench/adversarial.py, the pass over issue 32's items 1-20, cannot rot: its fast items (no model, no
+    server; the real CLI in a subprocess) run here, and a failing item makes its exit status 1."""
+    adversarial = _load("adversarial")
+    assert [key for key, *_ in adversarial.ITEMS] == [str(n) for n in range(1, 21)]
+    lines: list[str] = []
+    results = adversarial.run_items(fast_only=True, base=tmp_path, echo=lines.append)
+    assert set(results) == {"10", "14", "16"} and len(lines) == 3
+    assert all(o.ok is True for o in results.values()), lines
+    assert all(line.endswith("| PASS") for line in lines)
+
+
+def test_adversarial_script_exits_1_when_an_item_fails(monkeypatch, capsys):
+    adversarial = _load("adversarial")
+    monkeypatch.setattr(adversarial, "ITEMS", [("x", "an item whose answer is wrong", True,
+                                                lambda ws: adversarial.Outcome("refused", "accepted", False))])
+    assert adversarial.main(["--fast"]) == 1
+    out = capsys.readouterr().out
+    assert "| FAIL" in out and "0 PASS, 1 FAIL (x)" in out

@@ -33,3 +33,12 @@ def test_ece_ci_brackets_the_estimate_and_report_has_before_and_after():
     assert rep["before"]["ece_ci95"] is not None
     plain = calibration_report(y, raw, SimpleNamespace(), n_bootstrap=0)
     assert plain["after"] is None and plain["ece"] == plain["before"]["ece"] and plain["ece_ci95"] is None
+
+
+def test_outlier_photos_are_the_same_every_time():
+    """The scope head's outliers are reproducible: scikit-image's one random sample (binary_blobs) is seeded."""
+    pytest.importorskip("skimage")
+    from bonexray.inference.outliers import photos
+
+    first, second = photos(("binary_blobs", "camera"), per_photo=2), photos(("binary_blobs", "camera"), per_photo=2)
+    assert len(first) == 4 and first == second

@@ -5,7 +5,6 @@ listener receiving objects that are no image. Every input is built here or is a 
 from __future__ import annotations
 
 import csv
-import io
 import socket
 import struct
 import time
@@ -48,17 +47,24 @@ def no_foreign_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught]
 
 
-def cr_dataset(pixels: np.ndarray, study: str | None = None) -> pydicom.Dataset:
-    """A small uncompressed CR instance (MONOCHROME2, 16-bit) around ``pixels``."""
+def instance(sop_class: str, study: str | None = None) -> pydicom.Dataset:
+    """An explicit-VR little-endian instance of ``sop_class`` in ``study`` (a new one by default), own series."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID, ds.BodyPartExamined = "CR", "PID-32", "HAND"
+    ds.PatientID = "PID-32"
+    return ds
+
+
+def cr_dataset(pixels: np.ndarray, study: str | None = None) -> pydicom.Dataset:
+    """A small uncompressed CR instance (MONOCHROME2, 16-bit) around ``pixels``."""
+    ds = instance("1.2.840.10008.5.1.4.1.1.1", study)
+    ds.Modality, ds.BodyPartExamined = "CR", "HAND"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
@@ -74,15 +80,8 @@ def save(ds: pydicom.Dataset, path: Path) -> Path:
 
 def pdf_dataset(study: str | None = None) -> pydicom.Dataset:
     """An Encapsulated PDF instance (no pixel data), as a DICOM media folder carries with a report."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID, ds.MIMETypeOfEncapsulatedDocument = "DOC", "PID-32", "application/pdf"
+    ds = instance("1.2.840.10008.5.1.4.1.1.104.1", study)
+    ds.Modality, ds.MIMETypeOfEncapsulatedDocument = "DOC", "application/pdf"
     ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
     return ds
 
@@ -512,30 +511,12 @@ def test_docs_and_openapi_carry_a_csp_that_allows_exactly_their_own_assets(serve
 
 
 def test_a_pacs_answering_html_is_quoted_not_a_json_error(tmp_path, capsys):
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from bonexray.cli import main
+    from builders import HtmlPageServer
 
-    class LoginPage(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Hospital portal</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), LoginPage)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/portal"
-        rc = main(["pacs", "analyze", "--url", url, "--model", str(tmp_path / "unused.ckpt"), "--date", "20240101"])
-    finally:
-        server.shutdown()
+    with HtmlPageServer() as portal:
+        rc = main(["pacs", "analyze", "--url", f"{portal.url}/portal", "--model", str(tmp_path / "unused.ckpt"),
+                   "--date", "20240101"])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, err

@@ -163,3 +163,59 @@ def test_train_refuses_a_foreign_out_folder(small, tmp_path, capsys):
     (out / MARKER).write_text(marker)
     rc, _, err = run(capsys, "train", "--data", manifest, "--out", out, "--quiet")
     assert rc == 2 and "holds the output of `bonexray evaluate`" in one_line(err)
+
+
+def test_calibrate_scope_never_replaces_a_foreign_file_or_its_inputs(small, tmp_path, capsys):
+    manifest, ckpt = small
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("not a model")
+    run_ckpt = tmp_path / "best.ckpt"  # another run's checkpoint: a bonexray file, but not calibrate-scope's
+    run_ckpt.write_bytes(Path(ckpt).read_bytes())
+    for target in (notes, run_ckpt):
+        before = target.read_bytes()
+        rc, _, err = run(capsys, "calibrate-scope", ckpt, "--data", manifest, "--out", target, "--device", "cpu")
+        line = one_line(err)
+        assert rc == 2 and f"--out {target}" in line and "not written by `bonexray calibrate-scope`" in line
+        assert "--overwrite" in line and target.read_bytes() == before
+    for given in (ckpt, manifest):  # the model and the data: never, not even with --overwrite
+        before = Path(given).read_bytes()
+        rc, _, err = run(capsys, "calibrate-scope", ckpt, "--data", manifest, "--out", given, "--overwrite")
+        assert rc == 2 and "over the input" in one_line(err) and Path(given).read_bytes() == before
+    rc, _, err = run(capsys, "calibrate-scope", ckpt, "--data", manifest, "--out", tmp_path)
+    assert rc == 2 and "is a folder" in one_line(err)
+
+
+def test_a_calibrated_checkpoint_is_calibrate_scopes_own_output(small, tmp_path):
+    from bonexray.inference.calibrate import is_calibrated_checkpoint, rewrite_checkpoint
+
+    _, ckpt = small
+    calibrated = rewrite_checkpoint(ckpt, tmp_path / "calibrated.ckpt", {"scope": {"method": "test"}})
+    assert is_calibrated_checkpoint(calibrated)
+    assert claim_file(calibrated, "calibrate-scope", ours=is_calibrated_checkpoint) == calibrated
+    assert not is_calibrated_checkpoint(ckpt)  # no scope section
+    assert not is_calibrated_checkpoint(rewrite_checkpoint(ckpt, tmp_path / "plain.ckpt", {}))
+    (tmp_path / "notes.ckpt").write_text("not a model")
+    assert not is_calibrated_checkpoint(tmp_path / "notes.ckpt")
+    assert not is_calibrated_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_cache_folder_is_never_a_foreign_one(small, tmp_path, capsys):
+    manifest, ckpt = small
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.csv").write_text("my spreadsheet\n")
+    before = snapshot(mine)
+    rc, _, err = run(capsys, "evaluate", ckpt, "--data", manifest, "--split", "all", "--out", tmp_path / "res",
+                     "--bootstrap", 10, "--backend", "torch", "--cache", mine)
+    line = one_line(err)
+    assert rc == 2 and f"--cache {mine}: not empty and not written by `bonexray preprocess`" in line
+    assert "--overwrite" not in line  # evaluate's --overwrite is about --out, not the cache
+    rc, _, err = run(capsys, "train", "--data", manifest, "--out", tmp_path / "run", "--pretrained", "none",
+                     "--image-size", 64, "--epochs", 1, "--quiet", "--cache", mine)
+    assert rc == 2 and f"--cache {mine}" in one_line(err)
+    assert snapshot(mine) == before
+    # preprocess --overwrite still writes into such a folder; then evaluate reuses it as a cache
+    assert run(capsys, "preprocess", manifest, "--out", mine, "--size", 64, "--workers", 1, "--quiet",
+               "--overwrite")[0] == 0
+    assert run(capsys, "evaluate", ckpt, "--data", manifest, "--split", "all", "--out", tmp_path / "res",
+               "--bootstrap", 10, "--backend", "torch", "--cache", mine)[0] == 0

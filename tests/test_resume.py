@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from builders import make_manifest
-from conftest import tiny_train_args
+from conftest import cli_argv as argv, tiny_train_args
 
 from bonexray.cli import main
 from bonexray.model.checkpoint import load_model
@@ -25,16 +25,6 @@ from bonexray.training.config import TrainConfig, default_micro_batch
 from bonexray.training.train import _resumed_config, run_training
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def argv(d: dict) -> list[str]:
-    out = []
-    for k, v in d.items():
-        if v is True:
-            out.append(f"--{k.replace('_', '-')}")
-        elif v not in (None, False):
-            out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
 
 
 def snapshot(folder: Path) -> dict:

@@ -15,7 +15,7 @@ from bonexray.training.losses import abnormal_class_weights, multitask_loss
 from bonexray.training.train import TrainConfig, run_training
 
 from builders import make_manifest
-from conftest import requires_shared_data, tiny_train_args
+from conftest import cli_argv, requires_shared_data, tiny_train_args
 
 
 def test_class_weights_follow_the_mura_paper():
@@ -78,7 +78,7 @@ def test_train_accounts_for_unreadable_images(tmp_path, capsys):
     manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
     (tmp_path / "d" / "img003.png").write_bytes(b"not a png at all")
     args = tiny_train_args(manifest, tmp_path / "run", epochs=1, max_steps=1)
-    assert main(["train", *_argv(args)]) == 0
+    assert main(["train", *cli_argv(args)]) == 0
     err = capsys.readouterr().err
     assert "1 unreadable image(s) skipped" in err and "img003.png" in err
     report = yaml.safe_load((tmp_path / "run" / "data_report.yaml").read_text())
@@ -88,10 +88,10 @@ def test_train_accounts_for_unreadable_images(tmp_path, capsys):
     for i in (5, 7):
         (tmp_path / "d" / f"img{i:03d}.png").write_bytes(b"\x00" * 10)
     args = tiny_train_args(manifest, tmp_path / "run2", epochs=1, max_steps=1)
-    assert main(["train", *_argv(args)]) == 2
+    assert main(["train", *cli_argv(args)]) == 2
     err = capsys.readouterr().err
     assert "3 of 40 images (8%) cannot be read" in err and "--allow-unreadable" in err and "Traceback" not in err
-    assert main(["train", *_argv(args), "--allow-unreadable"]) == 0
+    assert main(["train", *cli_argv(args), "--allow-unreadable"]) == 0
 
 
 def test_ema_is_validated_and_saved_once_it_has_started(tmp_path):
@@ -197,21 +197,11 @@ def _cli(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "bonexray.cli", "train", *args], env=env, **kw)
 
 
-def _argv(d: dict) -> list[str]:
-    out = []
-    for k, v in d.items():
-        if v is True:
-            out.append(f"--{k.replace('_', '-')}")
-        elif v not in (None, False):
-            out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
-
-
 @pytest.mark.slow
 def test_kill_mid_run_then_resume(tmp_path):
     manifest = make_manifest(tmp_path / "d", n=40, parts=("hand", "leg"))
     args = tiny_train_args(manifest, tmp_path / "run", epochs=5)
-    proc = _cli(_argv(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _cli(cli_argv(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     t0 = time.time()
     metrics = tmp_path / "run" / "metrics.csv"
@@ -229,7 +219,7 @@ def test_kill_mid_run_then_resume(tmp_path):
     assert first_epoch < 4, "the run finished before it could be interrupted"
     # No temp files left under the final names; the checkpoint loads.
     load_model(last)
-    proc = _cli(_argv({**args, "resume": True}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _cli(cli_argv({**args, "resume": True}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert torch.load(last, weights_only=True)["epoch"] == 4, out
@@ -242,7 +232,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     manifest = make_manifest(tmp_path / "d", n=32, parts=("hand", "leg"))
     args = tiny_train_args(manifest, tmp_path / "run", epochs=1, accelerator="cpu", devices=2, strategy="ddp",
                            max_steps=3)
-    proc = _cli(_argv(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = _cli(cli_argv(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "world_size=2" in out or "distributed_backend=gloo" in out
@@ -256,7 +246,7 @@ def test_ddp_launched_by_torchrun_builds_the_cache_once(tmp_path):
                            max_steps=2)
     assert not Path(args["cache"]).exists()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "bonexray.cli", "train", *_argv(args)]
+           "-m", "bonexray.cli", "train", *cli_argv(args)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:]

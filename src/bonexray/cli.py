@@ -37,27 +37,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-#: What a cache folder holds (data/preprocess.py): the output guard checks these names.
-CACHE_FILES = ("meta.json", "index.csv", "images.u8", "problems.txt", ".bonexray.lock")
-
-
-def _is_cache_folder(folder) -> bool:
-    """A cache built before the output marker existed (or by train/evaluate): its meta.json has a fingerprint;
-    or one another preprocess is building now (it holds the cache's lock file, and waits its turn on it)."""
-    from .data.preprocess import LOCK_NAME
-
-    if (folder / LOCK_NAME).is_file():
-        return True
-    try:
-        return "fingerprint" in json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from .data.datasets import load_dataset
-    from .data.preprocess import build_cache
-
+    from .data.preprocess import CACHE_FILES, build_cache
+    from .data.preprocess import is_cache_folder as _is_cache_folder
     from .output_folder import claim_folder, mark_folder, refuse_overwriting_inputs
 
     if args.limit is not None and args.limit < 1:
@@ -69,7 +54,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.limit:
         records.records = records.records[: args.limit]
     cache, reused = build_cache(records, args.out, size=args.size, workers=args.workers,
-                                progress=not args.quiet, force=args.force)
+                                progress=not args.quiet, force=args.force, overwrite=args.overwrite, flag="--out")
     mark_folder(out, "preprocess", CACHE_FILES)
     _print_summary(f"{'reused' if reused else 'built'} cache {cache.root} ({records.source}, {args.size}px)",
                    cache.summary())
@@ -188,7 +173,7 @@ def cmd_calibrate_scope(args: argparse.Namespace) -> int:
     path = calibrate_model(args.model, args.data, out=args.out, quantile=args.quantile, cache=args.cache,
                            batch_size=args.batch_size, device=args.device, head=not args.no_head,
                            non_radiographs=args.non_radiographs, other_regions=args.other_regions,
-                           sensitivity=args.sensitivity, specificity=args.specificity)
+                           sensitivity=args.sensitivity, specificity=args.specificity, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -359,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the checkpoint whose card holds them.")
     cs.add_argument("model", help="checkpoint (.ckpt) or bundled model name")
     cs.add_argument("--data", required=True, help="the dataset the model was trained on")
-    cs.add_argument("--out", required=True, help="the calibrated checkpoint to write")
+    cs.add_argument("--out", required=True,
+                    help="the calibrated checkpoint to write: a new file, or one an earlier calibrate-scope wrote")
+    cs.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out that is not a calibrated checkpoint (never the model, the data "
+                         "or the outlier files)")
     cs.add_argument("--quantile", type=float, default=0.995,
                     help="share of held-out valid images the feature check accepts (default 0.995)")
     cs.add_argument("--non-radiographs", nargs="*", default=[], metavar="PATH",

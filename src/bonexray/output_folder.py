@@ -76,7 +76,7 @@ def _refuse_inputs(targets: Iterable[Path], inputs: Iterable[str | os.PathLike],
 
 def claim_folder(path: str | os.PathLike, command: str, files: Iterable[str], *, overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike] = (), legacy: Callable[[Path], bool] | None = None,
-                 flag: str = "--out", write_marker: bool = True, create: bool = True) -> Path:
+                 flag: str = "--out", write_marker: bool = True, create: bool = True, hint: str | None = None) -> Path:
     """Check ``path`` for ``command`` (e.g. ``"evaluate"``), which writes ``files`` (names relative to the
     folder) and reads ``inputs``; then create the folder and write the marker. Returns the folder.
 
@@ -86,13 +86,14 @@ def claim_folder(path: str | os.PathLike, command: str, files: Iterable[str], *,
     ``write_marker=False`` checks only (for processes other than the one that writes).
     ``create=False`` leaves a folder that does not exist yet alone (a command that fails before writing
     leaves nothing behind); the command then calls :func:`mark_folder` once it has made the folder.
+    ``hint`` replaces the refusal's advice (default: a new or empty folder, or --overwrite).
     """
     folder = check_writable_folder(path, flag)
     files = list(files)
     _refuse_inputs([folder / f for f in files], inputs, flag, folder)
     marker = read_marker(folder) if folder.is_dir() else None
     entries = [e.name for e in folder.iterdir() if e.name not in BOOKKEEPING] if folder.is_dir() else []
-    hint = f"choose a new or empty {flag}, or pass --overwrite to write into it"
+    hint = hint or f"choose a new or empty {flag}, or pass --overwrite to write into it"
     if entries and not overwrite:
         if marker is None and not (legacy is not None and legacy(folder)):
             raise BonexrayError(f"{flag} {folder}: not empty and not written by `bonexray {command}` (no {MARKER}); "

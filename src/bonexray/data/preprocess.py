@@ -199,13 +199,6 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)
 
 
-def check_output_folder(path: str | os.PathLike, what: str) -> Path:
-    """Refuse, before any work, an output folder that is a file or cannot be created/written."""
-    from ..output_folder import check_writable_folder
-
-    return check_writable_folder(path, what)
-
-
 #: Per-process memo of content digests: (path, size, mtime, ctime, inode) -> digest, so prepare_data and
 #: setup of one run read every file once.
 _DIGESTS: dict[tuple, str] = {}
@@ -337,6 +330,17 @@ class ImageCache:
         }
 
 
+def check_cache_folder(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                       flag: str = "--cache") -> Path:
+    """The output guard for a cache folder, before any work: new, empty, or a cache (:func:`is_cache_folder`);
+    another folder only with ``overwrite``; never one whose cache files would replace one of ``inputs``."""
+    from ..output_folder import claim_folder
+
+    return claim_folder(path, "preprocess", CACHE_FILES, overwrite=overwrite, inputs=inputs, legacy=is_cache_folder,
+                        flag=flag, write_marker=False,
+                        hint=None if flag == "--out" else f"choose a new or empty {flag}, or a bonexray cache")
+
+
 def cache_is_current(out: Path, fp: str) -> bool:
     try:
         meta = json.loads((out / "meta.json").read_text())
@@ -352,11 +356,17 @@ def build_cache(
     workers: int | None = None,
     progress: bool = True,
     force: bool = False,
+    overwrite: bool = False,
+    flag: str = "--cache",
 ) -> tuple[ImageCache, bool]:
-    """Build (or reuse) the cache of ``recordset`` at ``size``. Returns (cache, reused)."""
+    """Build (or reuse) the cache of ``recordset`` at ``size``. Returns (cache, reused).
+
+    ``out`` passes the output guard first (bonexray/output_folder.py): a new or empty folder, or a cache
+    (:func:`is_cache_folder`); any other folder only with ``overwrite`` (``preprocess --overwrite``; train's
+    and evaluate's ``--cache`` never write into a foreign folder), and never over an image it reads."""
     if size < 16:
         raise DatasetError(f"--size {size} is too small (minimum 16)")
-    out = check_output_folder(out, "cache folder")
+    out = check_cache_folder(out, [r.path for r in recordset.records], overwrite=overwrite, flag=flag)
     records = recordset.records
     fp = fingerprint(records, size)
     with cache_lock(out) as created:
@@ -364,6 +374,19 @@ def build_cache(
 
 
 LOCK_NAME = ".bonexray.lock"
+#: What a cache folder holds: the output guard checks these names.
+CACHE_FILES = ("meta.json", "index.csv", "images.u8", "problems.txt", LOCK_NAME)
+
+
+def is_cache_folder(folder: Path) -> bool:
+    """A cache built before the output marker existed (or by train/evaluate): its meta.json has a fingerprint;
+    or one another run is building now (it holds the cache's lock file, and waits its turn on it)."""
+    if (folder / LOCK_NAME).is_file():
+        return True
+    try:
+        return "fingerprint" in json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 @contextlib.contextmanager

@@ -199,19 +199,36 @@ def rewrite_checkpoint(src: str | os.PathLike, out: str | os.PathLike, card_upda
     return p
 
 
+def is_calibrated_checkpoint(path: str | os.PathLike) -> bool:
+    """A compact bonexray checkpoint whose card holds a scope section: what ``calibrate-scope`` writes."""
+    from ..model.checkpoint import CARD_KEY, STATE_KEY, _read_checkpoint
+
+    try:
+        ckpt = _read_checkpoint(Path(path), "cpu")
+    except (BonexrayError, OSError):
+        return False
+    card = ckpt.get(CARD_KEY) if isinstance(ckpt, Mapping) else None
+    return set(ckpt) == {CARD_KEY, STATE_KEY} and isinstance(card, Mapping) and isinstance(card.get("scope"), Mapping)
+
+
 def calibrate_model(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                     quantile: float = 0.995, cache: str | os.PathLike | None = None, batch_size: int = 64,
-                    device: str = "auto", **options) -> Path:
+                    device: str = "auto", overwrite: bool = False, **options) -> Path:
     """``bonexray calibrate-scope``: a copy of the checkpoint whose card holds the scope gate, the
-    calibration, the operating points and the band (``options``: :func:`scope_calibration`'s)."""
+    calibration, the operating points and the band (``options``: :func:`scope_calibration`'s).
+
+    ``out`` is checked before any work (bonexray/output_folder.py): an existing file is replaced only
+    when it is a calibrated checkpoint (:func:`is_calibrated_checkpoint`) or with ``overwrite``, and
+    never when it is the model, the data or one of the outlier files given."""
     from ..model.hub import resolve_model
+    from ..output_folder import claim_file
     from .predictor import is_onnx_file
 
     src = resolve_model(model)
     if is_onnx_file(src):
         raise BonexrayError(f"{src}: calibrate the checkpoint (.ckpt), then export it")
-    if Path(out).resolve() == src.resolve():
-        raise BonexrayError(f"--out {out}: write a new file, not over the model")
+    inputs = [src, data, *options.get("non_radiographs", ()), *options.get("other_regions", ())]
+    target = claim_file(out, "calibrate-scope", overwrite=overwrite, inputs=inputs, ours=is_calibrated_checkpoint)
     updates = scope_calibration(src, data, quantile=quantile, cache=cache, batch_size=batch_size, device=device,
                                 progress=True, **options)
-    return rewrite_checkpoint(src, out, updates)
+    return rewrite_checkpoint(src, target, updates)

@@ -132,6 +132,11 @@ def rendered_text(n: int, variant: int = 0) -> list[tuple[str, bytes]]:
     return out
 
 
+def with_variants(stem: str, gray: np.ndarray, n: int, rng: np.random.Generator) -> list[tuple[str, bytes]]:
+    """``gray`` and ``n - 1`` augmented copies of it (:func:`augment`), as PNGs named ``STEM-J.png``."""
+    return [(f"{stem}-{j}.png", png(a)) for j, a in enumerate([gray] + augment(gray, n - 1, rng))]
+
+
 def dicom_slices(modalities: Iterable[str] = tuple(DICOM_SLICES), per_file: int = 4,
                  variant: int = 0) -> list[tuple[str, bytes]]:
     """Gray pixels (PNG, no DICOM tags) of pydicom's CT / MR / US / NM test images, ``per_file`` crops each."""
@@ -156,9 +161,19 @@ def dicom_slices(modalities: Iterable[str] = tuple(DICOM_SLICES), per_file: int 
                 from PIL import Image
 
                 g = np.asarray(Image.fromarray(g).resize((g.shape[1] * 4, g.shape[0] * 4), Image.Resampling.BICUBIC))
-            for j, a in enumerate([g] + augment(g, per_file - 1, rng)):
-                out.append((f"{m}-{name}-{variant}-{j}.png", png(a)))
+            out += with_variants(f"{m}-{name}-{variant}", g, per_file, rng)
     return out
+
+
+def _sample(data, name: str) -> np.ndarray:
+    """scikit-image's sample ``name``; its one random sample (binary_blobs) seeded, so a fit can be repeated."""
+    make = getattr(data, name)
+    if name != "binary_blobs":
+        return make()
+    try:
+        return make(rng=0)
+    except TypeError:  # scikit-image before 0.21 names it seed
+        return make(seed=0)
 
 
 def photos(names: Iterable[str] = PHOTOS, per_photo: int = 4, variant: int = 0) -> list[tuple[str, bytes]]:
@@ -171,11 +186,10 @@ def photos(names: Iterable[str] = PHOTOS, per_photo: int = 4, variant: int = 0) 
     out = []
     for name in names:
         try:
-            g = to_gray(getattr(data, name)())
+            g = to_gray(_sample(data, name))
         except Exception:  # noqa: BLE001 - a sample that needs a download is left out
             continue
-        for j, a in enumerate([g] + augment(g, per_photo - 1, rng)):
-            out.append((f"photo-{name}-{variant}-{j}.png", png(a)))
+        out += with_variants(f"photo-{name}-{variant}", g, per_photo, rng)
     return out
 
 

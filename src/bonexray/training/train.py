@@ -244,7 +244,7 @@ def run_training(cfg: TrainConfig) -> dict:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
     from ..data.datasets import detect_source, load_dataset
-    from ..data.preprocess import default_cache_dir
+    from ..data.preprocess import check_cache_folder, default_cache_dir
     from ..data.splits import check_no_leak, limit_records, make_splits
     from ..hardware import default_training_precision
     from ..model.checkpoint import read_card
@@ -272,6 +272,8 @@ def run_training(cfg: TrainConfig) -> dict:
     last = ckpt_dir / "last.ckpt"
     if not cfg.resume and last.is_file():
         raise BonexrayError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.cache:  # checked before the run folder is made: a refused run leaves nothing behind
+        check_cache_folder(cfg.cache, [data])
     if _first_process():  # the other processes of a run across processes start after (or with) it
         claim_folder(out, "train", TRAIN_FILES, overwrite=cfg.overwrite, inputs=[data, cfg.weights],
                      legacy=_is_run_folder)
