@@ -366,7 +366,7 @@ def _load_onnx(path: Path, device: str, threads: int | None = None, engine: str 
 
 def _card_of_session(path: Path, session):
     """The model card in an ONNX session's metadata, checked against its signature and graph."""
-    from ..model.checkpoint import ModelCard
+    from ..core.card import ModelCard
 
     meta = session.get_modelmeta().custom_metadata_map
     if ONNX_CARD_KEY not in meta:
