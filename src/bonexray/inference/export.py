@@ -8,7 +8,7 @@ and maps, not probabilities or boxes: the consumer applies sigmoid / softmax and
 :class:`bonexray.inference.predictor.Predictor` does for both backends.
 The model card (JSON) is stored in ``metadata_props`` under ``bonexray_model_card``, so the ONNX
 file is all ``bonexray predict`` needs. ``bonexray_graph_sha256`` holds a SHA-256 of the graph
-(nodes and weights) and the card; :func:`verify_onnx_integrity` recomputes it before the model is used.
+(nodes and weights) and the card; :func:`bonexray.inference.onnx_file.read_onnx` checks it before the model is used.
 
 Exporter: the TorchScript-based one (``dynamo=False``). The dynamo exporter, the default since
 torch 2.9, needs ``onnxscript``, which bonexray does not depend on; the TorchScript path exports
@@ -16,7 +16,6 @@ these CNNs exactly (checked below against onnxruntime). Its DeprecationWarnings 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -25,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import BonexrayError, BonexrayWarning, CheckpointError
+from ..errors import BonexrayError
 from ..output_folder import claim_file
+from .onnx_file import onnx_graph_sha256, read_onnx, verify_onnx_integrity  # noqa: F401 (re-exported)
 from .onnx_format import ONNX_CARD_KEY, ONNX_HASH_KEY, ONNX_INPUT
 
 #: Largest |torch - onnxruntime| logit difference accepted by the post-export check.
@@ -107,7 +107,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
 def _is_bonexray_onnx(path: Path) -> bool:
     """An ONNX file that carries a bonexray model card: what ``bonexray export`` writes."""
     try:
-        return ONNX_CARD_KEY in verify_onnx_integrity(path)
+        return ONNX_CARD_KEY in read_onnx(path).metadata
     except BonexrayError:
         return False
 
@@ -126,40 +126,6 @@ def _OutputsInOrder(net, names: list[str]):
             return tuple(out[n] for n in names)
 
     return OutputsInOrder().eval()
-
-
-def onnx_graph_sha256(model) -> str:
-    """SHA-256 of an ONNX model's graph (nodes, weights, signature; deterministically serialised) and its
-    model card, so a flipped byte in either is caught."""
-    card = {p.key: p.value for p in model.metadata_props}.get(ONNX_CARD_KEY, "")
-    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
-    h.update(card.encode())
-    return h.hexdigest()
-
-
-def verify_onnx_integrity(path: Path, require_hash: bool = False) -> dict[str, str]:
-    """Refuse an ONNX file whose graph or model card does not match the SHA-256 recorded at export
-    (``require_hash``: also one that records none, e.g. bonexray's own cached exports, which always do).
-    Returns the file's metadata (``metadata_props``: the model card among them)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf DecodeError and friends
-        first = " ".join(str(err).split())[:160] or type(err).__name__
-        raise CheckpointError(f"{path}: corrupt ONNX model (cannot be parsed: {first})") from err
-    meta = {p.key: p.value for p in model.metadata_props}
-    recorded = meta.get(ONNX_HASH_KEY)
-    if recorded is None:
-        if require_hash:
-            raise CheckpointError(f"{path}: corrupt ONNX model (no graph SHA-256 recorded)")
-        if ONNX_CARD_KEY in meta:
-            warnings.warn(f"{path}: no graph SHA-256 recorded (exported before bonexray recorded one); "
-                          "loaded without an integrity check", BonexrayWarning, stacklevel=3)
-        return meta
-    if onnx_graph_sha256(model) != recorded:
-        raise CheckpointError(f"{path}: corrupt ONNX model (weights do not match their recorded SHA-256)")
-    return meta
 
 
 def _check_parity(path: Path, graph, names: list[str], x) -> None:
