@@ -82,26 +82,32 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
                 dynamo=False,
             )
         model = onnx.load(str(tmp))
-        meta = {p.key: p.value for p in model.metadata_props}
-        meta[ONNX_CARD_KEY] = json.dumps(card.to_dict())
-        meta["bonexray_outputs"] = ("logits: sigmoid(abnormal_logit), softmax(body_part_logits); embedding: pooled features"
-                                    + ("; box maps: see bonexray.model.detection.decode_boxes" if net.box_head is not None else ""))
-        del model.metadata_props[:]
-        for k, v in meta.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = k, v
-        model.producer_name = "bonexray"
-        model.doc_string = (
-            f"bonexray {card.backbone}: image (batch,1,{s},{s}) float in [0,1] -> "
-            f"abnormal_logit (batch,), body_part_logits (batch,{len(card.body_parts)}) "
-            f"[{', '.join(card.body_parts)}]"
-        )
+        _describe(model, card, has_boxes=net.box_head is not None)
         onnx.checker.check_model(model)
         entry = model.metadata_props.add()
         entry.key, entry.value = ONNX_HASH_KEY, onnx_graph_sha256(model)
         onnx.save(model, str(tmp))
         _check_parity(tmp, graph, names, dummy)
     return target
+
+
+def _describe(model, card, has_boxes: bool) -> None:
+    """The model card and a description of the outputs into the ONNX model's metadata and doc string."""
+    s = int(card.image_size)
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta[ONNX_CARD_KEY] = json.dumps(card.to_dict())
+    meta["bonexray_outputs"] = ("logits: sigmoid(abnormal_logit), softmax(body_part_logits); embedding: pooled features"
+                                + ("; box maps: see bonexray.model.detection.decode_boxes" if has_boxes else ""))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    model.producer_name = "bonexray"
+    model.doc_string = (
+        f"bonexray {card.backbone}: image (batch,1,{s},{s}) float in [0,1] -> "
+        f"abnormal_logit (batch,), body_part_logits (batch,{len(card.body_parts)}) "
+        f"[{', '.join(card.body_parts)}]"
+    )
 
 
 def _is_bonexray_onnx(path: Path) -> bool:
