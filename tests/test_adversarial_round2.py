@@ -266,7 +266,7 @@ def _edit_onnx_card(src: Path, dst: Path, **changes) -> Path:
     import onnx
 
     from bonexray.inference.export import ONNX_HASH_KEY, onnx_graph_sha256
-    from bonexray.inference.predictor import ONNX_CARD_KEY
+    from bonexray.inference.onnx_format import ONNX_CARD_KEY
 
     model = onnx.load(str(src))
     meta = {p.key: p.value for p in model.metadata_props}

@@ -218,3 +218,24 @@ def test_non_utf8_file_names_are_escaped_in_json_and_csv(model, capsys, tmp_path
     out = capsys.readouterr().out
     out.encode("utf-8")  # no lone surrogate: encodable, so no raw bytes reach the file
     assert "caf\\xe9.png" in out
+
+
+def test_decode_parses_a_dicom_file_once_and_takes_its_tags_from_that_parse(tmp_path, monkeypatch):
+    """Pixels, grouping tags and the Modality evidence of a DICOM file come from one pydicom parse."""
+    import pydicom
+
+    from bonexray.pipeline import decode
+
+    study = generate_uid()
+    ds = synthetic_cr(study, seed=2)
+    path = tmp_path / "cr.dcm"
+    path.write_bytes(part10(ds))
+    parses = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parses.append(k) or real(*a, **k))
+    for source in (path, path.read_bytes()):
+        parses.clear()
+        d = decode(source, SIZE, name="cr.dcm")
+        assert len(parses) == 1
+        assert d.study_uid == study and d.tags["Modality"] == "CR" and d.tags["SOPInstanceUID"] == ds.SOPInstanceUID
+        assert d.evidence.modality == "CR" and d.tile.shape == (SIZE, SIZE)

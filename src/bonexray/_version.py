@@ -1,2 +1,4 @@
-"""The package version: a leaf module, so importing it pulls in nothing else of bonexray."""
-__version__ = "0.1.0"
+"""The package version, importable from its old place; the literal is in :mod:`bonexray.core.version`."""
+from .core.version import __version__
+
+__all__ = ["__version__"]

@@ -24,7 +24,7 @@ from .pipeline import Analyser, decode
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from .model.checkpoint import ModelCard
+    from .core.card import ModelCard
 
 __all__ = ["Model", "Prediction", "load_dataset", "load_model"]
 

@@ -4,8 +4,8 @@
   ``Dataset``) into a :class:`Decoded`: the model's letterbox tile, the letterbox geometry (tile <->
   original pixels), the decoded gray pixels (scope statistics), truncation, the scope evidence
   (colourfulness, DICOM Modality) and the DICOM tags that group studies. A file is read from disk
-  once; the evidence comes from the same bytes, the DICOM tags from one header parse (or from the
-  given ``Dataset``).
+  once and a DICOM file parsed once: the evidence and the tags come from the same bytes and the same
+  parse as the pixels (data/imageio.py ``DecodedImage.tags``), or from the given ``Dataset``.
 * :meth:`Analyser.run` gives the model's outputs for a batch of decoded images (boxes decoded at the
   card's suspicious box threshold, so both box levels are seen).
 * :meth:`Analyser.interpret` applies the NaN policy, the scope gate, the box mapping to original
@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,10 +32,9 @@ import numpy as np
 
 from .core.findings import (ImageFinding, ReadingPolicy, StudyFinding, aggregate, finite_rows, nonfinite_reason,
                             read_image)
+from .data.imageio import DICOM_TAGS, dicom_tags  # noqa: F401 (DICOM_TAGS re-exported)
 from .errors import BonexrayError
 
-#: DICOM attributes read from the header for grouping and evidence.
-DICOM_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality", "BodyPartExamined")
 MAX_PIXELS = 120_000_000
 
 
@@ -77,10 +75,10 @@ def decode(source: Any, size: int, *, name: str | os.PathLike | None = None, max
     or PIL image is named in messages.
     """
     if isinstance(source, (str, os.PathLike)):
-        from .data.imageio import _read_bytes
+        from .data.imageio import read_file_bytes
 
         path = Path(source)
-        return _decode_bytes(_read_bytes(path), path, size, max_pixels, label=os.fspath(source))
+        return _decode_bytes(read_file_bytes(path), path, size, max_pixels, label=os.fspath(source))
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = os.fspath(name) if name is not None else f"image {position} (bytes)"
         decoded = _decode_bytes(bytes(source), Path(label), size, max_pixels, label=label)
@@ -101,9 +99,10 @@ def _decode_bytes(data: bytes, path: Path, size: int, max_pixels: int, *, label:
     from .inference.scope import SourceEvidence, source_evidence
 
     m = read_bytes_for_model(data, os.fspath(path), size, max_pixels=max_pixels)
+    is_dicom = m.decoded is not None and m.decoded.kind == "dicom"
     if tags is None:
-        tags = dicom_tags(data)
-    if data[128:132] == b"DICM" or tags:
+        tags = dict(m.decoded.tags) if is_dicom else {}
+    if is_dicom:
         evidence = SourceEvidence(modality=(tags.get("Modality") or "").upper() or None)
     else:
         evidence = source_evidence(data)
@@ -111,34 +110,10 @@ def _decode_bytes(data: bytes, path: Path, size: int, max_pixels: int, *, label:
                    evidence, tags)
 
 
-def dicom_tags(data: bytes) -> dict[str, str]:
-    """The :data:`DICOM_TAGS` of a DICOM file's header (pixels untouched); empty for other files."""
-    if data[128:132] != b"DICM":
-        return {}
-    try:
-        import pydicom
-
-        with warnings.catch_warnings():  # a damaged header is reported by the pixel decoder, once
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(DICOM_TAGS))
-    except Exception:  # noqa: BLE001 - no tags is no grouping hint, not an error
-        return {}
-    return _tags_of(ds)
-
-
-def _tags_of(ds: Any) -> dict[str, str]:
-    out = {}
-    for tag in DICOM_TAGS:
-        value = str(ds.get(tag, "") or "").strip()
-        if value:
-            out[tag] = value
-    return out
-
-
 def _decode_dataset(ds: Any, size: int, name: str | os.PathLike | None, max_pixels: int) -> Decoded:
     """A parsed Dataset (DICOMweb, C-STORE): tags from it; pixels through the byte decoder (Part-10 bytes)."""
     label = os.fspath(name) if name is not None else str(ds.get("SOPInstanceUID", "dataset"))
-    return _decode_bytes(part10_bytes(ds), Path(f"{label}.dcm"), size, max_pixels, label=label, tags=_tags_of(ds))
+    return _decode_bytes(part10_bytes(ds), Path(f"{label}.dcm"), size, max_pixels, label=label, tags=dicom_tags(ds))
 
 
 def part10_bytes(ds: Any) -> bytes:

@@ -1,7 +1,6 @@
 """Fetch open datasets. FracAtlas is open (CC BY 4.0, figshare); MURA needs registration."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.error
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..core.hashing import file_sha256
 from ..errors import DatasetError
 from .fracatlas import find_fracatlas_root
 
@@ -80,12 +80,6 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
         raise DatasetError(f"{zip_path}: not a valid zip archive ({e}); delete it and download again") from e
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_fracatlas(dest: str | Path | None = None, url: str | None = None, sha256: str | None = None,

@@ -40,7 +40,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ _DICOM_MAGIC = b"DICM"
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO (multi-picture, from phones) is a JPEG subclass
 _EXIF_ORIENTATION = 0x0112
 _MAX_REASON = 200  # keep library messages short: the CLI prints the reason on one line
+#: DICOM attributes a decoded DICOM file reports (:attr:`DecodedImage.tags`): study grouping and scope evidence.
+DICOM_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality", "BodyPartExamined")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class DecodedImage:
     full_size: tuple[int, int] | None = None
     #: Frames (pages) in the file; only the first is in ``pixels``.
     frames: int = 1
+    #: The :data:`DICOM_TAGS` a DICOM file states, from the same parse as its pixels; empty for other files.
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -167,7 +171,7 @@ def read_image(
     """
     _check_draft_size(draft_size)
     p = Path(path)
-    return read_image_bytes(_read_bytes(p), p, draft_size=draft_size, max_pixels=max_pixels)
+    return read_image_bytes(read_file_bytes(p), p, draft_size=draft_size, max_pixels=max_pixels)
 
 
 def read_image_bytes(
@@ -200,8 +204,10 @@ def _check_draft_size(draft_size: int | None) -> None:
         raise ValueError(f"draft_size must be a positive integer, got {draft_size!r}")
 
 
-def _read_bytes(p: Path) -> bytes:
-    # One read into memory: sniffing, a truncated-file retry and DICOM parsing reuse it.
+def read_file_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes in one read (sniffing, a truncated-file retry and DICOM parsing reuse them), or one
+    :class:`~bonexray.errors.ImageReadError` naming it (missing, a folder, no permission, empty)."""
+    p = Path(path)
     try:
         data = p.read_bytes()
     except FileNotFoundError:
@@ -595,7 +601,17 @@ def _read_dicom_file(p: Path, data: bytes, max_pixels: int, *, force: bool) -> D
         raise
     except Exception as exc:
         raise ImageReadError(p, f"cannot map DICOM pixel values to gray ({_short(exc)})") from None
-    return DecodedImage(pixels=pixels, truncated=False, kind="dicom", frames=frames)
+    return DecodedImage(pixels=pixels, truncated=False, kind="dicom", frames=frames, tags=dicom_tags(ds))
+
+
+def dicom_tags(ds: Any) -> dict[str, str]:
+    """The :data:`DICOM_TAGS` a parsed dataset states (stripped, non-empty values only)."""
+    out = {}
+    for tag in DICOM_TAGS:
+        value = str(ds.get(tag, "") or "").strip()
+        if value:
+            out[tag] = value
+    return out
 
 
 def _non_image_reason(ds: Any) -> str:

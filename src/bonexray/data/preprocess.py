@@ -23,18 +23,19 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..atomic import atomic_write_text
 from ..errors import BonexrayError, BonexrayWarning, DatasetError, ImageReadError, MissingDecoderError, NotAnImageError
 from .imageio import DecodedImage, read_image, read_image_bytes, to_uint8
 from .records import RECORD_COLUMNS, Record, RecordSet
+
+if TYPE_CHECKING:  # pandas and tqdm load where a cache is opened or built, not for one image
+    import pandas as pd
 
 #: Bump when decoding/resizing changes, so old caches are rebuilt instead of silently reused.
 PREPROCESS_VERSION = 2
@@ -283,6 +284,8 @@ class ImageCache:
             raise _damaged(root, f"cannot read index.csv: {err.strerror or err}") from err
         if meta.get("index_sha256") not in (None, hashlib.sha256(raw).hexdigest()):
             raise _damaged(root, "index.csv does not match the SHA-256 recorded in meta.json")
+        import pandas as pd
+
         try:
             index = pd.read_csv(io.BytesIO(raw), dtype={"study_id": str, "patient_id": str, "reason": str},
                                 keep_default_na=False)
@@ -456,6 +459,8 @@ def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers
         # (by the whole cache: 4 GB for MURA at 320 px; bench/scale.py). Unwritten rows read as zeros.
         with open(tmp_images, "wb") as tiles:
             tiles.truncate(max(n, 1) * size * size)
+            from tqdm.auto import tqdm
+
             with tqdm(total=n, desc=f"preprocess {size}px", unit="img", disable=not progress, dynamic_ncols=True) as bar:
                 if workers <= 1:
                     _store_results(map(_decode_one, jobs), records, tiles, statuses, reasons, bar)
@@ -478,6 +483,8 @@ def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers
     for i, (r, st, why) in enumerate(zip(records, statuses, reasons)):
         row = {"row": i, **r.as_row(), "status": st, "reason": why}
         rows.append(row)
+    import pandas as pd
+
     index = pd.DataFrame(rows, columns=["row", *RECORD_COLUMNS, "status", "reason"])
     tmp_index = out / f".index.csv.{run_tag}.partial"
     index.to_csv(tmp_index, index=False)

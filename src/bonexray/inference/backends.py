@@ -1,7 +1,8 @@
 """Which engine runs a model: PyTorch, or its ONNX export in onnxruntime or OpenVINO (faster on CPU).
 
 A checkpoint runs on an ONNX engine through its export, made once and cached beside the checkpoint
-as ``<name>.<digest>.onnx``, where the digest is the SHA-256 of the checkpoint's bytes, so a
+as ``<name>.<digest>.onnx``, where the digest covers the export format and the SHA-256 of the
+checkpoint's bytes (the hash the backend record is matched with, computed once per load), so a
 retrained or edited checkpoint never reuses a stale graph. Where that folder is not writable the
 export goes to the per-user cache (``$BONEXRAY_CACHE/onnx``, default ``~/.cache/bonexray/onnx``), and
 where that fails too it is made in a temporary folder, loaded into memory and deleted.
@@ -21,9 +22,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import BonexrayError
 from ..hardware import BF16_FLAGS, cpu_flags, cpu_has_bf16, cpu_model, physical_cores  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from ..model.hub import ModelFile
+    from .onnx_file import OnnxFile
 
 BACKENDS = ("auto", "torch", "onnx", "openvino", "openvino-bf16")
 #: Engines that run an ONNX graph (a checkpoint's cached export, or the user's .onnx file).
@@ -96,12 +102,14 @@ def backend_record_path(model: str | os.PathLike) -> Path:
     return Path(f"{model}.backends.json")
 
 
-def read_backend_record(model: str | os.PathLike) -> dict | None:
+def read_backend_record(model: str | os.PathLike | ModelFile) -> dict | None:
     """The backend record of ``model`` when there is one *for these exact bytes* (its ``model_sha256`` is the
-    file's SHA-256); None otherwise. A record that cannot be read is ignored with a note."""
-    from ..model.hub import file_sha256
+    file's SHA-256); None otherwise. A record that cannot be read is ignored with a note. A
+    :class:`~bonexray.model.hub.ModelFile` gives its hash (computed at most once per load)."""
+    from ..model.hub import ModelFile
 
-    path = backend_record_path(model)
+    file = model if isinstance(model, ModelFile) else ModelFile(Path(model))
+    path = backend_record_path(file.path)
     if not path.is_file():
         return None
     try:
@@ -111,7 +119,7 @@ def read_backend_record(model: str | os.PathLike) -> dict | None:
     except (OSError, ValueError, AttributeError) as err:
         warn(f"{path}: unreadable backend record ({err}); ignored")
         return None
-    return record if record.get("model_sha256") == file_sha256(model) else None
+    return record if record.get("model_sha256") == file.sha256 else None
 
 
 #: Another engine replaces the onnxruntime reference only when the check measured it at least this much
@@ -130,19 +138,18 @@ def ranked_engines(record: dict) -> list[str]:
     return sorted(ok, key=lambda name: speed[name], reverse=True)
 
 
-def accepted_backends(model: str | os.PathLike) -> list[str]:
+def accepted_backends(model: str | os.PathLike | ModelFile) -> list[str]:
     """:func:`ranked_engines` of ``model``'s backend record; [] without a record for this file."""
     record = read_backend_record(model)
     return [] if record is None else ranked_engines(record)
 
 
-def checkpoint_digest(path: str | os.PathLike) -> str:
-    """SHA-256 over the export format tag and the checkpoint's bytes (hex)."""
-    h = hashlib.sha256(EXPORT_FORMAT.encode() + b"\0")
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def checkpoint_digest(path: str | os.PathLike | ModelFile) -> str:
+    """SHA-256 over the export format tag and the checkpoint's SHA-256 (hex)."""
+    from ..model.hub import ModelFile
+
+    file = path if isinstance(path, ModelFile) else ModelFile(Path(path))
+    return hashlib.sha256(f"{EXPORT_FORMAT}\0{file.sha256}".encode()).hexdigest()
 
 
 def user_onnx_cache() -> Path:
@@ -158,10 +165,11 @@ def onnx_cache_locations(checkpoint: Path, digest: str) -> list[Path]:
 
 
 class ExportedModel:
-    """The ONNX file of a checkpoint: ``path`` to open; ``temporary`` when it must be deleted after loading."""
+    """The ONNX file of a checkpoint: ``path`` to open; ``temporary`` when it must be deleted after loading;
+    ``verified``: the cached file as read and checked (inference/onnx_file.py), passed on to the engine."""
 
-    def __init__(self, path: Path, temporary: bool = False) -> None:
-        self.path, self.temporary = path, temporary
+    def __init__(self, path: Path, temporary: bool = False, verified: OnnxFile | None = None) -> None:
+        self.path, self.temporary, self.verified = path, temporary, verified
 
     def discard(self) -> None:
         if self.temporary:
@@ -172,22 +180,25 @@ class ExportedModel:
                 pass
 
 
-def exported_onnx(checkpoint: str | os.PathLike) -> ExportedModel:
+def exported_onnx(checkpoint: str | os.PathLike | ModelFile) -> ExportedModel:
     """The cached ONNX export of ``checkpoint``, exporting it on first use (see the module doc)."""
+    from ..model.hub import ModelFile
     from .export import export_onnx
 
-    ckpt = Path(checkpoint)
+    file = checkpoint if isinstance(checkpoint, ModelFile) else ModelFile(Path(checkpoint))
+    ckpt = file.path
     if not ckpt.is_file():
         from ..errors import CheckpointError
 
         if ckpt.is_dir():
             raise CheckpointError(f"{ckpt}: is a folder; give the checkpoint file (.ckpt) or ONNX file (.onnx) in it")
         raise CheckpointError(f"{ckpt}: checkpoint file not found")
-    locations = onnx_cache_locations(ckpt, checkpoint_digest(ckpt))
+    locations = onnx_cache_locations(ckpt, checkpoint_digest(file))
     for path in locations:
         if path.is_file():
-            if _intact_export(path):
-                return ExportedModel(path)
+            verified = _intact_export(path)
+            if verified is not None:
+                return ExportedModel(path, verified=verified)
             break  # rebuilt below, in the first place that takes it
     from ..errors import BonexrayError, CheckpointError
 
@@ -204,15 +215,14 @@ def exported_onnx(checkpoint: str | os.PathLike) -> ExportedModel:
     return ExportedModel(export_onnx(ckpt, scratch / "model.onnx"), temporary=True)
 
 
-def _intact_export(path: Path) -> bool:
+def _intact_export(path: Path) -> OnnxFile | None:
     """A cached export is bonexray's own file, not the user's: a damaged one (disk error, killed copy) is
-    removed and rebuilt with a note, never reported as the user's corrupt model."""
+    removed and rebuilt with a note, never reported as the user's corrupt model (None)."""
     from ..errors import CheckpointError
-    from .export import verify_onnx_integrity
+    from .onnx_file import read_onnx
 
     try:
-        verify_onnx_integrity(path, require_hash=True)
-        return True
+        return read_onnx(path, require_hash=True)
     except CheckpointError as err:
         reason = str(err).removeprefix(f"{path}: ")
         warn(f"{path}: cached ONNX export is damaged ({reason}); rebuilding it")
@@ -220,7 +230,7 @@ def _intact_export(path: Path) -> bool:
             path.unlink()
         except OSError:
             pass
-        return False
+        return None
 
 
 def warn(message: str) -> None:

@@ -8,7 +8,7 @@ and maps, not probabilities or boxes: the consumer applies sigmoid / softmax and
 :class:`bonexray.inference.predictor.Predictor` does for both backends.
 The model card (JSON) is stored in ``metadata_props`` under ``bonexray_model_card``, so the ONNX
 file is all ``bonexray predict`` needs. ``bonexray_graph_sha256`` holds a SHA-256 of the graph
-(nodes and weights) and the card; :func:`verify_onnx_integrity` recomputes it before the model is used.
+(nodes and weights) and the card; :func:`bonexray.inference.onnx_file.read_onnx` checks it before the model is used.
 
 Exporter: the TorchScript-based one (``dynamo=False``). The dynamo exporter, the default since
 torch 2.9, needs ``onnxscript``, which bonexray does not depend on; the TorchScript path exports
@@ -16,7 +16,6 @@ these CNNs exactly (checked below against onnxruntime). Its DeprecationWarnings 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -25,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
-from ..errors import BonexrayError, BonexrayWarning, CheckpointError
+from ..errors import BonexrayError
 from ..output_folder import claim_file
+from .onnx_file import onnx_graph_sha256, read_onnx, verify_onnx_integrity  # noqa: F401 (re-exported)
 from .onnx_format import ONNX_CARD_KEY, ONNX_HASH_KEY, ONNX_INPUT
 
 #: Largest |torch - onnxruntime| logit difference accepted by the post-export check.
@@ -82,20 +82,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
                 dynamo=False,
             )
         model = onnx.load(str(tmp))
-        meta = {p.key: p.value for p in model.metadata_props}
-        meta[ONNX_CARD_KEY] = json.dumps(card.to_dict())
-        meta["bonexray_outputs"] = ("logits: sigmoid(abnormal_logit), softmax(body_part_logits); embedding: pooled features"
-                                    + ("; box maps: see bonexray.model.detection.decode_boxes" if net.box_head is not None else ""))
-        del model.metadata_props[:]
-        for k, v in meta.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = k, v
-        model.producer_name = "bonexray"
-        model.doc_string = (
-            f"bonexray {card.backbone}: image (batch,1,{s},{s}) float in [0,1] -> "
-            f"abnormal_logit (batch,), body_part_logits (batch,{len(card.body_parts)}) "
-            f"[{', '.join(card.body_parts)}]"
-        )
+        _describe(model, card, has_boxes=net.box_head is not None)
         onnx.checker.check_model(model)
         entry = model.metadata_props.add()
         entry.key, entry.value = ONNX_HASH_KEY, onnx_graph_sha256(model)
@@ -104,10 +91,29 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     return target
 
 
+def _describe(model, card, has_boxes: bool) -> None:
+    """The model card and a description of the outputs into the ONNX model's metadata and doc string."""
+    s = int(card.image_size)
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta[ONNX_CARD_KEY] = json.dumps(card.to_dict())
+    meta["bonexray_outputs"] = ("logits: sigmoid(abnormal_logit), softmax(body_part_logits); embedding: pooled features"
+                                + ("; box maps: see bonexray.model.detection.decode_boxes" if has_boxes else ""))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    model.producer_name = "bonexray"
+    model.doc_string = (
+        f"bonexray {card.backbone}: image (batch,1,{s},{s}) float in [0,1] -> "
+        f"abnormal_logit (batch,), body_part_logits (batch,{len(card.body_parts)}) "
+        f"[{', '.join(card.body_parts)}]"
+    )
+
+
 def _is_bonexray_onnx(path: Path) -> bool:
     """An ONNX file that carries a bonexray model card: what ``bonexray export`` writes."""
     try:
-        return ONNX_CARD_KEY in verify_onnx_integrity(path)
+        return ONNX_CARD_KEY in read_onnx(path).metadata
     except BonexrayError:
         return False
 
@@ -126,40 +132,6 @@ def _OutputsInOrder(net, names: list[str]):
             return tuple(out[n] for n in names)
 
     return OutputsInOrder().eval()
-
-
-def onnx_graph_sha256(model) -> str:
-    """SHA-256 of an ONNX model's graph (nodes, weights, signature; deterministically serialised) and its
-    model card, so a flipped byte in either is caught."""
-    card = {p.key: p.value for p in model.metadata_props}.get(ONNX_CARD_KEY, "")
-    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
-    h.update(card.encode())
-    return h.hexdigest()
-
-
-def verify_onnx_integrity(path: Path, require_hash: bool = False) -> dict[str, str]:
-    """Refuse an ONNX file whose graph or model card does not match the SHA-256 recorded at export
-    (``require_hash``: also one that records none, e.g. bonexray's own cached exports, which always do).
-    Returns the file's metadata (``metadata_props``: the model card among them)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf DecodeError and friends
-        first = " ".join(str(err).split())[:160] or type(err).__name__
-        raise CheckpointError(f"{path}: corrupt ONNX model (cannot be parsed: {first})") from err
-    meta = {p.key: p.value for p in model.metadata_props}
-    recorded = meta.get(ONNX_HASH_KEY)
-    if recorded is None:
-        if require_hash:
-            raise CheckpointError(f"{path}: corrupt ONNX model (no graph SHA-256 recorded)")
-        if ONNX_CARD_KEY in meta:
-            warnings.warn(f"{path}: no graph SHA-256 recorded (exported before bonexray recorded one); "
-                          "loaded without an integrity check", BonexrayWarning, stacklevel=3)
-        return meta
-    if onnx_graph_sha256(model) != recorded:
-        raise CheckpointError(f"{path}: corrupt ONNX model (weights do not match their recorded SHA-256)")
-    return meta
 
 
 def _check_parity(path: Path, graph, names: list[str], x) -> None:

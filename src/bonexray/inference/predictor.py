@@ -6,16 +6,19 @@ checkpoint and its export give the same answers. Used by predict, evaluate, serv
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BonexrayError, CheckpointError
-from .onnx_format import ONNX_CARD_KEY, ONNX_INPUT, ONNX_OUTPUTS
+from .onnx_format import ONNX_INPUT, ONNX_OUTPUTS
+
+if TYPE_CHECKING:
+    from .onnx_file import OnnxFile
 
 BOX_MAPS = ("box_logits", "box_ltrb", "box_centerness")
 
@@ -90,43 +93,52 @@ class Predictor:
 
     def __init__(self, model: str | os.PathLike | None, device: str = "auto", tta: str = "none",
                  backend: str = "auto", threads: int | None = None) -> None:
-        from ..model.hub import resolve_model
+        from ..model.hub import ModelFile, resolve_model_file
         from .backends import BACKENDS, ONNX_ENGINES, choose_backend, exported_onnx, warn
+        from .onnx_file import read_onnx
 
         if tta not in TTA_MODES:
             raise BonexrayError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
         if backend not in BACKENDS:
             raise BonexrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.tta = tta
-        self.path = resolve_model(model)  # a path, or a bundled model's name (hash-checked)
+        # Each file is read and verified once here and the verified object passed on: a bundled model's
+        # pinned-hash check gives the hash that the backend record and the export cache key use; an ONNX
+        # file's bytes are checked once and handed to the engine.
+        model_file = resolve_model_file(model)  # a path, or a bundled model's name (hash-checked)
+        self.path = model_file.path
         self._net = None
         self.session = None
         self.checkpoint: Path | None = None  # the torch checkpoint behind this model, if any
+        verified = None
         if is_onnx_file(self.path):
             if backend == "torch":
                 raise BonexrayError(f"{self.path}: --backend torch needs a checkpoint (.ckpt), not an ONNX file")
+            _check_model_file(self.path)
+            verified = read_onnx(self.path)
+            model_file = ModelFile(self.path, model_file.known_sha256, data=verified.data)
             # On a GPU, auto keeps an ONNX file on onnxruntime (its CUDA provider); _load_onnx says when
             # onnxruntime is missing.
-            chosen = choose_backend(backend, _onnx_device(device), self.path)
+            chosen = choose_backend(backend, _onnx_device(device), model_file)
             self.backend = "onnx" if chosen == "torch" else chosen
         else:
             self.checkpoint = self.path
-            self.backend = choose_backend(backend, resolve_device(device), self.path)
+            self.backend = choose_backend(backend, resolve_device(device), model_file)
         if self.backend in ONNX_ENGINES:
-            onnx_path, exported = self.path, None
+            exported = None
             if self.checkpoint is not None:
                 try:
-                    exported = exported_onnx(self.checkpoint)
+                    exported = exported_onnx(model_file)
                 except BonexrayError as err:
                     if backend != "auto" or isinstance(err, CheckpointError):
                         raise
                     warn(f"{self.path}: ONNX export failed ({err}); running it with PyTorch")
                     self.backend = "torch"
                 else:
-                    onnx_path = exported.path
+                    verified = exported.verified or exported.path
             if self.backend in ONNX_ENGINES:
                 try:
-                    self.card, self.session = self._load_engine(onnx_path, device, threads, chosen_by_auto=backend == "auto")
+                    self.card, self.session = self._load_engine(verified, device, threads, chosen_by_auto=backend == "auto")
                 finally:
                     if exported is not None:
                         exported.discard()
@@ -135,7 +147,7 @@ class Predictor:
             self.device = resolve_device(device)
             self.net, self.card = self._load_net()
 
-    def _load_engine(self, onnx_path: Path, device: str, threads: int | None, chosen_by_auto: bool):
+    def _load_engine(self, onnx_path: Path | OnnxFile, device: str, threads: int | None, chosen_by_auto: bool):
         """(card, session) on ``self.backend``; an OpenVINO engine that ``auto`` chose but that fails to
         compile here falls back to onnxruntime with a note (an explicit choice fails with one line)."""
         from .backends import warn
@@ -330,20 +342,28 @@ def _onnx_device(device: str | None) -> str:
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
-def _load_onnx(path: Path, device: str, threads: int | None = None, engine: str = "onnx"):
-    """(card, session) for an ONNX file on ``engine``: ``onnx`` (onnxruntime) or an OpenVINO engine
-    (inference/openvino_engine.py, the same session interface); the card is checked against the graph."""
+def _check_model_file(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: model file not found")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
-    from .export import verify_onnx_integrity
 
-    metadata = verify_onnx_integrity(path)
+
+def _load_onnx(path: Path | OnnxFile, device: str, threads: int | None = None, engine: str = "onnx"):
+    """(card, session) for an ONNX file on ``engine``: ``onnx`` (onnxruntime) or an OpenVINO engine
+    (inference/openvino_engine.py, the same session interface); the card is checked against the graph.
+    ``path``: a file, or one already read and verified (inference/onnx_file.py), which is not read again."""
+    from .onnx_file import OnnxFile, read_onnx
+
+    if not isinstance(path, OnnxFile):
+        _check_model_file(path)
+        path = read_onnx(path)
+    verified: OnnxFile = path
+    path = verified.path
     if engine != "onnx":
         from .openvino_engine import PRECISIONS, OpenVinoSession
 
-        return _card_of_session(path, OpenVinoSession(path, PRECISIONS[engine], threads, metadata))
+        return _card_of_session(verified, OpenVinoSession(path, PRECISIONS[engine], threads, verified.metadata))
     try:
         import onnxruntime as ort
     except ImportError as err:  # a declared dependency, but say so clearly
@@ -357,26 +377,17 @@ def _load_onnx(path: Path, device: str, threads: int | None = None, engine: str 
 
     opts = ort_session_options(threads)
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(verified.data, sess_options=opts, providers=providers)
     except Exception as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(f"{path}: not a readable ONNX model ({first})") from err
-    return _card_of_session(path, session)
+    return _card_of_session(verified, session)
 
 
-def _card_of_session(path: Path, session):
-    """The model card in an ONNX session's metadata, checked against its signature and graph."""
-    from ..model.checkpoint import ModelCard
-
-    meta = session.get_modelmeta().custom_metadata_map
-    if ONNX_CARD_KEY not in meta:
-        raise CheckpointError(f"{path}: ONNX file has no bonexray model card (not made by `bonexray export`?)")
-    try:
-        card = ModelCard.from_dict(json.loads(meta[ONNX_CARD_KEY]))
-    except ValueError as err:
-        raise CheckpointError(f"{path}: malformed model card in ONNX metadata: {err}") from err
-    except BonexrayError as err:
-        raise CheckpointError(f"{path}: {err}") from err
+def _card_of_session(verified: OnnxFile, session):
+    """The verified file's model card, checked against the session's signature and graph."""
+    path = verified.path
+    card = verified.card
     names_in = [i.name for i in session.get_inputs()]
     names_out = [o.name for o in session.get_outputs()]
     if names_in != [ONNX_INPUT] or any(n not in names_out for n in ONNX_OUTPUTS):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.hashing import file_sha256  # noqa: F401 (re-exported)
 from ..errors import CheckpointError
 
 #: Folder of the bundled files (package data).
@@ -73,16 +74,30 @@ def find_bundled(name: str) -> BundledModel | None:
     return None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass
+class ModelFile:
+    """A resolved MODEL argument: the file, and its SHA-256 once computed (a bundled model's from its check),
+    so the backend record and the export cache key read the file's hash, not the file, again."""
+
+    path: Path
+    known_sha256: str | None = None
+    #: The file's bytes when the caller has read them already (a verified ONNX file): hashed from memory.
+    data: bytes | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        if self.known_sha256 is None:
+            self.known_sha256 = hashlib.sha256(self.data).hexdigest() if self.data is not None else file_sha256(self.path)
+        return self.known_sha256
 
 
 def verify_bundled(model: BundledModel) -> Path:
     """The bundled file's path after checking it against the pinned SHA-256 (once per process and file state)."""
+    return verify_bundled_file(model).path
+
+
+def verify_bundled_file(model: BundledModel) -> ModelFile:
+    """:func:`verify_bundled`, with the verified hash kept."""
     p = model.path
     if not p.is_file():
         raise CheckpointError(f"bundled model {model.name!r} is not built in this copy of bonexray ({p} is missing; "
@@ -98,20 +113,27 @@ def verify_bundled(model: BundledModel) -> Path:
             raise CheckpointError(f"{p}: bundled model {model.name!r} does not match its pinned SHA-256 "
                                   f"(got {got[:16]}..., want {model.sha256[:16]}...); the file was changed or damaged")
         _verified[key] = True
-    return p
+    return ModelFile(p, model.sha256)
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """A MODEL argument -> the file to load: an existing path wins; else a registered name (checked against
     its pinned hash); None -> the default bundled model. Anything else: one line naming the known names."""
+    return resolve_model_file(model).path
+
+
+def resolve_model_file(model: str | os.PathLike | ModelFile | None) -> ModelFile:
+    """:func:`resolve_model`, keeping a bundled model's verified SHA-256 with the path."""
+    if isinstance(model, ModelFile):
+        return model
     if model is None:
         model = DEFAULT_MODEL
     p = Path(model)
     if p.exists():
-        return p
+        return ModelFile(p)
     found = find_bundled(str(model))
     if found is not None:
-        return verify_bundled(found)
+        return verify_bundled_file(found)
     if p.suffix.lower() in _MODEL_SUFFIXES or os.sep in str(model):  # meant as a file
         what = "checkpoint" if p.suffix.lower() == ".ckpt" else "model"
         raise CheckpointError(f"{p}: {what} file not found")

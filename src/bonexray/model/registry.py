@@ -15,6 +15,7 @@ from functools import cached_property, partial
 
 from torch import nn
 
+from bonexray.core.card import set_backbone_normalisation
 from bonexray.errors import BonexrayError
 from bonexray.model import weights as _weights
 
@@ -198,3 +199,12 @@ for _n in (0, 1, 2):
                                    builder=_builder(f"tf_efficientnet_lite{_n}",
                                                     partial(_weights.lite_imagenet_model, f"tf_efficientnet_lite{_n}", _package))))
 del _name, _n, _package
+
+
+def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a backbone's pretrained weights: a model card's default when it states none."""
+    spec = get_backbone_spec(name)
+    return spec.mean, spec.std
+
+
+set_backbone_normalisation(backbone_normalisation)

@@ -14,7 +14,6 @@ referenced image; an out-of-scope image is reported as "cannot assess" with the 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +46,9 @@ class ModelIdentity:
         card = predictor.card
         sha = getattr(card, "weights_sha256", None)
         if not sha:
-            h = hashlib.sha256()
-            with open(predictor.path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            sha = h.hexdigest()
+            from ..core.hashing import file_sha256
+
+            sha = file_sha256(predictor.path)
         return cls(f"bonexray {card.backbone}", str(card.version), str(sha), float(predictor.threshold))
 
     @property
