@@ -206,3 +206,29 @@ def test_model_card_refuses_body_part_names_that_are_not_plain(name):
         ModelCard(backbone="efficientnet_lite0", image_size=64, mean=[0.5], std=[0.25], body_parts=["hand", name])
     ModelCard(backbone="efficientnet_lite0", image_size=64, mean=[0.5], std=[0.25],
               body_parts=["hand", "lower leg", "hip-joint", "Hand_2", "手"])
+
+
+def test_download_never_deletes_a_folder_or_zip_it_did_not_make(tmp_path, http_root, capsys, monkeypatch):
+    import hashlib
+
+    import bonexray.data.download as dl
+
+    served, base = http_root
+    (served / "fa.zip").write_bytes(_fracatlas_zip())
+    # A user's own folder named FracAtlas that is not a FracAtlas tree: refused before any download.
+    mine = tmp_path / "a" / "FracAtlas"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    assert main(["download", "fracatlas", "--dest", str(tmp_path / "a"), "--url", f"{base}/fa.zip", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(mine) in err[0] and "not a FracAtlas tree" in err[0]
+    assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "a" / "FracAtlas.zip").exists()
+    # A FracAtlas.zip that was already there and does not match the pinned SHA-256 is kept, not deleted.
+    own = tmp_path / "b" / "FracAtlas.zip"
+    own.parent.mkdir()
+    own.write_bytes(b"the user's own archive")
+    monkeypatch.setattr(dl, "FRACATLAS_SHA256", hashlib.sha256(b"another release").hexdigest())
+    assert main(["download", "fracatlas", "--dest", str(tmp_path / "b"), "--url", f"{base}/fa.zip", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SHA-256 mismatch" in err[0] and "kept" in err[0]
+    assert own.read_bytes() == b"the user's own archive"

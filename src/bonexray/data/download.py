@@ -100,14 +100,23 @@ def download_fracatlas(dest: str | Path | None = None, url: str | None = None, s
     existing = find_fracatlas_root(dest)
     if existing:
         return existing
+    final = dest / "FracAtlas"
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        # Not a FracAtlas tree (find_fracatlas_root said so): someone else's folder, never replaced.
+        raise DatasetError(f"{final}: exists and is not a FracAtlas tree (no dataset.csv with images/); "
+                           "move it away or choose another --dest")
     zip_path = dest / "FracAtlas.zip"
-    if not zip_path.is_file():
+    fetched = not zip_path.is_file()
+    if fetched:
         _fetch(url, zip_path, progress=progress)
     got = file_sha256(zip_path)
     if expected is not None and got != expected:
-        zip_path.unlink()
-        raise DatasetError(f"{zip_path}: SHA-256 mismatch (expected {expected}, got {got}); deleted it. "
-                           "Download again; if it persists, the file on the server differs from the pinned release")
+        if fetched:
+            zip_path.unlink()
+            raise DatasetError(f"{zip_path}: SHA-256 mismatch (expected {expected}, got {got}); deleted it. "
+                               "Download again; if it persists, the file on the server differs from the pinned release")
+        raise DatasetError(f"{zip_path}: SHA-256 mismatch (expected {expected}, got {got}); it was there before this "
+                           "download, so it is kept: move it away to download the pinned release")
     report(f"{zip_path.name}: SHA-256 {got} " + ("(verified)" if expected else
            "(not verified: no pinned value; pass --sha256 to check it; the zip's CRCs are checked)"))
     staging = dest / ".unpack"
@@ -117,8 +126,8 @@ def download_fracatlas(dest: str | Path | None = None, url: str | None = None, s
     if found is None:
         shutil.rmtree(staging, ignore_errors=True)
         raise DatasetError(f"{zip_path}: archive has no FracAtlas dataset.csv with images/; is it the right file?")
-    final = dest / "FracAtlas"
-    shutil.rmtree(final, ignore_errors=True)
+    if final.is_dir():
+        final.rmdir()  # empty (checked above)
     os.replace(found, final)
     shutil.rmtree(staging, ignore_errors=True)
     zip_path.unlink(missing_ok=True)
