@@ -146,7 +146,11 @@ def _tp_flags(items):
         if not len(boxes):
             continue
         order = np.argsort(-boxes[:, 4], kind="stable")
-        flags = _match_image(boxes[order], truth) if len(truth) else np.zeros(len(boxes), int)
+        if len(truth):
+            matched, best = _match_image(boxes[order], truth)  # COCO's matching; row 0 is IoU 0.5
+            flags = np.where(matched[0], 1, np.where(best >= 0.5, -1, 0))  # unmatched on a taken box: duplicate
+        else:
+            flags = np.zeros(len(boxes), int)
         out.extend(zip(boxes[order, 4].tolist(), np.asarray(flags).tolist()))
     return out
 

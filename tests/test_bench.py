@@ -198,3 +198,14 @@ def test_adversarial_script_exits_1_when_an_item_fails(monkeypatch, capsys):
     assert adversarial.main(["--fast"]) == 1
     out = capsys.readouterr().out
     assert "| FAIL" in out and "0 PASS, 1 FAIL (x)" in out
+
+
+def test_box_postprocess_flags_a_hit_a_duplicate_and_a_miss():
+    _tp_flags = _load("box_postprocess")._tp_flags
+
+    truth = np.array([[10.0, 10.0, 30.0, 30.0]])
+    boxes = np.array([[10.0, 10.0, 30.0, 30.0, 0.9],   # on the fracture: the hit
+                      [11.0, 11.0, 30.0, 30.0, 0.8],   # on the same fracture again: a duplicate
+                      [60.0, 60.0, 80.0, 80.0, 0.7]])  # elsewhere: a false positive
+    assert _tp_flags([(boxes, truth)]) == [(0.9, 1), (0.8, -1), (0.7, 0)]
+    assert _tp_flags([(boxes[:1], np.zeros((0, 4)))]) == [(0.9, 0)]
