@@ -125,16 +125,19 @@ def _recompress(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
     chosen = torch.rand(x.shape[0]) < cfg.jpeg
     qualities = torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, (x.shape[0],))
-    if not bool(chosen.any()):
+    idx = torch.nonzero(chosen).flatten()
+    if not len(idx):
         return x
-    out = x.clone()
-    for i in torch.nonzero(chosen).flatten().tolist():
-        tile = (x[i, 0].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    # One copy to the host and one back for all the drawn images (the codec runs on the CPU).
+    tiles = (x[idx.to(x.device), 0].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    decoded = []
+    for tile, quality in zip(tiles, qualities[idx].tolist(), strict=True):
         buf = io.BytesIO()
-        Image.fromarray(tile).save(buf, format="JPEG", quality=int(qualities[i]))
+        Image.fromarray(tile).save(buf, format="JPEG", quality=int(quality))
         buf.seek(0)
-        decoded = torch.from_numpy(np.array(Image.open(buf).convert("L"))).to(x.device)  # np.array: a writable copy
-        out[i, 0] = decoded.to(x.dtype) / 255.0
+        decoded.append(np.array(Image.open(buf).convert("L")))
+    out = x.clone()
+    out[idx.to(x.device), 0] = torch.from_numpy(np.stack(decoded)).to(x.device, x.dtype) / 255.0
     return out
 
 
@@ -158,12 +161,14 @@ def _quarter_turns(x: torch.Tensor, p: float, boxes: torch.Tensor | None, polygo
     x = x.clone()
     boxes = boxes.clone() if boxes is not None else None
     polygons = polygons.clone() if polygons is not None else None
-    for i in torch.nonzero(turns).flatten().tolist():
-        k = int(turns[i])
-        x[i] = torch.rot90(x[i], k, dims=(-2, -1))
+    for k in (1, 2, 3):  # one call per turn, over every image drawn for it
+        idx = torch.nonzero(turns == k).flatten().to(x.device)
+        if not len(idx):
+            continue
+        x[idx] = torch.rot90(x[idx], k, dims=(-2, -1))
         if boxes is not None:
-            corners = _turn_points(boxes[i].to(torch.float32).reshape(-1, 2, 2), k, float(w))
-            boxes[i] = torch.cat([corners.amin(1), corners.amax(1)], -1).to(boxes.dtype)
+            corners = _turn_points(boxes[idx].to(torch.float32).unflatten(-1, (2, 2)), k, float(w))
+            boxes[idx] = torch.cat([corners.amin(-2), corners.amax(-2)], -1).to(boxes.dtype)
         if polygons is not None:
-            polygons[i] = _turn_points(polygons[i].to(torch.float32), k, float(w)).to(polygons.dtype)
+            polygons[idx] = _turn_points(polygons[idx].to(torch.float32), k, float(w)).to(polygons.dtype)
     return x, boxes, polygons
