@@ -21,9 +21,11 @@ if str(SRC) not in sys.path:
 DEFAULT_CACHE = os.environ.get("BONEXRAY_BENCH_CACHE", str(Path(__file__).resolve().parents[2] / "scope-cache"))
 
 
-def _key(predictor, set_name: str, items) -> str:
+def _key(predictor, set_name: str, items, tta: str) -> str:
     h = hashlib.sha256()
     h.update(str(predictor.card.weights_sha256 or predictor.path).encode())
+    if tta != "none":  # keys of caches written before TTA was part of them stay valid
+        h.update(f"tta={tta}".encode())
     h.update(set_name.encode())
     for name, data in items:
         h.update(name.encode())
@@ -31,15 +33,18 @@ def _key(predictor, set_name: str, items) -> str:
     return h.hexdigest()[:16]
 
 
-def embed_items(predictor, set_name: str, items, cache: str | None = DEFAULT_CACHE, batch_size: int = 32) -> dict:
-    """{"names", "prob", "parts", "embedding"} for the decodable items (order kept)."""
+def embed_items(predictor, set_name: str, items, cache: str | None = DEFAULT_CACHE, batch_size: int = 32,
+                tta: str | None = None) -> dict:
+    """{"names", "prob", "parts", "embedding"} for the decodable items (order kept); ``tta``: the
+    predictor's unless given (the embedding is the identity view's under any)."""
+    tta = predictor.tta if tta is None else tta
     from bonexray.data.preprocess import read_bytes_for_model
 
     path = None
     if cache:
         Path(cache).mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() else "-" for c in set_name)[:60]
-        path = Path(cache) / f"{safe}-{_key(predictor, set_name, items)}.npz"
+        path = Path(cache) / f"{safe}-{_key(predictor, set_name, items, tta)}.npz"
         if path.is_file():
             z = np.load(path, allow_pickle=False)
             return {k: z[k] for k in z.files}
@@ -55,7 +60,7 @@ def embed_items(predictor, set_name: str, items, cache: str | None = DEFAULT_CAC
             chunk.append(name)
         if not tiles:
             continue
-        pred = predictor.predict_batch(np.stack(tiles), boxes=False)
+        pred = predictor.predict_batch(np.stack(tiles), boxes=False, tta=tta)
         names += chunk
         probs.append(pred.prob)
         parts.append(pred.parts)

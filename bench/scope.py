@@ -1,7 +1,7 @@
 """Fit and measure the scope gate at its operating point: refusal rates for each kind of image.
 
     python bench/scope.py fracatlas --data ../shared/data/FracAtlas --out bench/scope.json \\
-        [--write-model calibrated.ckpt]
+        [--write-model calibrated.ckpt] [--tta d4]
 
 The gate is fitted the way ``bonexray calibrate-scope`` fits it (inference/calibrate.py,
 inference/scope.py): PCA feature distance on the **train** split's embeddings, the in-scope head on
@@ -18,7 +18,10 @@ are still the bundled network's, which was trained on every region (retraining t
 a region is not affordable here), so this measures the gate, not a network that never saw the region.
 
 ``--write-model``: a copy of the model whose card holds this gate, the calibration and the two
-operating points (valid split); embeddings are cached (bench/embed_cache.py).
+operating points (valid split); embeddings are cached (bench/embed_cache.py). ``--tta`` (default: the
+card's): the test-time augmentation the valid and test probabilities are taken under, written into
+that card; a TTA other than the card's re-chooses the decision threshold on valid (the gate itself
+reads the identity view's embedding under any TTA).
 """
 from __future__ import annotations
 
@@ -107,22 +110,26 @@ def summary(reasons) -> dict:
 
 
 def measure(model: str, data: str, cache: str | None = DEFAULT_CACHE, leave_out=("hand", "leg"),
-            pca_quantile: float = 0.995, head_quantile: float = 0.99, write_model: str | None = None) -> dict:
+            pca_quantile: float = 0.995, head_quantile: float = 0.99, write_model: str | None = None,
+            tta: str | None = None) -> dict:
     from bonexray.inference.calibrate import fit_calibration, rewrite_checkpoint
     from bonexray.inference.predictor import Predictor
 
-    predictor = Predictor(model, device="cpu")
+    predictor = Predictor(model, device="cpu", tta=tta)
     sets, how = dataset_items(predictor, data)
-    emb = {split: embed_items(predictor, f"fracatlas-{split}", items, cache) for split, (_, items) in sets.items()}
+    # Probabilities under the TTA written into the card (valid: calibration; test: its check); the
+    # gate reads embeddings only, the same under any TTA.
+    emb = {split: embed_items(predictor, f"fracatlas-{split}", items, cache, tta="none" if split == "train" else None)
+           for split, (_, items) in sets.items()}
     for split, (chosen, _) in sets.items():
         assert len(emb[split]["names"]) == len(chosen), f"{split}: some images did not decode"
     fit = scope_sets.fit_sets(sets["train"][1])
-    fit_emb = {k: embed_items(predictor, "neg-" + k, v, cache)["embedding"] for k, v in fit.items() if v}
+    fit_emb = {k: embed_items(predictor, "neg-" + k, v, cache, tta="none")["embedding"] for k, v in fit.items() if v}
     info = {"fitted_on": f"train split ({len(sets['train'][0])} images)",
             "threshold_source": f"{pca_quantile} quantile of the valid split's scores ({len(sets['valid'][0])} images)"}
     scope_card = fit_gate(emb["train"]["embedding"], emb["valid"]["embedding"], fit_emb, pca_quantile, head_quantile,
                           info)
-    res = {"model": str(predictor.path), "data": str(data), "split": how,
+    res = {"model": str(predictor.path), "data": str(data), "split": how, "tta": predictor.tta,
            "gate": {"pca_quantile": pca_quantile, "head_quantile": head_quantile,
                     "head_threshold": scope_card["head"]["threshold"], "distance_threshold": scope_card["threshold"],
                     "fit_sets": {k: len(v) for k, v in fit_emb.items()}},
@@ -137,7 +144,7 @@ def measure(model: str, data: str, cache: str | None = DEFAULT_CACHE, leave_out=
         if not items:
             res["measured_sets"][name] = "not available on this machine"
             continue
-        e = embed_items(predictor, "neg-" + name, items, cache)
+        e = embed_items(predictor, "neg-" + name, items, cache, tta="none")
         res["measured_sets"][name] = summary(gate_reasons(predictor, scope_card, items, e))
     # Leave one region out: refit without the region (train and valid), measure its images (all splits).
     for part in leave_out:
@@ -175,7 +182,13 @@ def measure(model: str, data: str, cache: str | None = DEFAULT_CACHE, leave_out=
                              (predictor.card.split or {}).get("fit_on", "train"))
     res["calibration"] = calibration_on_test(fitted, emb["test"]["prob"], sets["test"][0])
     if write_model:
-        updates = {"scope": scope_card, **fitted}
+        updates = {"scope": scope_card, **fitted, "tta": predictor.tta}
+        if predictor.tta != (predictor.card.tta or "none") and (predictor.card.split or {}).get("fit_on") != "train+valid":
+            from bonexray.inference.calibrate import threshold_on_valid
+            from bonexray.runs import find_run_dir
+
+            updates["threshold"] = threshold_on_valid(sets["valid"][0], emb["valid"]["prob"], find_run_dir(predictor.path))
+            res["threshold_rechosen_on_valid"] = updates["threshold"]
         rewrite_checkpoint(predictor.path, write_model, updates, half=True)
         res["wrote"] = write_model
     return res
@@ -214,9 +227,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pca-quantile", type=float, default=0.995)
     ap.add_argument("--head-quantile", type=float, default=0.99)
     ap.add_argument("--write-model", default=None)
+    ap.add_argument("--tta", choices=("none", "flip", "d4"), default=None,
+                    help="fit the calibration under this TTA and write it into --write-model's card (default: the card's)")
     args = ap.parse_args(argv)
     res = measure(args.model, args.data, args.cache or None, args.leave_out, args.pca_quantile, args.head_quantile,
-                  args.write_model)
+                  args.write_model, args.tta)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     for split, r in res["in_distribution"].items():
         if "n" in r:

@@ -325,6 +325,43 @@ def test_flip_tta_averages_image_and_mirror(ckpt):
         Predictor(ckpt, device="cpu", tta="rotate")
 
 
+def test_d4_tta_averages_the_eight_turns_and_mirrors_and_is_invariant_to_them(ckpt):
+    from bonexray.inference.predictor import Predictor
+
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 255, size=(2, 64, 64), dtype=np.uint8)
+    plain, d4 = Predictor(ckpt, device="cpu"), Predictor(ckpt, device="cpu", tta="d4")
+    views = [np.rot90(batch, k, axes=(1, 2)) for k in range(4)]
+    views += [v[:, :, ::-1] for v in views]
+    got = [plain.predict_arrays(np.ascontiguousarray(v)) for v in views]
+    pt, bt = d4.predict_arrays(batch)
+    assert np.allclose(pt, np.mean([g[0] for g in got], axis=0), atol=1e-6)
+    assert np.allclose(bt, np.mean([g[1] for g in got], axis=0), atol=1e-6)
+    assert not np.allclose(pt, got[0][0])
+    # A film turned on its side or mirrored gets the same probability: the 8 views are the same set.
+    for v in views[1:]:
+        assert np.allclose(d4.predict_arrays(np.ascontiguousarray(v))[0], pt, atol=1e-5)
+    # The embedding (the scope gate's input) is the view as given, and a per-call tta overrides.
+    assert np.allclose(d4.predict_batch(batch).embedding, plain.predict_batch(batch).embedding, atol=1e-6)
+    assert np.allclose(d4.predict_batch(batch, tta="none").prob, got[0][0], atol=1e-6)
+
+
+def test_the_model_cards_tta_is_the_default_everywhere_and_an_explicit_one_wins(ckpt, tmp_path):
+    from bonexray.api import load_model
+    from bonexray.errors import CheckpointError
+    from bonexray.inference.calibrate import rewrite_checkpoint
+    from bonexray.inference.predictor import Predictor
+
+    d4_ckpt = rewrite_checkpoint(ckpt, tmp_path / "d4.ckpt", {"tta": "d4"})
+    assert Predictor(ckpt, device="cpu").tta == "none"
+    assert Predictor(d4_ckpt, device="cpu").tta == "d4"
+    assert Predictor(d4_ckpt, device="cpu", tta="flip").tta == "flip"
+    assert load_model(d4_ckpt, device="cpu")._predictor.tta == "d4"
+    bad = rewrite_checkpoint(ckpt, tmp_path / "bad.ckpt", {"tta": "rotate"})
+    with pytest.raises(CheckpointError, match="tta 'rotate' is not one of none, flip, d4"):
+        Predictor(bad, device="cpu")
+
+
 def _finding(prob: float, scope_reason: str | None = None):
     from types import SimpleNamespace
 

@@ -62,6 +62,48 @@ def test_colour_photo_and_ct_dicom_are_not_radiographs():
     assert scope.source_evidence(rgb_gray).colourfulness < 1.0
 
 
+def _jpeg_bytes(gray: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_jpeg_quality_is_read_from_the_quantization_tables_and_heavy_compression_is_refused():
+    gray = radiograph_like(6, 300, 240)
+    for q in (30, 40, 50, 60, 75, 90, 95):
+        assert scope.source_evidence(_jpeg_bytes(gray, q)).jpeg_quality == q
+    # Below IJG quality ~20 entries clip at 255 and the estimate reads a little high, still far below 50.
+    assert scope.source_evidence(_jpeg_bytes(gray, 5)).jpeg_quality < scope.MIN_JPEG_QUALITY
+    assert scope.source_evidence(png_bytes(gray)).jpeg_quality is None
+    for q, reason in ((5, scope.COMPRESSED), (30, scope.COMPRESSED), (49, scope.COMPRESSED), (50, None), (89, None)):
+        data = _jpeg_bytes(gray, q)
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+        assert scope.statistics_reason(pixels, False, scope.source_evidence(data)) == reason, q
+    # A colour JPEG says "not a radiograph" first: what it is matters more than how it was saved.
+    photo = Image.fromarray(_photo())
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=20)
+    ev = scope.source_evidence(buf.getvalue())
+    assert ev.jpeg_quality == 20 and scope.statistics_reason(np.asarray(photo.convert("L")), False, ev) == scope.NOT_RADIOGRAPH
+
+
+def test_api_and_cli_refuse_a_heavily_compressed_jpeg(tmp_path, capsys):
+    from bonexray.api import load_model
+    from bonexray.cli import main
+
+
+    gray = radiograph_like(7, 300, 240)
+    (tmp_path / "q20.jpg").write_bytes(_jpeg_bytes(gray, 20))
+    (tmp_path / "q90.jpg").write_bytes(_jpeg_bytes(gray, 90))
+    model = load_model("fracatlas", device="cpu")
+    low, high = model.predict([tmp_path / "q20.jpg", tmp_path / "q90.jpg"])
+    assert (low.in_scope, low.scope_reason, low.abnormal) == (False, scope.COMPRESSED, None)
+    assert high.scope_reason != scope.COMPRESSED
+    assert main(["predict", "fracatlas", str(tmp_path / "q20.jpg")]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["in_scope"] is False and record["scope_reason"] == scope.COMPRESSED and record["abnormal"] is None
+
+
 @requires_shared_data
 def test_real_fracatlas_radiographs_pass_the_statistics_checks():
     from bonexray.data.imageio import read_image
@@ -70,6 +112,7 @@ def test_real_fracatlas_radiographs_pass_the_statistics_checks():
     for f in files:
         d = read_image(f)
         assert scope.statistics_reason(d.pixels, d.truncated, scope.source_evidence(f)) is None, f
+        assert scope.source_evidence(f).jpeg_quality >= 89, f  # FracAtlas is saved at 89-99
 
 
 # --------------------------------------------------------------------------- feature space
@@ -165,6 +208,41 @@ def test_calibration_writes_scope_and_band_into_the_card(calibrated):
                                         and "valid split" in card.calibration["fitted_on"])
     assert "valid split" in card.operating_points["source"]
     assert 0 <= card.operating_points["suspicious"] <= card.operating_points["definite"] <= 1
+
+
+def test_calibration_under_d4_tta_records_it_and_rechooses_the_threshold_on_valid(trained_run, tmp_path):
+    import pandas as pd
+
+    from bonexray.cli import main
+    from bonexray.data.datasets import load_dataset
+    from bonexray.data.preprocess import build_cache
+    from bonexray.inference.calibrate import calibrate_model
+    from bonexray.inference.predictor import Predictor
+    from bonexray.model.checkpoint import read_card
+    from bonexray.training.threshold import choose_threshold
+
+    import shutil
+
+    cache = tmp_path / "cache"
+    run = Path(shutil.copytree(trained_run["run_dir"], tmp_path / "run"))  # evaluate finds the valid split beside it
+    out = calibrate_model(trained_run["best_checkpoint"], trained_run["manifest"], out=run / "checkpoints" / "d4.ckpt",
+                          quantile=0.99, device="cpu", head=False, tta="d4", cache=cache)
+    card, plain = read_card(out), read_card(trained_run["best_checkpoint"])
+    assert plain.tta is None and card.tta == "d4"
+    splits = pd.read_csv(Path(trained_run["run_dir"]) / "splits.csv")
+    valid = splits[(splits["split"] == "valid") & splits["abnormal"].isin([0, 1])]
+    image_cache, _ = build_cache(load_dataset(trained_run["manifest"]), cache, size=64)
+    row_of = dict(zip(image_cache.index["path"], image_cache.index["row"]))
+    tiles = np.asarray(image_cache.images[[row_of[p] for p in valid["path"]]])
+    probs = Predictor(trained_run["best_checkpoint"], device="cpu", tta="d4").predict_batch(tiles, boxes=False).prob
+    assert card.threshold == pytest.approx(float(choose_threshold(valid["abnormal"].to_numpy(), probs)), abs=1e-6)
+    # evaluate keeps the card's threshold under the card's TTA, and re-chooses it for another.
+    for tta, source in ((None, "model card"), ("none", "re-chosen on the run's valid split")):
+        res = tmp_path / f"eval-{tta}"
+        assert main(["evaluate", str(out), "--data", trained_run["manifest"], "--out", str(res), "--bootstrap", "0",
+                     "--cache", str(cache), "--device", "cpu"] + (["--tta", tta] if tta else [])) == 0
+        metrics = json.loads((res / "metrics.json").read_text())
+        assert metrics["tta"] == (tta or "d4") and metrics["threshold_source"].startswith(source), metrics
 
 
 def test_predict_cli_refuses_photo_ct_and_blank_and_answers_the_radiograph(calibrated, ood_files, capsys):

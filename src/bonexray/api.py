@@ -94,13 +94,14 @@ class Model:
                 f"body_parts={card.body_parts}, threshold={card.threshold:.3f})")
 
 
-def load_model(path: str | os.PathLike | None = None, device: str = "auto", tta: str = "none",
+def load_model(path: str | os.PathLike | None = None, device: str = "auto", tta: str | None = None,
                scope_check: bool = True) -> Model:
     """A bonexray checkpoint (``.ckpt``), ONNX export (``.onnx``) or bundled model name (``"fracatlas"``;
     None: the default bundled model) ready to ``predict``.
 
-    ``device``: ``auto`` (GPU when there is one), ``cpu`` or ``cuda[:N]``. ``tta="flip"`` averages
-    each image with its mirror. ``scope_check=False`` gives a verdict for every image (``in_scope`` None).
+    ``device``: ``auto`` (GPU when there is one), ``cpu`` or ``cuda[:N]``. ``tta``: test-time
+    augmentation, ``"none"``, ``"flip"`` (each image with its mirror) or ``"d4"`` (its 8 quarter turns
+    and mirrors); None: the model card's, under which its calibration was fitted. ``scope_check=False`` gives a verdict for every image (``in_scope`` None).
     """
     from .inference.predictor import Predictor
 

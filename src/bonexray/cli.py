@@ -13,6 +13,7 @@ import warnings
 
 from ._version import __version__
 from .errors import BonexrayError, BonexrayWarning
+from .core.card import TTA_MODES
 from .inference.backends import BACKENDS
 
 
@@ -173,7 +174,8 @@ def cmd_calibrate_scope(args: argparse.Namespace) -> int:
     path = calibrate_model(args.model, args.data, out=args.out, quantile=args.quantile, cache=args.cache,
                            batch_size=args.batch_size, device=args.device, head=not args.no_head,
                            non_radiographs=args.non_radiographs, other_regions=args.other_regions,
-                           sensitivity=args.sensitivity, specificity=args.specificity, overwrite=args.overwrite)
+                           sensitivity=args.sensitivity, specificity=args.specificity, overwrite=args.overwrite,
+                           tta=args.tta)
     print(f"wrote {path}")
     return 0
 
@@ -193,6 +195,8 @@ def cmd_pacs(args: argparse.Namespace) -> int:
                       quiet_seconds=args.quiet_seconds, device=args.device, backend=args.backend)
 
 
+TTA_HELP = ("test-time augmentation: 'flip' averages each image's probabilities with its mirror's (2x the compute), "
+            "'d4' over its 8 quarter turns and mirrors (8x); default: the model card's (none when it states none)")
 BACKEND_HELP = ("engine: 'auto' (default) on CPU runs the model's ONNX export (made once, cached beside a checkpoint "
                 "as NAME.<sha256>.onnx) on the fastest engine that the model's backend record (MODEL.backends.json, "
                 "written by bench/backends.py for that exact file) accepts and this machine has (another engine only "
@@ -267,9 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "arena; bench/RESULTS.md, Scale)")
     e.add_argument("--device", default="auto")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
-    e.add_argument("--tta", choices=["none", "flip"], default="none",
-                   help="test-time augmentation: 'flip' averages each image with its mirror; the threshold is then "
-                        "re-chosen on the run's valid split under the same TTA, except for train+valid fits (default none)")
+    e.add_argument("--tta", choices=TTA_MODES, default=None,
+                   help=TTA_HELP + "; a TTA other than the card's re-chooses the threshold on the run's valid split "
+                        "under it, except for train+valid fits")
     e.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     e.add_argument("--map-body-part", action="append", default=[], metavar="DATA=MODEL",
                    help="map a dataset body part onto a model class (repeatable)")
@@ -290,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["json", "csv"], default="json")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--device", default="auto")
-    pr.add_argument("--tta", choices=["none", "flip"], default="none",
-                    help="'flip' averages each image with its mirror (twice the compute); decisions still use "
-                         "the checkpoint's threshold")
+    pr.add_argument("--tta", choices=TTA_MODES, default=None,
+                    help=TTA_HELP + "; decisions still use the card's threshold and operating points, which were "
+                         "fitted under the card's TTA")
     pr.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     _add_process_arguments(pr)
     pr.add_argument("--no-scope-check", action="store_true", help=NO_SCOPE_HELP)
@@ -360,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the suspicious operating point: highest threshold with this valid-split sensitivity")
     cs.add_argument("--specificity", type=float, default=0.95,
                     help="the definite operating point: lowest threshold with this valid-split specificity")
+    cs.add_argument("--tta", choices=TTA_MODES, default=None,
+                    help=TTA_HELP + "; the calibration and operating points are fitted under it and the card asks "
+                         "every front end for it (a new one re-chooses the threshold on valid)")
     cs.add_argument("--cache", default=None, help="preprocessed cache folder (default: per-user cache)")
     cs.add_argument("--batch-size", type=int, default=64)
     cs.add_argument("--device", default="auto")

@@ -75,7 +75,7 @@ def run_predict(
     device: str = "auto",
     batch_size: int = 16,
     stream: TextIO | None = None,
-    tta: str = "none",
+    tta: str | None = None,
     cam_method: str = "gradcam++",
     backend: str = "auto",
     devices: str | int = 1,

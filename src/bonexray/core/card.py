@@ -29,6 +29,9 @@ RESERVED_PROB_NAMES = ("abnormal",)
 #: A body-part name is shown in CSV headers, JSON keys, DICOM SR text and the web page.
 MAX_NAME_CHARS = 64
 _NAME_PUNCTUATION = set(" _-.()/+")
+#: Test-time augmentation: "flip" averages the probabilities of the tile and its mirror, "d4" over its 8
+#: quarter turns and mirrors (a radiograph's verdict should not depend on how it was turned).
+TTA_MODES = ("none", "flip", "d4")
 
 
 def _plain_name(name: str) -> bool:
@@ -71,6 +74,9 @@ class ModelCard:
     #: The two operating points of the three-state finding (core/decision.py): {"suspicious": p_low,
     #: "definite": p_high, "source": ...} on the calibrated probability; None: threshold -/+ band.
     operating_points: dict | None = None
+    #: The test-time augmentation (``TTA_MODES``) the calibration and operating points were fitted
+    #: under, and the one every front end uses unless told otherwise; None: "none".
+    tta: str | None = None
 
     def __post_init__(self) -> None:
         if self.mean is None or self.std is None:
@@ -111,6 +117,8 @@ class ModelCard:
         if clash:
             raise CheckpointError(f"model card body part {clash[0]!r} would overwrite the output field "
                                   f"prob_{clash[0]}; rename the class")
+        if self.tta is not None and self.tta not in TTA_MODES:
+            raise CheckpointError(f"model card tta {self.tta!r} is not one of {', '.join(TTA_MODES)}")
         band = self.borderline_band
         if band is not None and not (isinstance(band, (int, float)) and math.isfinite(band) and 0.0 <= band < 0.5):
             raise CheckpointError(f"model card borderline_band {band!r} is not a probability distance in [0, 0.5)")

@@ -139,7 +139,7 @@ def _same_split(predictor, checkpoints: Sequence[Path]) -> Path | None:
 def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "test", out: str = "results",
                    batch_size: int = 16, device: str = "auto", n_bootstrap: int = 1000,
                    body_part_map: Sequence[str] = (), cache: str | None = None, progress: bool = True,
-                   tta: str = "none", splits: str | None = None, backend: str = "auto", devices: str | int = 1,
+                   tta: str | None = None, splits: str | None = None, backend: str = "auto", devices: str | int = 1,
                    num_nodes: int = 1, strategy: str = "ddp", overwrite: bool = False) -> str | None:
     """Evaluate one checkpoint, or several as an ensemble (probabilities averaged).
 
@@ -169,7 +169,8 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     # Localisation is scored where the data says where fractures are (FracAtlas' COCO boxes) and the
     # model has a box head.
     with_boxes = predictor.has_boxes and any("localized" in r.extras for r in sel.chosen)
-    rechoose = not fit_on_valid and (tta != "none" or len(ckpts) > 1)
+    # The card's threshold was chosen under the card's TTA for one model; anything else chooses it again on valid.
+    rechoose = not fit_on_valid and (predictor.tta != (predictor.card.tta or "none") or len(ckpts) > 1)
     known = None
     if distributed:
         known = _predict_across_processes(predictor, sel, rechoose, with_boxes, batch_size, devices=devices,
@@ -185,7 +186,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     table = _prediction_table(sel.chosen, probs, part_probs, threshold, predictor.body_parts)
     metrics, studies, curves = _all_metrics(table, found[0] if with_boxes else None, sel.chosen, threshold, predictor,
                                             n_bootstrap, phases, progress)
-    info = _run_info(predictor, ckpts, data, split, sel, threshold, threshold_source, tta)
+    info = _run_info(predictor, ckpts, data, split, sel, threshold, threshold_source, predictor.tta)
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
                                          "skipped_unreadable", "backend")})
     metrics["dropped_rows"] = {"n": len(sel.dropped), "rows": [{"file": f, "reason": why} for f, why in sel.dropped]}
@@ -205,8 +206,8 @@ def _threshold(predictor, sel: "_Selection", run_dir, fit_on_valid: bool, rechoo
         return predictor.threshold, ("model card (a train+valid fit keeps 0.5, the operating point of its "
                                      "class-balanced loss; no split was left to choose it on)")
     if rechoose:
-        # The stored threshold was chosen on valid for one model without TTA; choose it again, on the
-        # valid split only, for what is evaluated here.
+        # The stored threshold was chosen on valid for one model under the card's TTA; choose it again,
+        # on the valid split only, for what is evaluated here.
         return _rechoose_threshold_on_valid(predictor, sel.image_cache, sel.records, run_dir, sel.row_of, sel.status,
                                             batch_size, progress, known=known)
     return predictor.threshold, "model card (chosen on valid during training)"
@@ -224,7 +225,7 @@ def _run_info(predictor, ckpts, data, split: str, sel: "_Selection", threshold: 
             "backend": ", ".join(m.backend for m in getattr(predictor, "members", [predictor]))}
 
 
-def _load_predictor(ckpts: Sequence[Path], device: str, tta: str, backend: str, devices=None):
+def _load_predictor(ckpts: Sequence[Path], device: str, tta: str | None, backend: str, devices=None):
     """One Predictor, or an Ensemble of several; ``devices`` (across processes): this rank's device and cores."""
     from ..inference.predictor import Ensemble, Predictor
 

@@ -33,12 +33,14 @@ from .scope import DEFAULT_BAND, choose_band, fit_feature_scope, fit_scope_head
 BAND_SHARE = 0.2
 
 
-def embed_rows(predictor, image_cache, rows, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities (N,), embeddings (N, C)) of cache rows."""
+def embed_rows(predictor, image_cache, rows, batch_size: int = 64, tta: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N,), embeddings (N, C)) of cache rows; ``tta``: the predictor's unless given (the
+    embedding is the identity view's under any TTA)."""
     probs, embs = [], []
     rows = np.asarray(rows)
     for i in range(0, len(rows), batch_size):
-        pred = predictor.predict_batch(np.asarray(image_cache.images[rows[i : i + batch_size]]), boxes=False)
+        pred = predictor.predict_batch(np.asarray(image_cache.images[rows[i : i + batch_size]]), boxes=False, tta=tta)
         if pred.embedding is None:
             raise CheckpointError(f"{predictor.path}: the model gives no embedding output (an ONNX file exported "
                                   "before bonexray had it); calibrate the checkpoint instead")
@@ -57,7 +59,7 @@ def embed_items(predictor, items, batch_size: int = 64) -> np.ndarray:
             tiles.append(read_bytes_for_model(data, name, predictor.image_size).tile)
         except BonexrayError:
             continue
-    embs = [predictor.predict_batch(np.stack(tiles[i : i + batch_size]), boxes=False).embedding
+    embs = [predictor.predict_batch(np.stack(tiles[i : i + batch_size]), boxes=False, tta="none").embedding
             for i in range(0, len(tiles), batch_size)]
     return np.concatenate(embs) if embs else np.zeros((0, 1))
 
@@ -102,9 +104,14 @@ def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantil
                       cache: str | os.PathLike | None = None, batch_size: int = 64, device: str = "auto",
                       progress: bool = False, head: bool = True, head_quantile: float = 0.99,
                       non_radiographs=(), other_regions=(), sensitivity: float = 0.95,
-                      specificity: float = 0.95) -> dict[str, Any]:
+                      specificity: float = 0.95, tta: str | None = None) -> dict[str, Any]:
     """Card fields ``scope`` (with its ``head``), ``calibration``, ``operating_points``,
-    ``borderline_band``, ``borderline_source`` for ``model`` on its training data."""
+    ``borderline_band``, ``borderline_source`` and ``tta`` for ``model`` on its training data.
+
+    ``tta`` (None: the card's): the test-time augmentation the valid-split probabilities, hence the
+    calibration and operating points, are taken under and that the card then asks every front end for.
+    When it differs from the card's, the decision threshold is chosen again on the valid split under it
+    (the run's threshold method; Youden without a run folder), except for a train+valid fit."""
     from ..data.datasets import load_dataset
     from ..data.preprocess import build_cache, default_cache_dir
     from ..data.splits import assign_eval_splits
@@ -113,7 +120,7 @@ def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantil
 
     if not 0.5 <= quantile < 1:
         raise BonexrayError(f"--quantile {quantile}: use a share between 0.5 and 1 (e.g. 0.995)")
-    predictor = Predictor(model, device=device, backend="torch")
+    predictor = Predictor(model, device=device, backend="torch", tta=tta)
     card = predictor.card
     records = load_dataset(data)
     image_cache, _ = build_cache(records, Path(cache) if cache else default_cache_dir(records.root, predictor.image_size),
@@ -131,9 +138,12 @@ def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantil
     if len(train_rows) < 2 or not valid_rows:
         raise DatasetError(f"{data}: the model's train/valid splits hold {len(train_rows)}/{len(valid_rows)} readable "
                            "images; the scope statistics need both")
-    _, train_emb = embed_rows(predictor, image_cache, train_rows, batch_size)
+    _, train_emb = embed_rows(predictor, image_cache, train_rows, batch_size, tta="none")  # only embeddings needed
     valid_prob, valid_emb = embed_rows(predictor, image_cache, valid_rows, batch_size)
     fit_on = (card.split or {}).get("fit_on", "train")
+    threshold, updates = card.threshold, {"tta": predictor.tta}
+    if predictor.tta != (card.tta or "none") and fit_on == "train":
+        threshold = updates["threshold"] = threshold_on_valid(valid, valid_prob, find_run_dir(predictor.path))
     seen = " (this model was also trained on it: --fit-on train+valid)" if fit_on == "train+valid" else ""
     fs = fit_feature_scope(train_emb, valid_emb, quantile=quantile, info={
         "fitted_on": f"train split ({len(train_rows)} images)",
@@ -148,8 +158,25 @@ def scope_calibration(model: str | os.PathLike, data: str | os.PathLike, quantil
                          + ", ".join(f"{k} {len(v)}" for k, v in outs.items()),
             "threshold_source": f"{head_quantile} of the valid split's images pass ({len(valid_rows)} images){seen}"}
         ).to_card()
-    return {"scope": scope_card, **_valid_split_fields(valid, valid_prob, card.threshold, fit_on, sensitivity,
-                                                      specificity)}
+    return {"scope": scope_card, **updates, **_valid_split_fields(valid, valid_prob, threshold, fit_on, sensitivity,
+                                                                 specificity)}
+
+
+def threshold_on_valid(valid, valid_prob: np.ndarray, run_dir) -> float:
+    """The decision threshold chosen again on the labelled valid images, by the run's method."""
+    import yaml
+
+    from ..training.threshold import choose_threshold
+
+    cfg = {}
+    if run_dir is not None and (Path(run_dir) / "config.yaml").is_file():
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    y = np.array([r.abnormal if r.abnormal in (0, 1) else -1 for r in valid])
+    lab = y >= 0
+    if len(set(y[lab])) < 2:
+        raise DatasetError("the valid split needs images of both labels to choose the threshold under the new TTA")
+    return float(choose_threshold(y[lab], valid_prob[lab], method=cfg.get("threshold_method", "youden"),
+                                  target=cfg.get("target_sensitivity", 0.9)))
 
 
 def _valid_split_fields(valid, valid_prob: np.ndarray, threshold: float, fit_on: str, sensitivity: float,

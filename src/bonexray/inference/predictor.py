@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.card import TTA_MODES
 from ..errors import BonexrayError, CheckpointError
 from .onnx_format import ONNX_INPUT, ONNX_OUTPUTS
 
@@ -22,7 +23,20 @@ if TYPE_CHECKING:
 
 BOX_MAPS = ("box_logits", "box_ltrb", "box_centerness")
 
-TTA_MODES = ("none", "flip")  # test-time augmentation: "flip" averages the image and its mirror
+
+
+def tta_views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
+    """The extra views of a (N, S, S) batch that test-time augmentation ``tta`` averages over (the batch
+    itself not included): its mirror for "flip"; its 3 other quarter turns and the mirrors of all 4 for "d4"."""
+    if tta == "flip":
+        return [np.ascontiguousarray(batch[:, :, ::-1])]
+    if tta != "d4":
+        return []
+    views = [np.ascontiguousarray(batch[:, :, ::-1])]
+    for k in (1, 2, 3):
+        turned = np.rot90(batch, k, axes=(1, 2))
+        views += [np.ascontiguousarray(turned), np.ascontiguousarray(turned[:, :, ::-1])]
+    return views
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -91,13 +105,13 @@ class Predictor:
     on one machine share the cores).
     """
 
-    def __init__(self, model: str | os.PathLike | None, device: str = "auto", tta: str = "none",
+    def __init__(self, model: str | os.PathLike | None, device: str = "auto", tta: str | None = None,
                  backend: str = "auto", threads: int | None = None) -> None:
         from ..model.hub import ModelFile, resolve_model_file
         from .backends import BACKENDS, ONNX_ENGINES, choose_backend, exported_onnx, warn
         from .onnx_file import read_onnx
 
-        if tta not in TTA_MODES:
+        if tta is not None and tta not in TTA_MODES:
             raise BonexrayError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
         if backend not in BACKENDS:
             raise BonexrayError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -146,6 +160,8 @@ class Predictor:
         if self.backend == "torch":
             self.device = resolve_device(device)
             self.net, self.card = self._load_net()
+        # None: the card's, the setting its calibration and operating points were fitted under.
+        self.tta = tta if tta is not None else (self.card.tta or "none")
 
     def _load_engine(self, onnx_path: Path | OnnxFile, device: str, threads: int | None, chosen_by_auto: bool):
         """(card, session) on ``self.backend``; an OpenVINO engine that ``auto`` chose but that fails to
@@ -239,20 +255,26 @@ class Predictor:
         pred = self.predict_batch(batch, boxes=False)
         return pred.prob, pred.parts
 
-    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_settings=None) -> BatchPrediction:
+    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_settings=None,
+                      tta: str | None = None) -> BatchPrediction:
         """Probabilities, embedding and (with a box head, when ``boxes``) boxes for a uint8 (N, S, S) batch.
 
         ``box_settings`` (core/boxes.py BoxSettings) overrides the card's operating point
-        (evaluation traces FROC and AP from a low threshold and more detections per image). With ``tta="flip"`` the probabilities average the image and its mirror; boxes and
-        the embedding come from the image as given.
+        (evaluation traces FROC and AP from a low threshold and more detections per image). Under test-time
+        augmentation (``tta``: this predictor's unless given) the probabilities average the views
+        (:func:`tta_views`); boxes and the embedding come from the image as given.
         """
         out = self.outputs(batch)
         prob, parts = sigmoid(out["abnormal_logit"]), softmax(out["body_part_logits"])
-        if self.tta == "flip":
-            # Mirror images are equally plausible radiographs (left and right limbs); average the
-            # probabilities of both views.
-            abn_f, bp_f = self.logits(np.ascontiguousarray(np.asarray(batch)[:, :, ::-1]))
-            prob, parts = (prob + sigmoid(abn_f)) / 2, (parts + softmax(bp_f)) / 2
+        views = tta_views(np.asarray(batch), self.tta if tta is None else tta)
+        # Mirrored and turned images are equally plausible radiographs (left and right limbs, films
+        # scanned on their side); average the probabilities over the views, one engine call per view
+        # so that the engine's arena stays at one batch.
+        for view in views:
+            abn_v, bp_v = self.logits(view)
+            prob, parts = prob + sigmoid(abn_v), parts + softmax(bp_v)
+        if views:
+            prob, parts = prob / (len(views) + 1), parts / (len(views) + 1)
         found = None
         if boxes and self.has_boxes:
             found = decode_output_boxes(out, box_settings or self.box_settings)
@@ -273,19 +295,21 @@ class Ensemble:
     ``threshold`` is the members' mean; evaluation re-chooses it on the runs' valid split.
     """
 
-    def __init__(self, models: Sequence[str | os.PathLike], device: str = "auto", tta: str = "none",
+    def __init__(self, models: Sequence[str | os.PathLike], device: str = "auto", tta: str | None = None,
                  backend: str = "auto", threads: int | None = None) -> None:
         if not models:
             raise BonexrayError("an ensemble needs at least one model")
-        self.members = [Predictor(m, device=device, tta=tta, backend=backend, threads=threads) for m in models]
-        first = self.members[0]
+        first = Predictor(models[0], device=device, tta=tta, backend=backend, threads=threads)
+        # Every member reads the same views: the first one's TTA (its card's, unless given).
+        self.members = [first] + [Predictor(m, device=device, tta=first.tta, backend=backend, threads=threads)
+                                  for m in models[1:]]
         for m in self.members[1:]:
             if m.image_size != first.image_size or m.body_parts != first.body_parts:
                 raise BonexrayError(
                     f"{m.path}: cannot ensemble with {first.path}: image size {m.image_size} vs {first.image_size}, "
                     f"body parts {m.body_parts} vs {first.body_parts}"
                 )
-        self.tta, self.card, self.path, self.device = tta, first.card, first.path, first.device
+        self.tta, self.card, self.path, self.device = first.tta, first.card, first.path, first.device
 
     @property
     def image_size(self) -> int:
@@ -311,11 +335,12 @@ class Ensemble:
         pred = self.predict_batch(batch, boxes=False)
         return pred.prob, pred.parts
 
-    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_settings=None) -> BatchPrediction:
+    def predict_batch(self, batch: np.ndarray, boxes: bool = True, box_settings=None,
+                      tta: str | None = None) -> BatchPrediction:
         """Members' probabilities averaged; boxes decoded from the members' averaged box maps (score and
         centre-ness probabilities and distances averaged cell by cell: every member has the same grid).
         The embedding is the first member's (the members' feature spaces differ)."""
-        preds = [m.predict_batch(batch, boxes=False) for m in self.members]
+        preds = [m.predict_batch(batch, boxes=False, tta=tta) for m in self.members]
         outs = [p.outputs for p in preds]
         found = None
         if boxes and self.has_boxes:

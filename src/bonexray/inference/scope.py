@@ -18,7 +18,10 @@ cheapest first:
    :data:`COLOUR_SHARE` of its area is ``"not a radiograph"`` (a thin coloured arrow or label on a
    radiograph is not). The DICOM body-part tags (core/body_parts.py, one table): a file that names
    its region, none of which is among the model's classes, is ``"body part not among the model's
-   classes"``; a region that maps is evidence only.
+   classes"``; a region that maps is evidence only. A JPEG file whose quantization tables say it was
+   saved below IJG quality :data:`MIN_JPEG_QUALITY` (estimated from the luminance table, as
+   ImageMagick's identify does) is ``"image too heavily JPEG-compressed"``: at quality 30 block
+   artefacts flip the verdicts of about half the test images (bench/RESULTS.md, Robustness).
 5. The pixel gate on the pooled backbone embedding that both heads read (``card.scope``, written by
    ``bonexray calibrate-scope``): an in-scope head (multinomial logistic regression: in scope against
    the outlier kinds it was fitted with) refuses when p(in scope) is below its threshold, with the
@@ -52,12 +55,16 @@ TRUNCATED = "too little of the image decoded"
 TOO_SMALL = "image too small or too narrow to read"
 MULTI_FRAME = "multi-frame DICOM, not a single radiograph"
 INVERTED = "image looks inverted (a negative)"
-SCOPE_REASONS = (NOT_RADIOGRAPH, UNKNOWN_PART, BLANK, TRUNCATED, TOO_SMALL, MULTI_FRAME, INVERTED)
+COMPRESSED = "image too heavily JPEG-compressed"
+SCOPE_REASONS = (NOT_RADIOGRAPH, UNKNOWN_PART, BLANK, TRUNCATED, TOO_SMALL, MULTI_FRAME, INVERTED, COMPRESSED)
 
 BLANK_STD = 3.0
 BLANK_SHARE = 0.98
 MIN_DECODED_SHARE = 0.5
 COLOUR_LIMIT = 12.0
+#: JPEG files saved below this IJG quality are refused. A stated limit, not tuned: 50 is the IJG
+#: reference table itself; FracAtlas's images are 89-99, clinical exports usually 75 or more.
+MIN_JPEG_QUALITY = 50
 #: Share of a colourful thumbnail's pixels that must be coloured (chroma above :data:`CHROMA_MIN`).
 COLOUR_SHARE = 0.05
 CHROMA_MIN = 40
@@ -92,6 +99,8 @@ class SourceEvidence:
     colour_share: float | None = None
     n_frames: int = 1
     region: DicomRegion | None = None
+    #: Estimated IJG quality of a JPEG file (:func:`jpeg_quality`); None: not a JPEG file.
+    jpeg_quality: int | None = None
 
     @property
     def is_colour(self) -> bool:
@@ -132,7 +141,7 @@ def source_evidence(source: Any) -> SourceEvidence:
 
 def _source_evidence(source: Any) -> SourceEvidence:
     if hasattr(source, "mode") and hasattr(source, "convert"):  # PIL image
-        return _colour_evidence(_pil_colour(source))
+        return _pil_evidence(source)
     data = source
     if isinstance(source, (str, os.PathLike)):
         try:
@@ -148,9 +157,39 @@ def _source_evidence(source: Any) -> SourceEvidence:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
-            return _colour_evidence(_pil_colour(im))
+            return _pil_evidence(im)
     except Exception:  # noqa: BLE001
         return SourceEvidence()
+
+
+def _pil_evidence(im) -> SourceEvidence:
+    quality = jpeg_quality(im)  # from the header, before _pil_colour drafts the decoder down
+    colour, share = _pil_colour(im)
+    return SourceEvidence(colourfulness=colour, colour_share=share, jpeg_quality=quality)
+
+
+#: Sum of the 64 entries of JPEG's Annex K luminance table (IJG quality 50).
+_IJG_LUMINANCE_SUM = 3688
+
+
+def jpeg_quality(im) -> int | None:
+    """IJG quality (1-100) of a PIL JPEG image estimated from its luminance quantization table: the
+    table's sum against the Annex K reference's gives IJG's scale factor, inverted (IJG scales the
+    reference by 5000 / q below quality 50 and by 200 - 2q above). None: not a JPEG or no table."""
+    tables = getattr(im, "quantization", None) if getattr(im, "format", None) == "JPEG" else None
+    if not tables:
+        return None
+    luminance = tables[min(tables)]
+    scale = 100.0 * float(sum(luminance)) / _IJG_LUMINANCE_SUM
+    if scale <= 0:
+        return None
+    return int(round((200.0 - scale) / 2 if scale <= 100 else 5000.0 / scale))
+
+
+def compression_reason(evidence: SourceEvidence | None) -> str | None:
+    """:data:`COMPRESSED` for a JPEG file saved below :data:`MIN_JPEG_QUALITY`."""
+    q = None if evidence is None else evidence.jpeg_quality
+    return COMPRESSED if q is not None and q < MIN_JPEG_QUALITY else None
 
 
 def _dicom_evidence(data: bytes) -> SourceEvidence:
@@ -180,10 +219,6 @@ def dataset_evidence(ds, data: bytes | None = None) -> SourceEvidence:
     if photometric and not photometric.startswith("MONOCHROME"):
         colour, share = _dicom_colour(data if data is not None else ds)
     return SourceEvidence(colourfulness=colour, modality=modality, colour_share=share, n_frames=frames, region=region)
-
-
-def _colour_evidence(colour: tuple[float | None, float | None]) -> SourceEvidence:
-    return SourceEvidence(colourfulness=colour[0], colour_share=colour[1])
 
 
 def _dicom_colour(data) -> tuple[float | None, float | None]:
@@ -308,6 +343,7 @@ def statistics_reason(pixels: np.ndarray, truncated: bool, evidence: SourceEvide
             return kind
         if evidence.is_colour:
             return NOT_RADIOGRAPH
+        return compression_reason(evidence)
     return None
 
 
@@ -519,7 +555,7 @@ class ScopeGate:
         (a process that reads the image can decide these and drop the pixels)."""
         if not self.enabled:
             return [None] * len(truncated)
-        out = [statistics_reason(p, t, e) if p is not None else dicom_kind_reason(e)
+        out = [statistics_reason(p, t, e) if p is not None else dicom_kind_reason(e) or compression_reason(e)
                for p, t, e in zip(pixels, truncated, evidence)]
         return [r if r is not None else region_reason(e, self.classes) for r, e in zip(out, evidence)]
 
