@@ -10,9 +10,11 @@ Per transform: the share refused by the gate, the share whose ``abnormal`` verdi
 images; refused ones do not flip, they are counted as refused), and the share whose finding flips
 confidently (negative <-> positive) - both only over images in scope before and after.
 
-Dihedral test-time averaging (the mean probability over the 8 rotations / flips of the tile,
-invariant to them by construction): image AUROC with and without it on the same images, and the
-paired bootstrap 95% CI of the difference (resampling studies).
+The transforms are predicted under the model card's test-time augmentation (``--tta`` to choose
+another), as every front end predicts. Dihedral test-time averaging (the mean probability over the 8
+rotations / flips of the tile, invariant to them by construction; ``--tta d4``): image AUROC of the
+plain view and of the average on the same images, and the paired bootstrap 95% CI of the difference
+(resampling studies).
 """
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ def auroc_ci(y, a, b, groups, n_boot: int = 1000, seed: int = 0):
             [float(v) for v in np.percentile(diffs, [2.5, 97.5])])
 
 
-def measure(model: str, data: str, limit: int | None, cache: str | None, transforms=TRANSFORMS) -> dict:
+def measure(model: str, data: str, limit: int | None, cache: str | None, transforms=TRANSFORMS,
+            tta: str | None = None) -> dict:
     from bonexray.core.decision import calibrated, finding_state, operating_points
     from bonexray.data.datasets import load_dataset
     from bonexray.data.imageio import read_image_bytes, to_uint8
@@ -98,7 +101,7 @@ def measure(model: str, data: str, limit: int | None, cache: str | None, transfo
     from bonexray.inference.predictor import Predictor
     from bonexray.inference.scope import ScopeGate, source_evidence
 
-    predictor = Predictor(model, device="cpu")
+    predictor = Predictor(model, device="cpu", tta=tta)  # None: the card's TTA, as every front end runs it
     card = predictor.card
     gate, points = ScopeGate(card), operating_points(card)
     records, how = assign_eval_splits(load_dataset(data), card.split, find_run_dir(predictor.path), None)
@@ -125,7 +128,7 @@ def measure(model: str, data: str, limit: int | None, cache: str | None, transfo
                   "finding": [finding_state(p, points) for p in prob], "refused": np.array([x is not None for x in reasons]),
                   "reasons": reasons}
     base = per["identity"]
-    out = {"model": str(predictor.path), "split": f"test ({how})", "n_images": len(chosen),
+    out = {"model": str(predictor.path), "tta": predictor.tta, "split": f"test ({how})", "n_images": len(chosen),
            "subset": f"first {limit} labelled test images" if limit else "all labelled test images",
            "operating_points": [points.suspicious, points.definite], "transforms": {}}
     for t in transforms:
@@ -148,7 +151,7 @@ def measure(model: str, data: str, limit: int | None, cache: str | None, transfo
     for k, v in enumerate(views):
         items = [(f"{Path(r.path).stem}-d{k}.png", transform(np.ascontiguousarray(v[i]), "identity")[1])
                  for i, r in enumerate(chosen)]
-        probs.append(embed_items(predictor, f"dihedral-{k}", items, cache)["prob"])
+        probs.append(embed_items(predictor, f"dihedral-{k}", items, cache, tta="none")["prob"])
     tta = np.mean(probs, 0)
     y = np.array([r.abnormal for r in chosen])
     a, b, d, ci = auroc_ci(y, probs[0], tta, [r.study_id for r in chosen])
@@ -164,10 +167,11 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="embedding cache folder ('' for none)")
     ap.add_argument("--out", default="robustness.json")
+    ap.add_argument("--tta", choices=("none", "flip", "d4"), default=None, help="default: the model card's")
     args = ap.parse_args(argv)
-    res = measure(args.model, args.data, args.limit, args.cache or None)
+    res = measure(args.model, args.data, args.limit, args.cache or None, tta=args.tta)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"{res['n_images']} test images ({res['subset']})")
+    print(f"{res['n_images']} test images ({res['subset']}), TTA {res['tta']}")
     print(f"{'transform':14s} {'refused':>8s} {'flips':>7s} {'confident':>10s}")
     for t, r in res["transforms"].items():
         print(f"{t:14s} {r['refused']:8.1%} {r['verdict_flips']:7.1%} {r['confident_finding_flips']:10.1%}")

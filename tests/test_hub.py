@@ -112,6 +112,7 @@ def test_names_work_everywhere_a_path_does(registered, tmp_path, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "tiny-efficientnet_lite0-64" in out and registered["info"]["sha256"] in out and "test AUROC" in out
+    assert "test-time augmentation: none" in out  # the card states none
 
 
 def test_a_changed_bundled_file_is_refused(registered, tmp_path, monkeypatch):

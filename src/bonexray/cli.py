@@ -156,7 +156,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     cards = {m.name: m.info().get("card", {}) for m in BUNDLED}
     for r in rows:  # the two operating points and the calibration the findings use
         card = cards.get(r["name"], {})
-        r["operating_points"], r["calibration"] = card.get("operating_points"), card.get("calibration")
+        r["operating_points"], r["calibration"], r["tta"] = (card.get("operating_points"), card.get("calibration"),
+                                                             card.get("tta") or "none")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

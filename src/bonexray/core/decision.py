@@ -206,4 +206,7 @@ def decision_lines(info) -> list[str]:
                      + (f", bias {float(cal['bias']):.3g}" if "bias" in cal else "") + f"; {cal.get('fitted_on', '')}")
     else:
         lines.append("calibration: none (probabilities as the network gives them)")
+    tta = info.get("tta") or "none"
+    lines.append(f"test-time augmentation: {tta}" + {"none": "", "flip": " (the image and its mirror averaged)",
+                                                        "d4": " (8 quarter turns and mirrors averaged)"}.get(tta, ""))
     return lines
