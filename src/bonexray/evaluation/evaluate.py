@@ -187,6 +187,13 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     metrics, studies, curves = _all_metrics(table, found[0] if with_boxes else None, sel.chosen, threshold, predictor,
                                             n_bootstrap, phases, progress)
     info = _run_info(predictor, ckpts, data, split, sel, threshold, threshold_source, predictor.tta)
+    report = _write_results(results, table, studies, metrics, curves, info, predictor, sel, run_dir, phases)
+    return _summary(metrics, info, sel, time.perf_counter() - t0, report)
+
+
+def _write_results(results: Path, table, studies, metrics: dict, curves, info: dict, predictor, sel: "_Selection",
+                   run_dir, phases: "_Phases") -> Path:
+    """predictions.csv, the figures, metrics.json (with what was evaluated, and how) and the report."""
     metrics.update({k: info[k] for k in ("checkpoint", "data", "split", "split_protocol", "threshold_source", "tta",
                                          "skipped_unreadable", "backend")})
     metrics["dropped_rows"] = {"n": len(sel.dropped), "rows": [{"file": f, "reason": why} for f, why in sel.dropped]}
@@ -196,7 +203,7 @@ def run_evaluation(checkpoint: str | Sequence[str], data: str, split: str = "tes
     write_metrics_json(results / "metrics.json", metrics)
     report = write_report(results, metrics, predictor.body_parts, info)
     phases.close()
-    return _summary(metrics, info, sel, time.perf_counter() - t0, report)
+    return report
 
 
 def _threshold(predictor, sel: "_Selection", run_dir, fit_on_valid: bool, rechoose: bool, batch_size: int,
