@@ -146,6 +146,45 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def jpeg_bytes(array: np.ndarray, quality: int) -> bytes:
+    """An image array encoded as JPEG at IJG ``quality``, in memory."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def lossy_jpeg_dicom(gray: np.ndarray, quality: int, modality: str = "DX") -> bytes:
+    """A DICOM file (Part 10 bytes) whose 8-bit gray pixel data is one JPEG baseline frame at ``quality``."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray image storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = modality
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.LossyImageCompression = "01"
+    ds.PixelData = encapsulate([jpeg_bytes(gray, quality)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
 class LiveServer:
     """Run an ASGI app under uvicorn in a thread on 127.0.0.1 (a free port); ``.url``; a context manager."""
 

@@ -20,9 +20,11 @@ from bonexray.data.imageio import (
     DecodedImage,
     is_image_file,
     read_image,
+    read_image_bytes,
     to_uint8,
 )
 from bonexray.errors import BonexrayWarning, ImageReadError, MissingDecoderError
+from builders import jpeg_bytes, lossy_jpeg_dicom, png_bytes, radiograph_like
 from conftest import SHARED_DATA, requires_shared_data
 
 DICOM_DIR = SHARED_DATA / "dicom"
@@ -534,6 +536,23 @@ def test_dicom_unsupported_compression_names_package(tmp_path: Path, monkeypatch
     with pytest.raises(MissingDecoderError, match="pip install") as info:  # a setup problem, not a bad image
         read_image(path)
     assert "JPEG-LS" in info.value.reason
+
+
+def test_lossy_jpeg_quality_is_read_from_jpeg_files_and_from_lossy_jpeg_dicom() -> None:
+    from pydicom.data import get_testdata_file
+
+    gray = radiograph_like(3, 120, 100)
+    for q in (20, 49, 90):
+        assert read_image_bytes(jpeg_bytes(gray, q), "x.jpg").jpeg_quality == q
+        decoded = read_image_bytes(lossy_jpeg_dicom(gray, q), "x.dcm")
+        assert (decoded.kind, decoded.jpeg_quality) == ("dicom", q)
+    assert read_image_bytes(png_bytes(gray), "x.png").jpeg_quality is None
+    assert read_image_bytes(Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes(), "rgb.dcm").jpeg_quality == 90
+    # Lossless and JPEG 2000 pixel data carry no IJG table; a 12-bit lossy stream is not on its scale.
+    for name in ("MR_small.dcm", "JPEG2000.dcm", "JPEG-lossy.dcm"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BonexrayWarning)
+            assert read_image_bytes(Path(get_testdata_file(name)).read_bytes(), name).jpeg_quality is None, name
 
 
 # --------------------------------------------------------------------------- real data

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from builders import png_bytes, radiograph_like
+from builders import jpeg_bytes, lossy_jpeg_dicom, png_bytes, radiograph_like
 from conftest import SHARED_DATA, requires_shared_data
 
 from bonexray.inference import scope
@@ -62,21 +62,15 @@ def test_colour_photo_and_ct_dicom_are_not_radiographs():
     assert scope.source_evidence(rgb_gray).colourfulness < 1.0
 
 
-def _jpeg_bytes(gray: np.ndarray, quality: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(gray).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def test_jpeg_quality_is_read_from_the_quantization_tables_and_heavy_compression_is_refused():
     gray = radiograph_like(6, 300, 240)
     for q in (30, 40, 50, 60, 75, 90, 95):
-        assert scope.source_evidence(_jpeg_bytes(gray, q)).jpeg_quality == q
+        assert scope.source_evidence(jpeg_bytes(gray, q)).jpeg_quality == q
     # Below IJG quality ~20 entries clip at 255 and the estimate reads a little high, still far below 50.
-    assert scope.source_evidence(_jpeg_bytes(gray, 5)).jpeg_quality < scope.MIN_JPEG_QUALITY
+    assert scope.source_evidence(jpeg_bytes(gray, 5)).jpeg_quality < scope.MIN_JPEG_QUALITY
     assert scope.source_evidence(png_bytes(gray)).jpeg_quality is None
     for q, reason in ((5, scope.COMPRESSED), (30, scope.COMPRESSED), (49, scope.COMPRESSED), (50, None), (89, None)):
-        data = _jpeg_bytes(gray, q)
+        data = jpeg_bytes(gray, q)
         pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
         assert scope.statistics_reason(pixels, False, scope.source_evidence(data)) == reason, q
     # A colour JPEG says "not a radiograph" first: what it is matters more than how it was saved.
@@ -93,13 +87,35 @@ def test_api_and_cli_refuse_a_heavily_compressed_jpeg(tmp_path, capsys):
 
 
     gray = radiograph_like(7, 300, 240)
-    (tmp_path / "q20.jpg").write_bytes(_jpeg_bytes(gray, 20))
-    (tmp_path / "q90.jpg").write_bytes(_jpeg_bytes(gray, 90))
+    (tmp_path / "q20.jpg").write_bytes(jpeg_bytes(gray, 20))
+    (tmp_path / "q90.jpg").write_bytes(jpeg_bytes(gray, 90))
     model = load_model("fracatlas", device="cpu")
     low, high = model.predict([tmp_path / "q20.jpg", tmp_path / "q90.jpg"])
     assert (low.in_scope, low.scope_reason, low.abnormal) == (False, scope.COMPRESSED, None)
     assert high.scope_reason != scope.COMPRESSED
     assert main(["predict", "fracatlas", str(tmp_path / "q20.jpg")]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["in_scope"] is False and record["scope_reason"] == scope.COMPRESSED and record["abnormal"] is None
+
+
+def test_a_dicom_stored_as_heavily_compressed_lossy_jpeg_is_refused_like_a_jpeg_file(tmp_path, capsys):
+    import pydicom
+
+    from bonexray.api import load_model
+    from bonexray.cli import main
+
+    gray = radiograph_like(7, 300, 240)
+    (tmp_path / "q20.dcm").write_bytes(lossy_jpeg_dicom(gray, 20))
+    (tmp_path / "q90.dcm").write_bytes(lossy_jpeg_dicom(gray, 90))
+    assert scope.source_evidence(tmp_path / "q20.dcm").jpeg_quality == 20
+    assert scope.dataset_evidence(pydicom.dcmread(tmp_path / "q90.dcm")).jpeg_quality == 90
+    model = load_model("fracatlas", device="cpu")
+    low, high, from_dataset = model.predict([tmp_path / "q20.dcm", tmp_path / "q90.dcm",
+                                             pydicom.dcmread(tmp_path / "q20.dcm")])
+    assert (low.in_scope, low.scope_reason, low.abnormal) == (False, scope.COMPRESSED, None)
+    assert high.scope_reason != scope.COMPRESSED
+    assert (from_dataset.scope_reason, from_dataset.abnormal) == (scope.COMPRESSED, None)  # the PACS input
+    assert main(["predict", "fracatlas", str(tmp_path / "q20.dcm")]) == 0
     record = json.loads(capsys.readouterr().out.splitlines()[0])
     assert record["in_scope"] is False and record["scope_reason"] == scope.COMPRESSED and record["abnormal"] is None
 

@@ -103,7 +103,8 @@ def _decode_bytes(data: bytes, path: Path, size: int, max_pixels: int, *, label:
     if tags is None:
         tags = dict(m.decoded.tags) if is_dicom else {}
     if is_dicom:
-        evidence = SourceEvidence(modality=(tags.get("Modality") or "").upper() or None)
+        evidence = SourceEvidence(modality=(tags.get("Modality") or "").upper() or None,
+                                  jpeg_quality=m.decoded.jpeg_quality)
     else:
         evidence = source_evidence(data)
     return Decoded(label, label, m.tile, m.truncated, m.geometry, m.decoded.pixels if m.decoded else None,

@@ -78,6 +78,9 @@ class DecodedImage:
     frames: int = 1
     #: The :data:`DICOM_TAGS` a DICOM file states, from the same parse as its pixels; empty for other files.
     tags: dict[str, str] = field(default_factory=dict)
+    #: Estimated IJG quality of lossy JPEG data (:func:`jpeg_quality`): a JPEG file, or a DICOM whose pixel
+    #: data is 8-bit JPEG baseline / extended. None: not lossy JPEG, or no table to read it from.
+    jpeg_quality: int | None = None
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -365,6 +368,7 @@ def _decode_pil(
         frames = _pil_frames(im, fmt)
         if frames > 1 and not lenient:
             _frames_warning(p, frames, {"TIFF": "multi-page TIFF", "GIF": "animated GIF"}.get(fmt, f"{kind} file"))
+        quality = jpeg_quality(im)  # from the header, before draft() picks the decoder's scale
         if fmt in _JPEG_FORMATS:
             # Let libjpeg emit gray directly (skips the colour conversion) and, when the caller
             # will shrink the image anyway, decode at 1/2..1/8 scale.
@@ -394,7 +398,50 @@ def _decode_pil(
     finally:
         opened.close()
     return DecodedImage(pixels=pixels, truncated=lenient, kind=kind, full_size=(int(width), int(height)),
-                        frames=frames)
+                        frames=frames, jpeg_quality=quality)
+
+
+#: Sum of the 64 entries of JPEG's Annex K luminance table (IJG quality 50).
+_IJG_LUMINANCE_SUM = 3688
+#: DICOM transfer syntaxes whose pixel data is lossy (DCT) JPEG: baseline (8-bit) and extended (8/12-bit).
+LOSSY_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+
+
+def jpeg_quality(im: Image.Image) -> int | None:
+    """IJG quality (1-100) of a PIL JPEG image estimated from its luminance quantization table: the
+    table's sum against the Annex K reference's gives IJG's scale factor, inverted (IJG scales the
+    reference by 5000 / q below quality 50 and by 200 - 2q above). None: not a JPEG or no table."""
+    tables = getattr(im, "quantization", None) if (getattr(im, "format", None) or "").upper() in _JPEG_FORMATS else None
+    if not tables:
+        return None
+    luminance = tables[min(tables)]
+    scale = 100.0 * float(sum(luminance)) / _IJG_LUMINANCE_SUM
+    if scale <= 0:
+        return None
+    return int(round((200.0 - scale) / 2 if scale <= 100 else 5000.0 / scale))
+
+
+def dicom_jpeg_quality(ds: Any) -> int | None:
+    """:func:`jpeg_quality` of a DICOM dataset whose first frame is a lossy JPEG stream (transfer syntax
+    JPEG baseline or extended); None for any other transfer syntax, and for 12-bit streams, whose tables
+    Pillow does not read (a 12-bit table is not on IJG's 8-bit scale either)."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if ts not in LOSSY_JPEG_SYNTAXES or "PixelData" not in ds:
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        try:
+            from pydicom.encaps import get_frame
+
+            stream = get_frame(ds.PixelData, 0, number_of_frames=frames)
+        except ImportError:  # pydicom 2.x
+            from pydicom.encaps import generate_pixel_data_frame
+
+            stream = next(generate_pixel_data_frame(ds.PixelData, frames))
+        with Image.open(io.BytesIO(stream)) as im:
+            return jpeg_quality(im)
+    except Exception:  # noqa: BLE001 - a stream Pillow cannot parse (12-bit, damaged): the decoder reports damage
+        return None
 
 
 def _pil_frames(im: Image.Image, fmt: str) -> int:
@@ -601,7 +648,8 @@ def _read_dicom_file(p: Path, data: bytes, max_pixels: int, *, force: bool) -> D
         raise
     except Exception as exc:
         raise ImageReadError(p, f"cannot map DICOM pixel values to gray ({_short(exc)})") from None
-    return DecodedImage(pixels=pixels, truncated=False, kind="dicom", frames=frames, tags=dicom_tags(ds))
+    return DecodedImage(pixels=pixels, truncated=False, kind="dicom", frames=frames, tags=dicom_tags(ds),
+                        jpeg_quality=dicom_jpeg_quality(ds))
 
 
 def dicom_tags(ds: Any) -> dict[str, str]:

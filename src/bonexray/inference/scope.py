@@ -18,10 +18,11 @@ cheapest first:
    :data:`COLOUR_SHARE` of its area is ``"not a radiograph"`` (a thin coloured arrow or label on a
    radiograph is not). The DICOM body-part tags (core/body_parts.py, one table): a file that names
    its region, none of which is among the model's classes, is ``"body part not among the model's
-   classes"``; a region that maps is evidence only. A JPEG file whose quantization tables say it was
-   saved below IJG quality :data:`MIN_JPEG_QUALITY` (estimated from the luminance table, as
-   ImageMagick's identify does) is ``"image too heavily JPEG-compressed"``: at quality 30 block
-   artefacts flip the verdicts of about half the test images (bench/RESULTS.md, Robustness).
+   classes"``; a region that maps is evidence only. A JPEG file, or a DICOM stored as 8-bit lossy JPEG
+   (baseline / extended transfer syntax), whose quantization tables say it was saved below IJG quality
+   :data:`MIN_JPEG_QUALITY` (estimated from the luminance table, as ImageMagick's identify does) is
+   ``"image too heavily JPEG-compressed"``: block artefacts at such qualities flip verdicts
+   (bench/RESULTS.md, Robustness). 12-bit lossy JPEG and JPEG 2000 carry no IJG table and are not judged.
 5. The pixel gate on the pooled backbone embedding that both heads read (``card.scope``, written by
    ``bonexray calibrate-scope``): an in-scope head (multinomial logistic regression: in scope against
    the outlier kinds it was fitted with) refuses when p(in scope) is below its threshold, with the
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..core.body_parts import REGION_TAGS, DicomRegion, dicom_region, region_outside_classes
+from ..data.imageio import LOSSY_JPEG_SYNTAXES, dicom_jpeg_quality, jpeg_quality
 
 NOT_RADIOGRAPH = "not a radiograph"
 UNKNOWN_PART = "body part not among the model's classes"
@@ -99,7 +101,8 @@ class SourceEvidence:
     colour_share: float | None = None
     n_frames: int = 1
     region: DicomRegion | None = None
-    #: Estimated IJG quality of a JPEG file (:func:`jpeg_quality`); None: not a JPEG file.
+    #: Estimated IJG quality of a JPEG file or an 8-bit lossy-JPEG DICOM (data/imageio.py :func:`jpeg_quality`);
+    #: None: not lossy JPEG.
     jpeg_quality: int | None = None
 
     @property
@@ -168,26 +171,8 @@ def _pil_evidence(im) -> SourceEvidence:
     return SourceEvidence(colourfulness=colour, colour_share=share, jpeg_quality=quality)
 
 
-#: Sum of the 64 entries of JPEG's Annex K luminance table (IJG quality 50).
-_IJG_LUMINANCE_SUM = 3688
-
-
-def jpeg_quality(im) -> int | None:
-    """IJG quality (1-100) of a PIL JPEG image estimated from its luminance quantization table: the
-    table's sum against the Annex K reference's gives IJG's scale factor, inverted (IJG scales the
-    reference by 5000 / q below quality 50 and by 200 - 2q above). None: not a JPEG or no table."""
-    tables = getattr(im, "quantization", None) if getattr(im, "format", None) == "JPEG" else None
-    if not tables:
-        return None
-    luminance = tables[min(tables)]
-    scale = 100.0 * float(sum(luminance)) / _IJG_LUMINANCE_SUM
-    if scale <= 0:
-        return None
-    return int(round((200.0 - scale) / 2 if scale <= 100 else 5000.0 / scale))
-
-
 def compression_reason(evidence: SourceEvidence | None) -> str | None:
-    """:data:`COMPRESSED` for a JPEG file saved below :data:`MIN_JPEG_QUALITY`."""
+    """:data:`COMPRESSED` for lossy JPEG data saved below :data:`MIN_JPEG_QUALITY`."""
     q = None if evidence is None else evidence.jpeg_quality
     return COMPRESSED if q is not None and q < MIN_JPEG_QUALITY else None
 
@@ -197,6 +182,8 @@ def _dicom_evidence(data: bytes) -> SourceEvidence:
         import pydicom
 
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+        if str(ds.file_meta.get("TransferSyntaxUID", "")) in LOSSY_JPEG_SYNTAXES:
+            ds = pydicom.dcmread(io.BytesIO(data))  # lossy JPEG: its quality is in the pixel data's tables
     except Exception:  # noqa: BLE001 - the decoder reports unreadable files; this only adds evidence
         return SourceEvidence()
     return dataset_evidence(ds, data)
@@ -218,7 +205,8 @@ def dataset_evidence(ds, data: bytes | None = None) -> SourceEvidence:
     colour = share = None
     if photometric and not photometric.startswith("MONOCHROME"):
         colour, share = _dicom_colour(data if data is not None else ds)
-    return SourceEvidence(colourfulness=colour, modality=modality, colour_share=share, n_frames=frames, region=region)
+    return SourceEvidence(colourfulness=colour, modality=modality, colour_share=share, n_frames=frames, region=region,
+                          jpeg_quality=dicom_jpeg_quality(ds))
 
 
 def _dicom_colour(data) -> tuple[float | None, float | None]:
