@@ -64,8 +64,8 @@ BLANK_STD = 3.0
 BLANK_SHARE = 0.98
 MIN_DECODED_SHARE = 0.5
 COLOUR_LIMIT = 12.0
-#: JPEG files saved below this IJG quality are refused. A stated limit, not tuned: 50 is the IJG
-#: reference table itself; FracAtlas's images are 89-99, clinical exports usually 75 or more.
+#: JPEG files and 8-bit lossy-JPEG DICOM saved below this IJG quality are refused. A stated limit, not
+#: tuned: 50 is the IJG reference table itself; FracAtlas's images are 89-99, clinical exports usually 75+.
 MIN_JPEG_QUALITY = 50
 #: Share of a colourful thumbnail's pixels that must be coloured (chroma above :data:`CHROMA_MIN`).
 COLOUR_SHARE = 0.05
