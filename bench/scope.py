@@ -9,7 +9,8 @@ the train split against the *fit* outlier sets of bench/scope_sets.py; both thre
 **valid** split (images neither was fitted on; the network itself was trained on train+valid). It is
 then measured on what it was not fitted on: the **test** split (in-distribution refusals) and the
 *measured* outlier sets of bench/scope_sets.py (other seeds, unseen modalities, unseen photos, the
-held-out half of the chest films, the pydicom-data chest CR). Every image goes through the front
+held-out half of the chest films, the pydicom-data chest CR) and the first test images turned by
+90/180/270 degrees or upside down. Every image goes through the front
 ends' path (bytes -> decoder -> tile -> model -> ScopeGate with the file's evidence).
 
 Leave one region out (``--leave-out hand leg``): the gate is refitted without that region's train and
@@ -38,6 +39,8 @@ from embed_cache import DEFAULT_CACHE, embed_items  # noqa: E402
 
 import scope_sets  # noqa: E402
 
+#: Test images turned (outliers.TURNS, one turn each) for the measured set "turned test radiographs".
+N_TURNED_TEST = 120
 TARGETS = {"grey non-radiographs refused": 0.95, "other-region radiographs refused": 0.90,
            "left-out region refused": 0.80, "in-distribution test refused (at most)": 0.02}
 NON_RADIOGRAPH_SETS = ("synthetic (other seed)", "rendered text (other seed)", "US/NM slices (unseen modalities)",
@@ -60,11 +63,12 @@ def dataset_items(predictor, data: str):
 
 
 def fit_gate(train_emb, valid_emb, outlier_embs: dict, pca_quantile: float, head_quantile: float, info: dict):
-    from bonexray.inference.scope import INVERTED, NOT_RADIOGRAPH, UNKNOWN_PART, fit_feature_scope, fit_scope_head
+    from bonexray.inference.scope import (INVERTED, NOT_RADIOGRAPH, ROTATED, UNKNOWN_PART, fit_feature_scope,
+                                          fit_scope_head)
 
     fs = fit_feature_scope(train_emb, valid_emb, quantile=pca_quantile, info=dict(info))
     kinds = {NOT_RADIOGRAPH: ("synthetic", "rendered text", "CT/MR slices", "photos (gray)"),
-             UNKNOWN_PART: ("chest films",), INVERTED: ("inverted radiographs",)}
+             UNKNOWN_PART: ("chest films",), INVERTED: ("inverted radiographs",), ROTATED: ("turned radiographs",)}
     outs = {reason: np.concatenate([outlier_embs[k] for k in names if k in outlier_embs and len(outlier_embs[k])])
             for reason, names in kinds.items() if any(k in outlier_embs and len(outlier_embs[k]) for k in names)}
     head = fit_scope_head(train_emb, outs, valid_emb, quantile=head_quantile, info={
@@ -140,7 +144,9 @@ def measure(model: str, data: str, cache: str | None = DEFAULT_CACHE, leave_out=
     test_reasons = gate_reasons(predictor, scope_card, sets["test"][1], emb["test"])
     res["in_distribution"]["test_by_part"] = {p: summary([x for x, q in zip(test_reasons, test_parts) if q == p])
                                               for p in sorted(set(test_parts))}
-    for name, items in scope_sets.eval_sets().items():
+    measured = scope_sets.eval_sets()
+    measured["turned test radiographs (90/180/270, upside down)"] = scope_sets.turned(sets["test"][1][:N_TURNED_TEST])
+    for name, items in measured.items():
         if not items:
             res["measured_sets"][name] = "not available on this machine"
             continue

@@ -1,10 +1,11 @@
 """The image sets of bench/scope.py: what the gate is fitted on and what it is measured on, kept apart.
 
 Fit: synthetic images and rendered text (variant 0), CT and MR slices, the first half of the photo
-samples, the odd-numbered chest films of ../shared/data/ood-radiographs, and inverted train-split
-FracAtlas images. Measured (never fitted on): synthetic images and text of another seed (variant 1),
-US and NM slices (modalities the gate never saw), the other half of the photos, the even-numbered
-chest films, the pydicom-data chest CR (RG1, as gray pixels and as its DICOM file).
+samples, the odd-numbered chest films of ../shared/data/ood-radiographs, and inverted and turned
+(90/180/270 degrees, upside down) train-split FracAtlas images. Measured (never fitted on): synthetic
+images and text of another seed (variant 1), US and NM slices (modalities the gate never saw), the
+other half of the photos, the even-numbered chest films, the pydicom-data chest CR (RG1, as gray
+pixels and as its DICOM file); bench/scope.py adds turned test-split images.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ CHEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ood-ra
 HALF = len(outliers.PHOTOS) // 2
 #: Inverted train images in the fit sets (small: the embedding runs on a shared 2-core machine).
 N_INVERTED = 40
+#: Turned train images in the fit sets, cycling through outliers.TURNS.
+N_ROTATED = 160
 
 
 def chest_films(fit: bool) -> list[tuple[str, bytes]]:
@@ -30,23 +33,34 @@ def chest_films(fit: bool) -> list[tuple[str, bytes]]:
     return [(str(f), f.read_bytes()) for i, f in enumerate(files) if (i % 2 == 1) == fit]
 
 
-def inverted(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+def _gray(name: str, data: bytes) -> np.ndarray:
     from bonexray.data.imageio import read_image_bytes, to_uint8
 
+    return outliers.to_gray(to_uint8(read_image_bytes(data, name).pixels))
+
+
+def inverted(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    return [(f"inverted-{Path(name).name}.png", outliers.png(255 - _gray(name, data))) for name, data in items]
+
+
+def turned(items: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Each item turned by the next of outliers.TURNS in turn."""
     out = []
-    for name, data in items:
-        g = outliers.to_gray(to_uint8(read_image_bytes(data, name).pixels))
-        out.append((f"inverted-{Path(name).name}.png", outliers.png(255 - g)))
+    for i, (name, data) in enumerate(items):
+        t = outliers.TURNS[i % len(outliers.TURNS)]
+        out.append((f"{t}-{Path(name).name}.png", outliers.png(outliers.turned(_gray(name, data), t))))
     return out
 
 
 def fit_sets(train_items) -> dict[str, list]:
     rng = np.random.default_rng(0)
     pick = rng.choice(len(train_items), min(N_INVERTED, len(train_items)), replace=False)
+    turn = rng.choice(len(train_items), min(N_ROTATED, len(train_items)), replace=False)  # may share images with pick
     return {"synthetic": outliers.synthetic(120, 0), "rendered text": outliers.rendered_text(30, 0),
             "CT/MR slices": outliers.dicom_slices(("CT", "MR"), 1, 0),
             "photos (gray)": outliers.photos(outliers.PHOTOS[:HALF], 1, 0),
-            "chest films": chest_films(True), "inverted radiographs": inverted([train_items[i] for i in pick])}
+            "chest films": chest_films(True), "inverted radiographs": inverted([train_items[i] for i in pick]),
+            "turned radiographs": turned([train_items[i] for i in turn])}
 
 
 def chest_cr() -> list[tuple[str, bytes]]:

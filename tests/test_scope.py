@@ -219,6 +219,7 @@ def test_calibration_writes_scope_and_band_into_the_card(calibrated):
     assert card.borderline_band is not None and card.borderline_source
     head = card.scope["head"]
     assert head["classes"][0] == scope.IN_SCOPE and scope.NOT_RADIOGRAPH in head["classes"]
+    assert scope.ROTATED in head["classes"] and head["n_fit_outliers"][scope.ROTATED] > 0
     assert head["held_out_refused"] <= 0.1 + 1e-9  # its threshold passes 0.9 of the valid split
     assert card.calibration is None or (card.calibration["temperature"] > 0
                                         and "valid split" in card.calibration["fitted_on"])
@@ -360,6 +361,9 @@ def test_bench_scope_measures_refusal_rates_per_set_and_leave_one_region_out(tra
     for name in ("synthetic (other seed)", "rendered text (other seed)"):
         r = res["measured_sets"][name]
         assert r["n"] > 0 and 0 <= r["refused"] <= 1 and sum(r["reasons"].values()) == r["n"], name
+    turned = res["measured_sets"]["turned test radiographs (90/180/270, upside down)"]
+    assert turned["n"] == 12 and sum(turned["reasons"].values()) == 12
+    assert res["gate"]["fit_sets"]["turned radiographs"] > 0
     lo = res["leave_one_region_out"]["hand"]
     assert lo["region"]["n"] > 0 and 0 <= lo["region"]["refused"] <= 1
     assert set(res["targets"]) >= set(bench_scope.TARGETS)
@@ -415,6 +419,32 @@ def _gate_reason(data: bytes, name: str = "x.dcm", classes=("hand", "hip", "leg"
     d = read_image_bytes(data, name)
     gate = scope.ScopeGate(SimpleNamespace(body_parts=list(classes), scope=None))
     return gate.reasons([d.pixels], [d.truncated], [scope.source_evidence(data)], None)[0]
+
+
+def test_turns_are_quarter_half_turns_and_upside_down_never_a_mirror():
+    from bonexray.inference.outliers import TURNS, turned
+
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(turned(a, "rot90"), np.rot90(a)) and turned(a, "rot90").shape == (4, 3)
+    assert np.array_equal(turned(a, "rot180"), a[::-1, ::-1]) and np.array_equal(turned(a, "flip-ud"), a[::-1])
+    assert np.array_equal(turned(turned(a, "rot90"), "rot270"), a)
+    assert "flip-lr" not in TURNS  # the other side's view looks like a mirror: in scope
+    with pytest.raises(ValueError, match="flip-lr"):
+        turned(a, "flip-lr")
+
+
+def test_a_head_fitted_with_turned_radiographs_refuses_them_as_rotated():
+    rng = np.random.default_rng(0)
+    upright = rng.normal(0, 1, (300, 8))
+    turned_emb = rng.normal(0, 1, (300, 8)) + np.r_[6.0, np.zeros(7)]
+    photos = rng.normal(0, 1, (300, 8)) + np.r_[0.0, -6.0, np.zeros(6)]
+    head = scope.fit_scope_head(upright[:200], {scope.NOT_RADIOGRAPH: photos[:150], scope.ROTATED: turned_emb[:150]},
+                                upright[200:], quantile=0.98)
+    card_head = scope.ScopeHead.from_card(head.to_card())
+    reasons = card_head.reasons(turned_emb[150:])
+    assert sum(r == scope.ROTATED for r in reasons) >= 0.9 * len(reasons)
+    assert sum(r is None for r in card_head.reasons(upright[200:])) >= 0.95 * 100
+    assert scope.ROTATED == scope.SCOPE_REASONS[-1]  # appended: heads in older cards keep their class names
 
 
 def test_dicom_kinds_by_allow_list():

@@ -6,7 +6,8 @@ and write it into (a copy of) the checkpoint's model card: ``bonexray calibrate-
   never read.
 * In-scope head (inference/scope.py ``fit_scope_head``): the train split's embeddings against
   outliers (inference/outliers.py: synthetic images, rendered text, CT/MR slices, gray photos when
-  scikit-image is installed, inverted train images, and the user's ``--non-radiographs`` and
+  scikit-image is installed, inverted train images, train images turned by 90/180/270 degrees or flipped
+  upside down, and the user's ``--non-radiographs`` and
   ``--other-regions`` files); its threshold is a quantile of the valid split's p(in scope).
 * Calibration (core/decision.py ``fit_temperature_and_bias``) and the operating points
   (``choose_operating_points``: sensitivity / specificity targets) on the valid split's labelled
@@ -65,17 +66,23 @@ def embed_items(predictor, items, batch_size: int = 64) -> np.ndarray:
 
 
 def outlier_sets(image_cache, train_rows, non_radiographs=(), other_regions=(), n_inverted: int = 200,
-                 seed: int = 0) -> dict[str, list]:
+                 n_rotated: int = 200, seed: int = 0) -> dict[str, list]:
     """Scope reason -> (name, bytes) outliers for the in-scope head (see the module doc)."""
     from . import outliers
-    from .scope import INVERTED, NOT_RADIOGRAPH, UNKNOWN_PART
+    from .scope import INVERTED, NOT_RADIOGRAPH, ROTATED, UNKNOWN_PART
 
     rng = np.random.default_rng(seed)
-    pick = rng.choice(np.asarray(train_rows), min(n_inverted, len(train_rows)), replace=False) if len(train_rows) else []
-    inverted = [(f"inverted-{r}.png", outliers.png(255 - np.asarray(image_cache.images[int(r)]))) for r in pick]
+    rows = np.asarray(train_rows)
+
+    def pick(n: int) -> list[int]:
+        return [int(r) for r in rng.choice(rows, min(n, len(rows)), replace=False)] if len(rows) else []
+
+    inverted = [(f"inverted-{r}.png", outliers.png(255 - np.asarray(image_cache.images[r]))) for r in pick(n_inverted)]
+    rotated = [(f"{t}-{r}.png", outliers.png(outliers.turned(np.asarray(image_cache.images[r]), t)))
+               for i, r in enumerate(pick(n_rotated)) for t in [outliers.TURNS[i % len(outliers.TURNS)]]]
     return {NOT_RADIOGRAPH: (outliers.synthetic(120) + outliers.rendered_text(80) + outliers.dicom_slices(("CT", "MR"))
                              + outliers.photos() + outliers.files(non_radiographs)),
-            UNKNOWN_PART: outliers.files(other_regions), INVERTED: inverted}
+            UNKNOWN_PART: outliers.files(other_regions), INVERTED: inverted, ROTATED: rotated}
 
 
 def fit_calibration(prob: np.ndarray, labels: np.ndarray, fit_on: str, sensitivity: float = 0.95,

@@ -1,7 +1,8 @@
 """Images the model must refuse, built offline, for fitting the scope gate's in-scope head (outlier
 exposure) and for measuring it: synthetic gradients, noise and shapes, rendered text and forms, CT /
 MR / US / NM slices from pydicom's bundled test files (more with ``pip install pydicom-data``) as gray
-pixels, gray-converted photographs (scikit-image's samples, when it is installed), and files a user
+pixels, gray-converted photographs (scikit-image's samples, when it is installed), radiographs turned
+by a quarter or half turn or flipped upside down (:func:`turned`), and files a user
 gives (``bonexray calibrate-scope --other-regions`` / ``--non-radiographs``).
 
 Every builder returns ``(name, png_bytes)`` pairs, so the images go through the front ends' own path
@@ -25,6 +26,20 @@ DICOM_SLICES = {"CT": ("CT_small.dcm", "693_UNCR.dcm", "J2K_pixelrep_mismatch.dc
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera",
           "clock", "coins", "moon", "brick", "grass", "gravel", "horse", "cell", "page", "text", "cat",
           "shepp_logan_phantom", "binary_blobs", "colorwheel", "logo")
+
+
+#: Turns a radiograph gets by mistake (a film hung sideways or upside down, rows stored bottom-up).
+#: A left-right mirror is not among them: it is what the other side's view looks like.
+TURNS = ("rot90", "rot180", "rot270", "flip-ud")
+
+
+def turned(gray: np.ndarray, turn: str) -> np.ndarray:
+    """``gray`` turned by one of :data:`TURNS` (rot90: a quarter turn counter-clockwise)."""
+    ops = {"rot90": lambda a: np.rot90(a, 1), "rot180": lambda a: np.rot90(a, 2), "rot270": lambda a: np.rot90(a, 3),
+           "flip-ud": lambda a: a[::-1]}
+    if turn not in ops:
+        raise ValueError(f"turn {turn!r}: use one of {', '.join(TURNS)}")
+    return np.ascontiguousarray(ops[turn](np.asarray(gray)))
 
 
 def png(a: np.ndarray) -> bytes:

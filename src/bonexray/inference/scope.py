@@ -58,7 +58,9 @@ TOO_SMALL = "image too small or too narrow to read"
 MULTI_FRAME = "multi-frame DICOM, not a single radiograph"
 INVERTED = "image looks inverted (a negative)"
 COMPRESSED = "image too heavily JPEG-compressed"
-SCOPE_REASONS = (NOT_RADIOGRAPH, UNKNOWN_PART, BLANK, TRUNCATED, TOO_SMALL, MULTI_FRAME, INVERTED, COMPRESSED)
+ROTATED = "image looks rotated or upside down"
+# New reasons go at the end: a card's head names its classes by these strings.
+SCOPE_REASONS = (NOT_RADIOGRAPH, UNKNOWN_PART, BLANK, TRUNCATED, TOO_SMALL, MULTI_FRAME, INVERTED, COMPRESSED, ROTATED)
 
 BLANK_STD = 3.0
 BLANK_SHARE = 0.98
