@@ -194,45 +194,6 @@ def test_load_model_on_a_folder_says_folder(tmp_path):
 # --------------------------------------------------------------------------- 3, 9: ONNX
 
 
-@pytest.fixture(scope="module")
-def good_onnx(good_ckpt) -> Path:
-    from bonexray.inference.export import export_onnx
-
-    return export_onnx(good_ckpt, good_ckpt.with_name("good.onnx"))
-
-
-def _edit_onnx_card(src: Path, dst: Path, **changes) -> Path:
-    import onnx
-
-    from bonexray.inference.export import ONNX_HASH_KEY, onnx_graph_sha256
-    from bonexray.inference.onnx_format import ONNX_CARD_KEY
-
-    model = onnx.load(str(src))
-    meta = {p.key: p.value for p in model.metadata_props}
-    card = json.loads(meta[ONNX_CARD_KEY])
-    card.update(changes)
-    for p in model.metadata_props:
-        if p.key == ONNX_CARD_KEY:
-            p.value = json.dumps(card)
-    for p in model.metadata_props:  # a consistent file: the hash recomputed over the edited card
-        if p.key == ONNX_HASH_KEY:
-            p.value = onnx_graph_sha256(model)
-    onnx.save(model, str(dst))
-    return dst
-
-
-@pytest.mark.parametrize("changes,words", [
-    ({"body_parts": ["hand", "wrist", "elbow"]}, "names 3 body parts but the graph has 2 body-part outputs"),
-    ({"body_parts": ["hand"]}, "names 1 body parts but the graph has 2"),
-    ({"body_parts": []}, "no body_parts"),
-    ({"image_size": 128}, "image_size 128 but the graph takes input"),
-])
-def test_onnx_card_is_checked_against_the_graph(changes, words, good_onnx, images, tmp_path, capsys):
-    bad = _edit_onnx_card(good_onnx, tmp_path / "bad.onnx", **changes)
-    rc, out, err = run(capsys, "predict", bad, *images)
-    assert rc == 2 and out == "" and len(lines(err)) == 1 and f"{bad}: " in err and words in err
-
-
 def test_damaged_cached_onnx_export_is_rebuilt(good_ckpt, images, tmp_path, capsys):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(good_ckpt.read_bytes())
