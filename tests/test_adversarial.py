@@ -109,39 +109,6 @@ def test_duplicate_manifest_rows(tmp_path, capsys):
     assert rc == 2 and "img002.png is listed on lines 4 and 7 with different abnormal (1 vs 0)" in err
 
 
-def _built_cache(tmp_path, capsys) -> tuple[Path, Path]:
-    manifest = make_manifest(tmp_path / "d", n=6)
-    rc, _, _ = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--size", 16, "--quiet")
-    assert rc == 0
-    return manifest, tmp_path / "c"
-
-
-@pytest.mark.parametrize("damage,words", [
-    ("short images", "images.u8 has 1,024 bytes; meta.json says 6 images of 16x16 = 1,536 bytes"),
-    ("cut index", "index.csv does not match the SHA-256 recorded in meta.json"),
-    ("cut index, old meta", "index.csv has 4 rows; meta.json says 6 images"),
-])
-def test_damaged_cache_is_refused_or_rebuilt(damage, words, tmp_path, capsys):
-    manifest, cache = _built_cache(tmp_path, capsys)
-    if damage == "short images":
-        with open(cache / "images.u8", "r+b") as f:
-            f.truncate(4 * 16 * 16)
-    else:
-        lines = (cache / "index.csv").read_text().splitlines(keepends=True)
-        (cache / "index.csv").write_text("".join(lines[:5]))
-        if damage == "cut index, old meta":  # a cache written before meta.json had index_sha256
-            meta = json.loads((cache / "meta.json").read_text())
-            del meta["index_sha256"]
-            (cache / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DatasetError, match="damaged cache") as info:
-        ImageCache.open(cache)
-    assert words in str(info.value) and str(cache) in str(info.value)
-    rc, out, err = run(capsys, "preprocess", manifest, "--out", cache, "--size", 16, "--quiet")
-    assert rc == 0 and "built cache" in out  # rebuilt, not "reused"
-    assert error_lines(err) == [f"bonexray preprocess: warning: {cache}: damaged cache ({words}); rebuilding it"]
-    assert len(ImageCache.open(cache).index) == 6 and leftovers(cache) == []
-
-
 def test_evaluate_out_is_checked_before_the_work(model_dir, tmp_path, capsys):
     manifest = make_manifest(tmp_path / "d", n=6)
     (tmp_path / "results").write_text("an existing file")
@@ -149,87 +116,6 @@ def test_evaluate_out_is_checked_before_the_work(model_dir, tmp_path, capsys):
                      "--cache", tmp_path / "cache")
     assert rc == 2 and f"--out {tmp_path / 'results'}: exists and is not a folder" in err
     assert not (tmp_path / "cache").exists()  # refused before preprocessing anything
-
-
-def test_preprocess_worker_bug_is_an_error_not_unreadable(tmp_path, capsys, monkeypatch):
-    import bonexray.data.preprocess as pre
-
-    manifest = make_manifest(tmp_path / "d", n=40)
-    real = pre.load_for_model
-
-    def buggy(path, size):
-        if path.endswith("img017.png"):
-            raise KeyError("a bug")
-        return real(path, size)
-
-    monkeypatch.setattr(pre, "load_for_model", buggy)  # forked pool workers inherit it
-    for workers in ("1", "2"):
-        rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--size", 16, "--workers", workers,
-                         "--quiet")
-        assert rc == 2 and f"{tmp_path / 'd' / 'img017.png'}: preprocessing failed with an unexpected error" in err
-        assert "KeyError: 'a bug'" in err and not (tmp_path / "c").exists()
-    assert _children() == []  # the pool is gone after the error
-
-
-def test_missing_decoder_is_a_setup_error(tmp_path, capsys, monkeypatch):
-    import bonexray.data.preprocess as pre
-    from bonexray.errors import MissingDecoderError
-
-    manifest = make_manifest(tmp_path / "d", n=4)
-
-    def no_decoder(path, size):
-        raise MissingDecoderError(path, "no decoder installed for JPEG-LS Lossless pixel data (pip install x)")
-
-    monkeypatch.setattr(pre, "load_for_model", no_decoder)
-    rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--workers", "1", "--quiet")
-    assert rc == 2 and "no decoder installed" in err and "setup problem, not a bad image" in err
-
-
-def _children(pid: int | None = None) -> list[int]:
-    pid = pid or os.getpid()
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_pool_workers_die_with_a_killed_parent(tmp_path):
-    rs_dir = tmp_path / "d"
-    make_manifest(rs_dir, n=400)
-    code = (  # slow decoding, so the run is still going when it is killed
-        "import time, bonexray.data.preprocess as p\n"
-        "real = p.load_for_model\n"
-        "def slow(path, size):\n    time.sleep(0.05); return real(path, size)\n"
-        "p.load_for_model = slow\n"
-        "from bonexray.cli import main\n"
-        f"main(['preprocess', r'{rs_dir / 'manifest.csv'}', '--out', r'{tmp_path / 'c'}', '--size', '16', "
-        "'--workers', '2', '--quiet'])\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        deadline = time.time() + 60
-        while len(_children(proc.pid)) < 2 and time.time() < deadline:
-            time.sleep(0.1)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2, "the pool never started"
-    finally:
-        proc.kill()  # SIGKILL: no cleanup code of the parent runs
-        proc.wait()
-    deadline = time.time() + 5
-    while any(Path(f"/proc/{w}").exists() and "zombie" not in _state(w) for w in workers) and time.time() < deadline:
-        time.sleep(0.1)
-    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in _state(w)]
-    for w in alive:  # a failing run must not leave its orphans behind either
-        os.kill(w, 9)
-    assert alive == [], f"pool workers {alive} outlived their killed parent"
-
-
-def _state(pid: int) -> str:
-    try:
-        return next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:")).lower()
-    except (OSError, StopIteration):
-        return "zombie"
 
 
 # --------------------------------------------------------------------------- MURA
