@@ -85,30 +85,6 @@ def images(tmp_path) -> list[Path]:
 # --------------------------------------------------------------------------- manifests and caches
 
 
-def test_non_utf8_manifest_is_one_line(tmp_path, capsys):
-    manifest = make_manifest(tmp_path / "d", n=4)
-    manifest.write_bytes(manifest.read_bytes().replace(b"hand", b"h\xe4nd", 1))  # Latin-1 umlaut
-    rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c")
-    assert rc == 2 and f"{manifest}: not UTF-8 text" in err and len(error_lines(err)) == 1
-    assert not (tmp_path / "c").exists()
-
-
-def _append_rows(manifest: Path, rows: list[list]) -> None:
-    with open(manifest, "a", newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
-def test_duplicate_manifest_rows(tmp_path, capsys):
-    manifest = make_manifest(tmp_path / "d", n=4)  # rows: img000..img003, lines 2..5
-    _append_rows(manifest, [["img001.png", "wrist", 0, "s0"]])  # same as line 3: merged
-    rc, out, _ = run(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--size", 16, "--quiet")
-    assert rc == 0 and "line 6: img001.png repeats line 3; merged" in out
-    assert len(ImageCache.open(tmp_path / "c").index) == 4
-    _append_rows(manifest, [["img002.png", "hand", 0, "s1"]])  # line 4 says abnormal=1: conflict
-    rc, _, err = run(capsys, "preprocess", manifest, "--out", tmp_path / "c2")
-    assert rc == 2 and "img002.png is listed on lines 4 and 7 with different abnormal (1 vs 0)" in err
-
-
 def test_evaluate_out_is_checked_before_the_work(model_dir, tmp_path, capsys):
     manifest = make_manifest(tmp_path / "d", n=6)
     (tmp_path / "results").write_text("an existing file")
@@ -119,36 +95,6 @@ def test_evaluate_out_is_checked_before_the_work(model_dir, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- MURA
-
-
-def test_malformed_mura_rows_are_problems_with_file_and_line(tmp_path, capsys):
-    root = make_mura_tree(tmp_path)
-    good = len(read_mura(root))
-    with open(root / "train_image_paths.csv", "a", newline="") as f:
-        f.write("MURA-v1.1/elsewhere/image1.png\n")  # no train/ or valid/ part
-    with open(root / "train_labeled_studies.csv", "a", newline="") as f:
-        f.write("MURA-v1.1/train/XR_HAND/patient00004/study1_positive/,maybe\n")
-    img_line = len((root / "train_image_paths.csv").read_text().splitlines())
-    lab_line = len((root / "train_labeled_studies.csv").read_text().splitlines())
-    rs = read_mura(root)
-    assert len(rs) == good  # every good row still read
-    assert any(p.startswith(f"train_image_paths.csv line {img_line}: path does not follow MURA's layout")
-               for p in rs.problems)
-    assert any(p.startswith(f"train_labeled_studies.csv line {lab_line}: malformed row") for p in rs.problems)
-    rc, out, _ = run(capsys, "preprocess", root, "--out", tmp_path / "c", "--size", 16, "--quiet")
-    assert rc == 0 and f"train_image_paths.csv line {img_line}" in out
-
-
-def test_mura_tree_without_csvs(tmp_path):
-    root = make_mura_tree(tmp_path)
-    with_csvs = {r.path: (r.abnormal, r.body_part, r.study_id, r.split) for r in read_mura(root)}
-    for f in root.glob("*.csv"):
-        f.unlink()
-    rs = read_mura(root)
-    assert {r.path: (r.abnormal, r.body_part, r.study_id, r.split) for r in rs} == with_csvs
-    for split in ("train", "valid"):
-        assert f"{split}_image_paths.csv missing: {split} images found by scanning {split}/" in rs.problems
-        assert f"{split}_labeled_studies.csv missing: {split} labels taken from the study folder names" in rs.problems
 
 
 # --------------------------------------------------------------------------- predict on a folder

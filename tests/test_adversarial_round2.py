@@ -199,38 +199,6 @@ def test_api_skips_hidden_files_like_predict(good_ckpt, images):
 # --------------------------------------------------------------------------- 10: dataset readers and --limit
 
 
-def test_fracatlas_duplicate_rows_and_odd_flags(tmp_path):
-    from bonexray.data.fracatlas import read_fracatlas
-    from bonexray.errors import DatasetError
-    from builders import make_fracatlas_tree
-
-    root = make_fracatlas_tree(tmp_path, n_groups=4, per_group=2)
-    n = len(read_fracatlas(root))
-    with open(root / "dataset.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    rows.append(dict(rows[0]))  # the same image listed twice, same flags
-    odd = dict(rows[1])
-    odd["hardware"] = "2"
-    rows[1] = odd
-
-    def write(rows):
-        with open(root / "dataset.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    write(rows)
-    rs = read_fracatlas(root)
-    assert len(rs) == n - 1  # the duplicate merged, the row with flag 2 left out
-    assert any("repeats line 2; merged" in p for p in rs.problems)
-    assert any("flag hardware=2 is not 0 or 1; row skipped" in p for p in rs.problems)
-    clash = dict(rows[0])
-    clash["fractured"] = str(1 - int(clash["fractured"]))
-    write(rows[:-1] + [clash])
-    with pytest.raises(DatasetError, match="listed on lines 2 and .* with different fractured"):
-        read_fracatlas(root)
-
-
 @pytest.mark.parametrize("limit", [-5, 0])
 def test_preprocess_limit_below_one_is_refused(limit, tmp_path, capsys):
     manifest = make_manifest(tmp_path / "data", n=6)
@@ -244,19 +212,6 @@ def test_train_limit_below_one_is_refused(tmp_path, capsys):
     manifest = make_manifest(tmp_path / "data", n=6)
     rc, _, err = run(capsys, "train", "--data", manifest, "--out", tmp_path / "run", "--limit", 0)
     assert rc == 2 and "--limit 0: give a number of images >= 1" in err and len(lines(err)) == 1
-
-
-def test_manifest_paths_outside_its_folder_get_a_note(tmp_path):
-    from bonexray.data.manifest import read_manifest
-
-    manifest = make_manifest(tmp_path / "data", n=4)
-    Image.fromarray(radiograph_like(7)).save(tmp_path / "elsewhere.png")
-    with open(manifest, "a", newline="") as f:
-        csv.writer(f).writerow(["../elsewhere.png", "hand", 0, "s9"])
-    rs = read_manifest(manifest)
-    assert len(rs) == 5
-    assert [p for p in rs.problems if "outside the manifest's folder" in p and "../elsewhere.png" in p]
-    assert not [p for p in read_manifest(make_manifest(tmp_path / "clean", n=4)).problems if "outside" in p]
 
 
 # --------------------------------------------------------------------------- 12, 13: the server
