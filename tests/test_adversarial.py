@@ -85,15 +85,6 @@ def images(tmp_path) -> list[Path]:
 # --------------------------------------------------------------------------- manifests and caches
 
 
-def test_evaluate_out_is_checked_before_the_work(model_dir, tmp_path, capsys):
-    manifest = make_manifest(tmp_path / "d", n=6)
-    (tmp_path / "results").write_text("an existing file")
-    rc, _, err = run(capsys, "evaluate", model_dir / "good.ckpt", "--data", manifest, "--out", tmp_path / "results",
-                     "--cache", tmp_path / "cache")
-    assert rc == 2 and f"--out {tmp_path / 'results'}: exists and is not a folder" in err
-    assert not (tmp_path / "cache").exists()  # refused before preprocessing anything
-
-
 # --------------------------------------------------------------------------- MURA
 
 
