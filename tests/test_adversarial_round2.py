@@ -97,34 +97,10 @@ def test_preprocess_limit_below_one_is_refused(limit, tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
-def test_train_limit_below_one_is_refused(tmp_path, capsys):
-    manifest = make_manifest(tmp_path / "data", n=6)
-    rc, _, err = run(capsys, "train", "--data", manifest, "--out", tmp_path / "run", "--limit", 0)
-    assert rc == 2 and "--limit 0: give a number of images >= 1" in err and len(lines(err)) == 1
-
-
 # --------------------------------------------------------------------------- 12, 13: the server
 
 
 # --------------------------------------------------------------------------- 14, 15: training refusals
-
-
-def test_training_data_with_one_label_is_refused_before_training(tmp_path, capsys):
-    from conftest import tiny_train_args
-
-    base = tmp_path / "data"
-    base.mkdir()
-    with open(base / "manifest.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "body_part", "abnormal", "study_id"])
-        for i in range(16):
-            Image.fromarray(radiograph_like(i)).save(base / f"i{i}.png")
-            w.writerow([f"i{i}.png", ("hand", "wrist")[i % 2], 0, f"s{i}"])
-    args = tiny_train_args(base / "manifest.csv", tmp_path / "run")
-    rc, _, err = run(capsys, "train", "--data", args["data"], "--out", args["out"], "--cache", args["cache"],
-                     "--pretrained", "none", "--image-size", 64, "--epochs", 1, "--quiet")
-    assert rc == 2 and "the training images are all normal" in err and len(lines(err)) == 1
-    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # --------------------------------------------------------------------------- 16, 17, 18: messages
