@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 # (split, part, patient, study, label, n_images)
 MURA_STUDIES = [
@@ -121,10 +126,11 @@ def make_fracatlas_tree(base: Path, n_groups: int = 12, per_group: int = 3, h: i
 
 def make_checkpoint(path: Path, body_parts=("hand", "leg", "shoulder"), image_size: int = 64,
                     backbone: str = "efficientnet_lite0", localization_head: bool = False, threshold: float = 0.5,
-                    seed: int = 0, split: dict | None = None) -> Path:
+                    seed: int = 0, split: dict | None = None, nan_output: bool = False) -> Path:
     """An untrained bonexray checkpoint (random weights, seeded): enough to exercise every consumer.
 
-    ``split``: the model card's training-split record (e.g. ``{"fit_on": "train+valid"}``)."""
+    ``split``: the model card's training-split record (e.g. ``{"fit_on": "train+valid"}``).
+    ``nan_output``: the abnormality head's bias NaN, what a diverged training run leaves (its hash recorded)."""
     import torch
 
     from bonexray.model.checkpoint import ModelCard, save_model
@@ -132,9 +138,53 @@ def make_checkpoint(path: Path, body_parts=("hand", "leg", "shoulder"), image_si
 
     torch.manual_seed(seed)
     net = BoneXrayNet(backbone, num_body_parts=len(body_parts), pretrained=None, localization_head=localization_head)
+    if nan_output:
+        with torch.no_grad():
+            net.abnormal_head.bias.fill_(float("nan"))
     card = ModelCard(backbone=backbone, image_size=image_size, mean=net.mean, std=net.std,
                      body_parts=list(body_parts), threshold=threshold, split=split)
     return save_model(path, net, card)
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """``bonexray ARGV`` run in this process: (exit code, stdout, stderr); a traceback in either fails the test."""
+    from bonexray.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Traceback" not in out
+    return rc, out, err
+
+
+def nonblank_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
+def strict_json_lines(out: str) -> list[dict]:
+    """The JSON lines of ``out``; a bare NaN or Infinity (not JSON) fails the test."""
+    def no_constants(name):
+        raise AssertionError(f"bare {name} in JSON output")
+
+    return [json.loads(ln, parse_constant=no_constants) for ln in out.splitlines() if ln.strip()]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files left behind (the cache folder's lock file and the output marker are meant to stay)."""
+    from bonexray.data.preprocess import LOCK_NAME
+
+    return sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_NAME, ".bonexray-out.json") and (
+        p.name.startswith(".") or p.name.endswith((".tmp", ".part", ".partial"))))
+
+
+def bonexray_cmd(*argv) -> list[str]:
+    """``bonexray ARGV`` as a command line for a fresh Python process (run it with :func:`subprocess_env`)."""
+    return [sys.executable, "-c", "import sys; from bonexray.cli import main; sys.exit(main(sys.argv[1:]))",
+            *[str(a) for a in argv]]
+
+
+def subprocess_env() -> dict:
+    """The environment of this process with the repository's src/ first on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def png_bytes(array: np.ndarray) -> bytes:

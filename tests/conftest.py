@@ -61,6 +61,29 @@ def cli_argv(args: dict) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory) -> Path:
+    """An untrained, intact checkpoint of make_manifest's body parts (hand, wrist): to damage, edit or run."""
+    from builders import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("models") / "good.ckpt", body_parts=("hand", "wrist"))
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    """Two good radiograph-like PNGs, tmp_path/in/good0.png and good1.png."""
+    from builders import radiograph_like
+    from PIL import Image
+
+    out = []
+    for i in range(2):
+        p = tmp_path / "in" / f"good{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(radiograph_like(i)).save(p)
+        out.append(p)
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A model trained for 2 epochs on a synthetic 48-image manifest: run dir + its training result."""

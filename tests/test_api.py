@@ -13,7 +13,7 @@ from PIL import Image
 
 import bonexray
 from bonexray.cli import main
-from bonexray.errors import BonexrayError, ImageReadError
+from bonexray.errors import BonexrayError, CheckpointError, ImageReadError
 from builders import make_checkpoint, make_fracatlas_tree, radiograph_like
 from conftest import SHARED_DATA
 
@@ -96,3 +96,50 @@ def test_import_bonexray_stays_light():
     assert out.strip() == "[]"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         bonexray.nope  # noqa: B018
+
+
+# --------------------------------------------------------------------------- refusals: no verdict, no image
+
+
+def test_load_model_on_a_folder_says_folder(tmp_path):
+    import bonexray
+
+    with pytest.raises(CheckpointError, match="is a folder"):
+        bonexray.load_model(tmp_path)
+
+
+def test_api_gives_no_verdict_for_nan_output(images, tmp_path):
+    import bonexray
+
+    nan_ckpt = make_checkpoint(tmp_path / "nan.ckpt", body_parts=("hand", "wrist"), nan_output=True)
+    model = bonexray.load_model(nan_ckpt, device="cpu")
+    with pytest.raises(BonexrayError, match="not a finite number.*no verdict"):
+        model.predict(images[0])
+    with pytest.raises(BonexrayError, match=r"image 0 \(ndarray\): the model's output is not a finite number"):
+        model.predict(radiograph_like(1))
+
+
+@pytest.mark.parametrize("array,words", [
+    (np.full((40, 40), np.nan), "NaN or infinite"),
+    (np.where(np.eye(40) > 0, np.inf, 1.0), "NaN or infinite"),
+    (np.full((40, 40), "a"), "must hold real numbers"),
+    (np.full((40, 40), None, dtype=object), "must hold real numbers"),
+    (np.ones((40, 40), dtype=complex), "must hold real numbers"),
+])
+def test_api_refuses_arrays_that_are_no_image(array, words, good_ckpt):
+    import bonexray
+
+    model = bonexray.load_model(good_ckpt, device="cpu")
+    with pytest.raises(BonexrayError, match=words):
+        model.predict(array)
+
+
+def test_api_skips_hidden_files_like_predict(good_ckpt, images):
+    import bonexray
+
+    folder = images[0].parent
+    Image.fromarray(radiograph_like(9)).save(folder / ".hidden.png")
+    model = bonexray.load_model(good_ckpt, device="cpu")
+    with pytest.warns(UserWarning, match="skipped"):
+        preds = model.predict(folder)
+    assert [p.path for p in preds] == [str(p) for p in images]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import radiograph_like
+from builders import nonblank_lines, radiograph_like, run_main
 from conftest import SHARED_DATA, requires_shared_data
 
 from bonexray.cli import main
@@ -324,3 +324,20 @@ def test_cpu_bf16_detection_reads_the_flags(monkeypatch):
     assert backends.cpu_has_bf16() is False
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     assert backends.cpu_has_bf16() is True
+
+
+def test_damaged_cached_onnx_export_is_rebuilt(good_ckpt, images, tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(good_ckpt.read_bytes())
+    rc, out, _ = run_main(capsys, "predict", ckpt, *images, "--backend", "onnx", "--device", "cpu")
+    assert rc == 0
+    [cached] = list(tmp_path.glob("model.ckpt.*.onnx"))
+    cached.write_bytes(cached.read_bytes()[:4000])  # a killed copy, a disk error
+    rc, out2, err = run_main(capsys, "predict", ckpt, *images, "--backend", "onnx", "--device", "cpu")
+    assert rc == 0 and out2 == out
+    assert nonblank_lines(err) == [ln for ln in nonblank_lines(err)
+                                   if "cached ONNX export is damaged" in ln and "rebuilding it" in ln]
+    assert len(nonblank_lines(err)) == 1 and "corrupt ONNX model" not in err.split("(")[0]
+    from bonexray.inference.export import verify_onnx_integrity
+
+    verify_onnx_integrity(cached, require_hash=True)  # rebuilt intact

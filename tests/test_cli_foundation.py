@@ -11,9 +11,10 @@ import pytest
 
 from bonexray.cli import main
 from bonexray.data.download import download_fracatlas
+from bonexray.data.preprocess import ImageCache
 from bonexray.errors import DatasetError
 
-from builders import make_manifest, radiograph_like
+from builders import bonexray_cmd, make_manifest, nonblank_lines, radiograph_like, run_main, subprocess_env
 
 
 def test_help_lists_every_subcommand():
@@ -232,3 +233,23 @@ def test_download_never_deletes_a_folder_or_zip_it_did_not_make(tmp_path, http_r
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SHA-256 mismatch" in err[0] and "kept" in err[0]
     assert own.read_bytes() == b"the user's own archive"
+
+
+@pytest.mark.parametrize("limit", [-5, 0])
+def test_preprocess_limit_below_one_is_refused(limit, tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "data", n=6)
+    rc, out, err = run_main(capsys, "preprocess", manifest, "--out", tmp_path / "cache", "--limit", limit, "--quiet")
+    assert rc == 2 and nonblank_lines(err) == [f"bonexray preprocess: error: --limit {limit}: give a number of images "
+                                               ">= 1 (leave it out for all)"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_preprocess_into_a_closed_pipe_is_quiet(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n=4)
+    proc = subprocess.Popen(bonexray_cmd("preprocess", manifest, "--out", tmp_path / "cache", "--workers", 1, "--quiet"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    proc.stdout.close()  # `| head -0`: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 0 and ImageCache.open(tmp_path / "cache").summary()["images"] == 4

@@ -1,11 +1,15 @@
+import csv
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bonexray.data.datasets import detect_source, load_dataset
 from bonexray.data.mura import read_mura
+from bonexray.data.preprocess import ImageCache
 from bonexray.errors import DatasetError
 
-from builders import MURA_STUDIES, make_manifest, make_mura_tree
+from builders import MURA_STUDIES, make_manifest, make_mura_tree, nonblank_lines, radiograph_like, run_main
 from conftest import SHARED_DATA, requires_shared_data
 
 
@@ -91,3 +95,108 @@ def test_fracatlas_reader_real_data():
     # Consecutive ids with identical flags share a study group.
     assert by_id["IMG0000000.jpg"].study_id == by_id["IMG0000001.jpg"].study_id
     assert 500 < len({r.study_id for r in rs}) < 3481
+
+
+# --------------------------------------------------------------------------- manifests: encoding, repeated rows, paths
+
+
+def test_non_utf8_manifest_is_one_line(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "d", n=4)
+    manifest.write_bytes(manifest.read_bytes().replace(b"hand", b"h\xe4nd", 1))  # Latin-1 umlaut
+    rc, _, err = run_main(capsys, "preprocess", manifest, "--out", tmp_path / "c")
+    assert rc == 2 and f"{manifest}: not UTF-8 text" in err and len(nonblank_lines(err)) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def _append_rows(manifest: Path, rows: list[list]) -> None:
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_duplicate_manifest_rows(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "d", n=4)  # rows: img000..img003, lines 2..5
+    _append_rows(manifest, [["img001.png", "wrist", 0, "s0"]])  # same as line 3: merged
+    rc, out, _ = run_main(capsys, "preprocess", manifest, "--out", tmp_path / "c", "--size", 16, "--quiet")
+    assert rc == 0 and "line 6: img001.png repeats line 3; merged" in out
+    assert len(ImageCache.open(tmp_path / "c").index) == 4
+    _append_rows(manifest, [["img002.png", "hand", 0, "s1"]])  # line 4 says abnormal=1: conflict
+    rc, _, err = run_main(capsys, "preprocess", manifest, "--out", tmp_path / "c2")
+    assert rc == 2 and "img002.png is listed on lines 4 and 7 with different abnormal (1 vs 0)" in err
+
+
+def test_manifest_paths_outside_its_folder_get_a_note(tmp_path):
+    from bonexray.data.manifest import read_manifest
+
+    manifest = make_manifest(tmp_path / "data", n=4)
+    Image.fromarray(radiograph_like(7)).save(tmp_path / "elsewhere.png")
+    with open(manifest, "a", newline="") as f:
+        csv.writer(f).writerow(["../elsewhere.png", "hand", 0, "s9"])
+    rs = read_manifest(manifest)
+    assert len(rs) == 5
+    assert [p for p in rs.problems if "outside the manifest's folder" in p and "../elsewhere.png" in p]
+    assert not [p for p in read_manifest(make_manifest(tmp_path / "clean", n=4)).problems if "outside" in p]
+
+
+# --------------------------------------------------------------------------- MURA and FracAtlas: malformed rows
+
+
+def test_malformed_mura_rows_are_problems_with_file_and_line(tmp_path, capsys):
+    root = make_mura_tree(tmp_path)
+    good = len(read_mura(root))
+    with open(root / "train_image_paths.csv", "a", newline="") as f:
+        f.write("MURA-v1.1/elsewhere/image1.png\n")  # no train/ or valid/ part
+    with open(root / "train_labeled_studies.csv", "a", newline="") as f:
+        f.write("MURA-v1.1/train/XR_HAND/patient00004/study1_positive/,maybe\n")
+    img_line = len((root / "train_image_paths.csv").read_text().splitlines())
+    lab_line = len((root / "train_labeled_studies.csv").read_text().splitlines())
+    rs = read_mura(root)
+    assert len(rs) == good  # every good row still read
+    assert any(p.startswith(f"train_image_paths.csv line {img_line}: path does not follow MURA's layout")
+               for p in rs.problems)
+    assert any(p.startswith(f"train_labeled_studies.csv line {lab_line}: malformed row") for p in rs.problems)
+    rc, out, _ = run_main(capsys, "preprocess", root, "--out", tmp_path / "c", "--size", 16, "--quiet")
+    assert rc == 0 and f"train_image_paths.csv line {img_line}" in out
+
+
+def test_mura_tree_without_csvs(tmp_path):
+    root = make_mura_tree(tmp_path)
+    with_csvs = {r.path: (r.abnormal, r.body_part, r.study_id, r.split) for r in read_mura(root)}
+    for f in root.glob("*.csv"):
+        f.unlink()
+    rs = read_mura(root)
+    assert {r.path: (r.abnormal, r.body_part, r.study_id, r.split) for r in rs} == with_csvs
+    for split in ("train", "valid"):
+        assert f"{split}_image_paths.csv missing: {split} images found by scanning {split}/" in rs.problems
+        assert f"{split}_labeled_studies.csv missing: {split} labels taken from the study folder names" in rs.problems
+
+
+def test_fracatlas_duplicate_rows_and_odd_flags(tmp_path):
+    from bonexray.data.fracatlas import read_fracatlas
+    from bonexray.errors import DatasetError
+    from builders import make_fracatlas_tree
+
+    root = make_fracatlas_tree(tmp_path, n_groups=4, per_group=2)
+    n = len(read_fracatlas(root))
+    with open(root / "dataset.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows.append(dict(rows[0]))  # the same image listed twice, same flags
+    odd = dict(rows[1])
+    odd["hardware"] = "2"
+    rows[1] = odd
+
+    def write(rows):
+        with open(root / "dataset.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    write(rows)
+    rs = read_fracatlas(root)
+    assert len(rs) == n - 1  # the duplicate merged, the row with flag 2 left out
+    assert any("repeats line 2; merged" in p for p in rs.problems)
+    assert any("flag hardware=2 is not 0 or 1; row skipped" in p for p in rs.problems)
+    clash = dict(rows[0])
+    clash["fractured"] = str(1 - int(clash["fractured"]))
+    write(rows[:-1] + [clash])
+    with pytest.raises(DatasetError, match="listed on lines 2 and .* with different fractured"):
+        read_fracatlas(root)

@@ -8,7 +8,7 @@ from PIL import Image
 from bonexray.cli import main
 from bonexray.evaluation.metrics import compute_metrics
 
-from builders import make_manifest
+from builders import make_manifest, run_main
 
 
 def _get(d, dotted):
@@ -188,3 +188,12 @@ def test_model_without_recorded_split_needs_its_splits_file(trained_run, tmp_pat
     assert main(["evaluate", trained_run["best_checkpoint"], "--out", str(tmp_path / "w"), "--splits",
                  str(tmp_path / "wrong.csv"), *base]) == 2
     assert "not the one the model was trained with" in capsys.readouterr().err
+
+
+def test_evaluate_out_is_checked_before_the_work(good_ckpt, tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "d", n=6)
+    (tmp_path / "results").write_text("an existing file")
+    rc, _, err = run_main(capsys, "evaluate", good_ckpt, "--data", manifest, "--out", tmp_path / "results",
+                          "--cache", tmp_path / "cache")
+    assert rc == 2 and f"--out {tmp_path / 'results'}: exists and is not a folder" in err
+    assert not (tmp_path / "cache").exists()  # refused before preprocessing anything

@@ -19,7 +19,7 @@ from bonexray.predict import run_predict
 from bonexray.inference.predictor import Predictor
 from bonexray.model.checkpoint import ModelCard, load_model, save_model
 from bonexray.model.network import BoneXrayNet
-from builders import radiograph_like
+from builders import nonblank_lines, radiograph_like, run_main, strict_json_lines
 from conftest import SHARED_DATA
 
 PARTS = ["hand", "leg", "shoulder"]
@@ -135,3 +135,65 @@ def test_onnx_without_card_is_rejected(tmp_path, capsys):
     Image.fromarray(radiograph_like(0)).save(img)
     assert main(["predict", str(path), str(img)]) == 2
     assert "no bonexray model card" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- damaged ONNX files, contradicting cards
+
+
+@pytest.fixture(scope="module")
+def good_onnx(good_ckpt) -> Path:
+    from bonexray.inference.export import export_onnx
+
+    return export_onnx(good_ckpt, good_ckpt.with_name("good.onnx"))
+
+
+def test_damaged_onnx_is_refused_by_name(good_onnx, images, tmp_path, capsys):
+    import onnx
+
+    rc, out, _ = run_main(capsys, "predict", good_onnx, *images)
+    assert rc == 0 and len(strict_json_lines(out)) == 2
+    model = onnx.load(str(good_onnx))
+    weights = max(model.graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    data = bytearray(good_onnx.read_bytes())
+    at = data.find(weights) + len(weights) // 2
+    data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
+    flipped = tmp_path / "flipped.onnx"
+    flipped.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good_onnx.read_bytes()[:5000])
+    for bad, words in ((flipped, "corrupt ONNX model (weights do not match their recorded SHA-256)"),
+                       (truncated, "corrupt ONNX model")):
+        rc, out, err = run_main(capsys, "predict", bad, *images)
+        assert rc == 2 and out == "" and f"{bad}: {words}" in err and len(nonblank_lines(err)) == 1
+
+
+def _edit_onnx_card(src: Path, dst: Path, **changes) -> Path:
+    import onnx
+
+    from bonexray.inference.export import ONNX_HASH_KEY, onnx_graph_sha256
+    from bonexray.inference.onnx_format import ONNX_CARD_KEY
+
+    model = onnx.load(str(src))
+    meta = {p.key: p.value for p in model.metadata_props}
+    card = json.loads(meta[ONNX_CARD_KEY])
+    card.update(changes)
+    for p in model.metadata_props:
+        if p.key == ONNX_CARD_KEY:
+            p.value = json.dumps(card)
+    for p in model.metadata_props:  # a consistent file: the hash recomputed over the edited card
+        if p.key == ONNX_HASH_KEY:
+            p.value = onnx_graph_sha256(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"body_parts": ["hand", "wrist", "elbow"]}, "names 3 body parts but the graph has 2 body-part outputs"),
+    ({"body_parts": ["hand"]}, "names 1 body parts but the graph has 2"),
+    ({"body_parts": []}, "no body_parts"),
+    ({"image_size": 128}, "image_size 128 but the graph takes input"),
+])
+def test_onnx_card_is_checked_against_the_graph(changes, words, good_onnx, images, tmp_path, capsys):
+    bad = _edit_onnx_card(good_onnx, tmp_path / "bad.onnx", **changes)
+    rc, out, err = run_main(capsys, "predict", bad, *images)
+    assert rc == 2 and out == "" and len(nonblank_lines(err)) == 1 and f"{bad}: " in err and words in err

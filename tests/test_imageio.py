@@ -601,3 +601,24 @@ def test_real_fracatlas_has_53_truncated_jpegs() -> None:
     truncated = [f for f in files if read_image(f, draft_size=64).truncated]
     assert len(truncated) == 53
     assert KNOWN_TRUNCATED in truncated
+
+
+@requires_shared_data
+def test_pydicom_warnings_name_the_file(tmp_path, monkeypatch):
+    import warnings
+
+    import pydicom
+
+    from bonexray.data.imageio import read_image
+    from bonexray.errors import BonexrayWarning
+
+    real = pydicom.dcmread
+
+    def noisy(*a, **k):
+        warnings.warn("Invalid value for VR UI: '1.2.abc'", UserWarning)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pydicom, "dcmread", noisy)
+    dicom = SHARED_DATA / "dicom" / "RG3_UNCR.dcm"
+    with pytest.warns(BonexrayWarning, match=f"{dicom}: pydicom: Invalid value for VR UI"):
+        read_image(dicom)

@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import shutil
+import struct
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import lightning  # noqa: F401 - imported here, not first inside a test: its log handler keeps the stderr it finds
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bonexray.errors import BonexrayError, BonexrayWarning, CheckpointError, WeightsUnavailableError
-from bonexray.model.checkpoint import ModelCard, load_model, save_model
+from bonexray.model.checkpoint import ModelCard, load_model, save_model, stamp_weights_sha256
 from bonexray.model.network import BoneXrayNet
 from bonexray.model.registry import (
     get_backbone_spec,
@@ -19,6 +25,7 @@ from bonexray.model.registry import (
     list_backbones,
 )
 from bonexray.model.weights import map_state_dict_by_order, package_weights_file
+from builders import leftovers, make_manifest, nonblank_lines, run_main, strict_json_lines
 
 REQUIRED = ["resnet50", "densenet169", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 CAT_CLASSES = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -283,3 +290,169 @@ def test_weights_file_that_does_not_fit_names_the_file(tmp_path: Path) -> None:
         BoneXrayNet("efficientnet_lite1", num_body_parts=2, pretrained=None, weights=path)
     with pytest.raises(WeightsUnavailableError, match="absent.pth.*not found"):
         BoneXrayNet("efficientnet_lite0", num_body_parts=2, pretrained=None, weights=tmp_path / "absent.pth")
+
+
+# --------------------------------------------------------------------------- damaged checkpoints, wrong model cards
+
+
+def _record_span(path: Path, name_part: str) -> tuple[int, int]:
+    """(offset, size) of the data of the largest zip record whose name contains ``name_part``."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if name_part in i.filename), key=lambda i: i.file_size)
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def _flip(path: Path, offset: int, n: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+class RunsCode:
+    """Unpickling this would run a shell command (what a malicious 'checkpoint' does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _damage(kind: str, good: Path, bad: Path, marker: Path) -> str:
+    """Write a damaged copy of ``good`` at ``bad``; returns the words the refusal must contain."""
+    shutil.copy(good, bad)
+    if kind == "flipped weights":
+        off, size = _record_span(bad, "/data/")
+        _flip(bad, off + size // 2)
+        return "corrupt checkpoint"
+    if kind == "flipped pickle":
+        off, size = _record_span(bad, "data.pkl")
+        _flip(bad, off + size // 2, 2)
+        return "corrupt checkpoint"
+    if kind == "weights changed, zip intact":  # e.g. edited by a tool that rewrote the file
+        ckpt = torch.load(good, weights_only=True)
+        key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 100)
+        ckpt["state_dict"][key].view(-1)[0] += 1.0
+        torch.save(ckpt, bad)
+        return "weights or model card do not match their recorded SHA-256"
+    if kind == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        return "corrupt or truncated checkpoint"
+    if kind == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+        return "not a bonexray checkpoint"
+    if kind == "empty":
+        bad.write_bytes(b"")
+        return "empty file"
+    if kind == "raw pickle that runs code":
+        bad.write_bytes(pickle.dumps(RunsCode(marker)))
+        return "raw Python pickle"
+    if kind == "torch file that runs code":
+        ckpt = torch.load(good, weights_only=True)
+        ckpt["extra"] = RunsCode(marker)
+        torch.save(ckpt, bad)
+        return "could run code"
+    raise AssertionError(kind)
+
+
+DAMAGE = ["flipped weights", "flipped pickle", "weights changed, zip intact", "truncated", "random bytes", "empty",
+          "raw pickle that runs code", "torch file that runs code"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_checkpoint_is_refused_by_name(kind, good_ckpt, images, tmp_path, capsys):
+    bad, marker = tmp_path / "bad.ckpt", tmp_path / "code-ran"
+    words = _damage(kind, good_ckpt, bad, marker)
+    rc, out, err = run_main(capsys, "predict", bad, *images)
+    assert rc == 2 and out == ""  # no verdict at all from a damaged model
+    lines = nonblank_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(f"bonexray predict: error: {bad}: ") and words in lines[0]
+    assert "weights_only" not in err  # bonexray's words, not torch's advice to turn the check off
+    assert not marker.exists()
+
+
+def test_damaged_checkpoint_refused_by_export_and_evaluate(good_ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    _damage("flipped weights", good_ckpt, bad, tmp_path / "m")
+    rc, _, err = run_main(capsys, "export", bad, "--out", tmp_path / "m.onnx")
+    assert rc == 2 and f"{bad}: corrupt checkpoint" in err and not (tmp_path / "m.onnx").exists()
+    manifest = make_manifest(tmp_path / "data", n=8)
+    rc, _, err = run_main(capsys, "evaluate", bad, "--data", manifest, "--out", tmp_path / "res", "--split", "all")
+    assert rc == 2 and f"{bad}: corrupt checkpoint" in err and not (tmp_path / "res").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_checkpoint_without_hash_loads_with_a_warning_line(good_ckpt, images, tmp_path, capsys):
+    old = tmp_path / "old.ckpt"
+    ckpt = torch.load(good_ckpt, weights_only=True)
+    del ckpt["bonexray"]["weights_sha256"]  # as written before bonexray recorded it
+    torch.save(ckpt, old)
+    rc, out, err = run_main(capsys, "predict", old, *images)
+    assert rc == 0 and len(strict_json_lines(out)) == 2
+    assert nonblank_lines(err) == [f"bonexray predict: warning: {old}: no weights SHA-256 recorded (written before "
+                                   "bonexray recorded one); loaded without an integrity check"]
+
+
+def _edit_card(good: Path, bad: Path, restamp: bool = True, **changes) -> Path:
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["bonexray"].update(changes)
+    if restamp:  # a consistent file: the card itself is what is wrong, not a damaged byte
+        stamp_weights_sha256(ckpt)
+    torch.save(ckpt, bad)
+    return bad
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"threshold": float("nan")}, "threshold nan is not a probability"),
+    ({"threshold": 5.0}, "threshold 5.0 is not a probability"),
+    ({"threshold": -1.0}, "threshold -1.0 is not a probability"),
+    ({"image_size": 10000}, "image_size 10000 is outside 32..2048"),
+    ({"image_size": 0}, "image_size 0 is outside 32..2048"),
+    ({"body_parts": ["hand", "hand"]}, "names body part(s) hand twice"),
+    ({"body_parts": ["abnormal", "wrist"]}, "would overwrite the output field prob_abnormal"),
+    ({"body_parts": []}, "no body_parts"),
+])
+def test_bad_model_card_refuses_the_model_everywhere(changes, words, good_ckpt, images, tmp_path, capsys):
+    import bonexray
+
+    bad = _edit_card(good_ckpt, tmp_path / "bad.ckpt", **changes)
+    rc, out, err = run_main(capsys, "predict", bad, *images)
+    assert rc == 2 and out == "" and len(nonblank_lines(err)) == 1 and words in err and f"{bad}: " in err
+    with pytest.raises(CheckpointError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        bonexray.load_model(bad)
+    from bonexray.web.app import create_app
+
+    with pytest.raises(CheckpointError):
+        create_app(bad)
+    from bonexray.training.checkpoint_io import AtomicCheckpointIO
+
+    with pytest.raises(CheckpointError):  # --resume reads the same card check
+        AtomicCheckpointIO().load_checkpoint(bad)
+
+
+def test_card_is_inside_the_hash(good_ckpt, images, tmp_path, capsys):
+    bad = _edit_card(good_ckpt, tmp_path / "edited.ckpt", restamp=False, threshold=0.01)
+    rc, out, err = run_main(capsys, "predict", bad, *images)
+    assert rc == 2 and out == "" and "corrupt checkpoint (weights or model card do not match" in err
+
+
+def test_weights_only_hash_of_older_files_still_loads_with_a_warning(good_ckpt, images, tmp_path, capsys):
+    from bonexray.model.checkpoint import weights_sha256
+
+    ckpt = torch.load(good_ckpt, weights_only=True)
+    net_state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    ckpt["bonexray"]["weights_sha256"] = weights_sha256(net_state)  # what bonexray wrote before the card was hashed
+    torch.save(ckpt, tmp_path / "older.ckpt")
+    rc, out, err = run_main(capsys, "predict", tmp_path / "older.ckpt", *images)
+    assert rc == 0 and len(nonblank_lines(out)) == 2
+    assert nonblank_lines(err) == [f"bonexray predict: warning: {tmp_path / 'older.ckpt'}: its SHA-256 covers the "
+                                   "weights but not the model card (written before bonexray hashed the card); the card "
+                                   "is loaded unchecked"]
+
+
+def test_body_part_named_like_a_field_is_refused_at_construction():
+    with pytest.raises(CheckpointError, match="prob_abnormal"):
+        ModelCard("efficientnet_lite0", SMALL, body_parts=["abnormal", "hand"])

@@ -20,7 +20,7 @@ from bonexray.data.imageio import read_image, to_uint8
 from bonexray.data.preprocess import letterbox, load_for_model
 from bonexray.model.checkpoint import ModelCard, save_model
 from bonexray.model.network import BoneXrayNet
-from builders import radiograph_like
+from builders import make_checkpoint, make_manifest, nonblank_lines, radiograph_like, run_main, strict_json_lines
 from conftest import SHARED_DATA, requires_shared_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -407,3 +407,65 @@ def test_cam_onto_a_full_disk_is_one_line_and_the_records_are_written(ckpt, caps
     assert str(out_dir) in line and "No space left on device" in line
     recs = parse_json_lines(lines)
     assert len([r for r in recs if r["type"] == "image"]) == len(imgs) and not any("cam" in r for r in recs)
+
+
+# --------------------------------------------------------------------------- no verdict from NaN, every file named, CSV
+
+
+def test_nan_output_is_an_error_per_image_never_a_verdict(images, tmp_path, capsys):
+    # What a diverged training run leaves (hash recorded), for make_manifest's body parts.
+    nan_model = make_checkpoint(tmp_path / "nan.ckpt", body_parts=("hand", "wrist"), nan_output=True)
+    rc, out, err = run_main(capsys, "predict", nan_model, *images)
+    assert rc == 1 and strict_json_lines(out) == []
+    lines = nonblank_lines(err)
+    assert [ln.split(": ")[1] for ln in lines] == [str(p) for p in images]
+    assert all("not a finite number" in ln and "no verdict" in ln for ln in lines)
+    manifest = make_manifest(tmp_path / "data", n=8)
+    rc, _, err = run_main(capsys, "evaluate", nan_model, "--data", manifest, "--out", tmp_path / "res", "--split",
+                          "all", "--bootstrap", "0")
+    assert rc == 2 and f"{nan_model}: the model's output is not a finite number" in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_predict_folder_names_every_file(good_ckpt, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(radiograph_like(1)).save(folder / "a.png")
+    Image.fromarray(radiograph_like(2)).save(folder / "b.webp")
+    Image.fromarray(radiograph_like(3)).save(folder / "c.gif")
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F").save(folder / "d_nan.tif")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"")
+    os.symlink("loop2", folder / "loop1")
+    os.symlink("loop1", folder / "loop2")
+    os.symlink(".", folder / "self")  # a folder link back to itself
+    os.symlink("gone.png", folder / "dangling.png")
+    rc, out, err = run_main(capsys, "predict", good_ckpt, folder, folder / "loop1")
+    assert rc == 1
+    assert sorted(Path(r["path"]).name for r in strict_json_lines(out)) == ["a.png", "b.webp", "c.gif"]
+    lines = nonblank_lines(err)
+    want = {
+        "d_nan.tif": "no finite pixel", "notes.txt": "skipped: not an image file (.txt)",
+        ".hidden.png": "skipped: hidden file", "loop1": "symlink loop", "loop2": "symlink loop",
+        "self": "symlink loop", "dangling.png": "broken symlink",
+    }
+    for name, words in want.items():
+        assert any(f"{folder / name}: " in ln and words in ln for ln in lines), (name, lines)
+    assert len(lines) == len(want) + 1  # + loop1 named directly (reported as a loop, not "no such file")
+    assert not any("no such file" in ln for ln in lines)
+
+
+def test_csv_output_never_starts_a_cell_with_a_formula(good_ckpt, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@x.png", "plain.png"]
+    for i, name in enumerate(names):
+        Image.fromarray(radiograph_like(i)).save(folder / name)
+    monkeypatch.chdir(folder)  # relative paths, as a user in that folder types them
+    rc, out, _ = run_main(capsys, "predict", "--format", "csv", good_ckpt, "--", *names)
+    assert rc == 0
+    paths = [row["path"] for row in csv.DictReader(out.splitlines())]
+    assert paths == ["'=HYPERLINK(1).png", "'+1.png", "'-2.png", "'@x.png", "plain.png"]
+    from bonexray.inference.writers import csv_safe
+
+    assert csv_safe("=1+1") == "'=1+1" and csv_safe("a=b") == "a=b" and csv_safe(0.5) == 0.5

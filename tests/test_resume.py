@@ -20,6 +20,7 @@ from builders import make_manifest
 from conftest import cli_argv as argv, tiny_train_args
 
 from bonexray.cli import main
+from bonexray.errors import BonexrayError, CheckpointError
 from bonexray.model.checkpoint import load_model
 from bonexray.training.config import TrainConfig, default_micro_batch
 from bonexray.training.train import _resumed_config, run_training
@@ -155,3 +156,51 @@ def test_full_disk_during_training_is_one_line_and_resumable(tmp_path, capsys, m
     monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
     assert main(["train", *argv({**args, "resume": True})]) == 0
     assert torch.load(last, weights_only=True)["epoch"] == 2
+
+
+# --------------------------------------------------------------------------- what --resume reads
+
+
+def test_resume_checks_integrity_and_refuses_pickled_objects(good_ckpt, tmp_path):
+    import zipfile
+
+    from bonexray.training.checkpoint_io import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    assert "state_dict" in io_.load_checkpoint(good_ckpt)
+    flipped = tmp_path / "flipped.ckpt"
+    data = bytearray(good_ckpt.read_bytes())
+    with zipfile.ZipFile(good_ckpt) as zf:
+        big = max(zf.infolist(), key=lambda i: i.file_size)
+    at = big.header_offset + 200
+    data[at : at + 4096] = bytes(b ^ 0xFF for b in data[at : at + 4096])  # 4 KB flipped
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        io_.load_checkpoint(flipped)
+
+    class Obj:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    ckpt = torch.load(good_ckpt, weights_only=True)
+    ckpt["extra"] = Obj()
+    torch.save(ckpt, tmp_path / "objects.ckpt")
+    with pytest.raises(CheckpointError) as info:
+        io_.load_checkpoint(tmp_path / "objects.ckpt")
+    assert "holds Python objects" in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_resume_with_other_epochs_is_refused_before_training(tmp_path, capsys):
+    import yaml
+
+    from bonexray.training.config import TrainConfig
+    from bonexray.training.train import _check_resume_plan
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = TrainConfig.from_args({"data": "x", "epochs": 1, "schedule": "onecycle"}).to_dict()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resume_plan(TrainConfig.from_args({"data": "x", "epochs": 1, "schedule": "onecycle"}), run_dir / "config.yaml")
+    with pytest.raises(BonexrayError, match=r"--epochs 2 \(the run has 1\)"):
+        _check_resume_plan(TrainConfig.from_args({"data": "x", "epochs": 2, "schedule": "onecycle"}),
+                           run_dir / "config.yaml")

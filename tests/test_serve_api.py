@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import struct
 import tempfile
 import zlib
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from builders import LiveServer, make_checkpoint, png_bytes, radiograph_like
+from builders import LiveServer, make_checkpoint, nonblank_lines, png_bytes, radiograph_like, run_main
 from conftest import SHARED_DATA, requires_shared_data
 from PIL import Image
 
@@ -432,3 +433,63 @@ def test_cli_starts_uvicorn_with_the_app(checkpoint, monkeypatch, capsys):
 def test_cli_bad_model_file(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing.ckpt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- NaN, idle sockets, busy, sizes
+
+
+def test_serve_gives_no_verdict_for_nan_output(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+    from builders import png_bytes
+
+    nan_ckpt = make_checkpoint(tmp_path / "nan.ckpt", body_parts=("hand", "wrist"), nan_output=True)
+    client = TestClient(create_app(nan_ckpt, device="cpu"))
+    r = client.post("/api/predict", files=[("files", ("x.png", png_bytes(radiograph_like(0)), "image/png"))])
+    assert r.status_code == 500
+    body = r.json()
+    assert "not a finite number" in body["detail"] and body["errors"][0]["file"] == "x.png"
+    assert "abnormal" not in body and "images" not in body
+
+
+def test_idle_sockets_do_not_lock_other_clients_out(good_ckpt):
+    import httpx
+
+    from bonexray.web.app import create_app
+    from bonexray.web.server import uvicorn_settings
+    from builders import LiveServer, png_bytes
+
+    app = create_app(good_ckpt, device="cpu")
+    with LiveServer(app, **uvicorn_settings(header_timeout=2.0)) as live:
+        idle = [socket.create_connection(("127.0.0.1", live.port)) for _ in range(80)]  # nothing sent
+        try:
+            r = httpx.post(f"{live.url}/api/predict", timeout=30,
+                           files=[("files", ("x.png", png_bytes(radiograph_like(0)), "image/png"))])
+            assert r.status_code == 200, r.text
+            assert httpx.get(f"{live.url}/healthz", timeout=30).status_code == 200
+            # The server closes a connection that never sends its headers: recv sees the end.
+            for s in idle[:3]:
+                s.settimeout(30)
+                assert s.recv(1) == b""
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_requests_beyond_the_limit_get_503_not_a_hang(good_ckpt):
+    from fastapi.testclient import TestClient
+
+    from bonexray.web.app import create_app
+
+    client = TestClient(create_app(good_ckpt, device="cpu", max_requests=0))
+    r = client.get("/api/model")  # not /healthz: it is outside the limit (issue #32)
+    assert r.status_code == 503 and "server busy" in r.json()["detail"]
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("flag,value", [("--max-file-mb", "nan"), ("--max-file-mb", "inf"), ("--max-request-mb", "-1")])
+def test_serve_size_limits_must_be_finite(flag, value, good_ckpt, capsys):
+    rc, _, err = run_main(capsys, "serve", good_ckpt, flag, value)
+    assert rc == 2 and nonblank_lines(err) == [
+        f"bonexray serve: error: {flag} {float(value)}: give a size in MB above 0"]

@@ -5,8 +5,10 @@ import sys
 import time
 from pathlib import Path
 
+import lightning  # noqa: F401 - imported here, not first inside a test: its log handler keeps the stderr it finds
 import pytest
 import torch
+from PIL import Image
 
 from bonexray.cli import main
 from bonexray.errors import BonexrayError
@@ -14,7 +16,7 @@ from bonexray.model.checkpoint import load_model
 from bonexray.training.losses import abnormal_class_weights, multitask_loss
 from bonexray.training.train import TrainConfig, run_training
 
-from builders import make_manifest
+from builders import make_manifest, nonblank_lines, radiograph_like, run_main
 from conftest import cli_argv, requires_shared_data, tiny_train_args
 
 
@@ -267,3 +269,30 @@ def test_default_data_offline_message(tmp_path, monkeypatch):
     with pytest.raises(BonexrayError, match="FracAtlas") as e:
         run_training(TrainConfig.from_args({"out": str(tmp_path / "r"), "quiet": True}))
     assert "--data" in str(e.value) and str(tmp_path / "home") in str(e.value)
+
+
+# --------------------------------------------------------------------------- refused before training
+
+
+def test_train_limit_below_one_is_refused(tmp_path, capsys):
+    manifest = make_manifest(tmp_path / "data", n=6)
+    rc, _, err = run_main(capsys, "train", "--data", manifest, "--out", tmp_path / "run", "--limit", 0)
+    assert rc == 2 and "--limit 0: give a number of images >= 1" in err and len(nonblank_lines(err)) == 1
+
+
+def test_training_data_with_one_label_is_refused_before_training(tmp_path, capsys):
+    from conftest import tiny_train_args
+
+    base = tmp_path / "data"
+    base.mkdir()
+    with open(base / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "body_part", "abnormal", "study_id"])
+        for i in range(16):
+            Image.fromarray(radiograph_like(i)).save(base / f"i{i}.png")
+            w.writerow([f"i{i}.png", ("hand", "wrist")[i % 2], 0, f"s{i}"])
+    args = tiny_train_args(base / "manifest.csv", tmp_path / "run")
+    rc, _, err = run_main(capsys, "train", "--data", args["data"], "--out", args["out"], "--cache", args["cache"],
+                          "--pretrained", "none", "--image-size", 64, "--epochs", 1, "--quiet")
+    assert rc == 2 and "the training images are all normal" in err and len(nonblank_lines(err)) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
