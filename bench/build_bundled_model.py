@@ -3,6 +3,9 @@
     python bench/build_bundled_model.py runs/fa/checkpoints/last.ckpt --data ../shared/data/FracAtlas \\
         --metrics results/fa/metrics.json
 
+With ``--recard`` only the card of the built file is replaced by the checkpoint's (a gate refitted for the
+same weights, which are checked tensor for tensor); the build's test metrics and float16 check are kept.
+
 With ``--keep-card`` the checkpoint's own card (``bench/scope.py --write-model``: the gate fitted
 against bench/scope_sets.py's outliers, the calibration and operating points) is kept as it is.
 
@@ -102,7 +105,6 @@ def build(checkpoint: str | Path, data: str | Path, metrics: str | Path, out_dir
     with ``calibrate-scope``'s defaults."""
     from bonexray.inference.calibrate import rewrite_checkpoint, scope_calibration
     from bonexray.model.checkpoint import read_card
-    from bonexray.model.hub import file_sha256
 
     checkpoint, data, out_dir = Path(checkpoint), Path(data), Path(out_dir)
     numbers = test_metrics(Path(metrics))
@@ -129,14 +131,9 @@ def build(checkpoint: str | Path, data: str | Path, metrics: str | Path, out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"{name}.ckpt"
         shutil.move(str(staged), str(target))
-    scope = card.scope or {}
     info = {
         "name": name,
-        "file": target.name,
-        "sha256": file_sha256(target),
-        "size_bytes": target.stat().st_size,
         "weights": "float16 (batch-norm statistics float32), from the float32 training checkpoint",
-        "card": {k: v for k, v in card.to_dict().items() if k not in ("scope",)},
         "training_data": {**FRACATLAS, "protocol": (f"split by exam group, seed {(card.split or {}).get('seed')}, "
                                                     f"fitted on {(card.split or {}).get('fit_on')}; "
                                                     "test split never seen in training, threshold, scope or band"),
@@ -144,15 +141,57 @@ def build(checkpoint: str | Path, data: str | Path, metrics: str | Path, out_dir
         "test_metrics": numbers,
         "float16_check": {"test_auroc_float32": auroc32, "test_auroc_float16": auroc16,
                           "max_allowed_difference": max_auroc_drop},
+        "intended_use": INTENDED_USE,
+    }
+    info |= _file_and_card(target, card, refs)
+    (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _file_and_card(target: Path, card, refs: list[dict]) -> dict:
+    """The parts of ``<name>.json`` that follow the file and its card (the rest follows the weights)."""
+    from bonexray.model.hub import file_sha256
+
+    scope = card.scope or {}
+    return {
+        "file": target.name,
+        "sha256": file_sha256(target),
+        "size_bytes": target.stat().st_size,
+        "card": {k: v for k, v in card.to_dict().items() if k not in ("scope",)},
         "scope_gate": {k: scope.get(k) for k in ("method", "k", "threshold", "far_threshold", "quantile", "n_fit",
                                                  "n_threshold", "held_out_refused", "fitted_on", "threshold_source",
                                                  "far_rule", "head")}
                       | {"measured": "bench/scope.py fracatlas --data ../shared/data/FracAtlas (bench/scope.json)"},
         "borderline": {"band": card.borderline_band, "source": card.borderline_source},
-        "intended_use": INTENDED_USE,
         "reference_predictions": refs,
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def recard(checkpoint: str | Path, data: str | Path, out_dir: str | Path, name: str,
+           images=REFERENCE_IMAGES) -> dict:
+    """Replace only the card of the built ``<out_dir>/<name>.ckpt`` with ``checkpoint``'s (``bench/scope.py
+    fracatlas --write-model``: a refitted gate for the same network). The weights must be the built
+    file's, tensor for tensor, so the test metrics and the float16 check of the build still hold and are
+    kept; the file's hash, card, gate and reference predictions are rewritten."""
+    import torch
+
+    from bonexray.inference.calibrate import is_calibrated_checkpoint
+    from bonexray.model.checkpoint import STATE_KEY, _read_checkpoint, read_card
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    target, described = out_dir / f"{name}.ckpt", out_dir / f"{name}.json"
+    if not is_calibrated_checkpoint(checkpoint):
+        raise SystemExit(f"{checkpoint}: not a compact checkpoint with a scope card (bench/scope.py --write-model)")
+    new, old = _read_checkpoint(checkpoint, "cpu")[STATE_KEY], _read_checkpoint(target, "cpu")[STATE_KEY]
+    if new.keys() != old.keys() or any(new[k].dtype != old[k].dtype or not torch.equal(new[k], old[k]) for k in new):
+        raise SystemExit(f"{checkpoint}: its weights are not those of {target}; build it instead (without --recard)")
+    with tempfile.TemporaryDirectory(prefix="bonexray-bundle-") as tmp:
+        staged = Path(tmp) / target.name
+        shutil.copyfile(checkpoint, staged)
+        refs = reference_predictions(staged, Path(data), images)
+        shutil.move(str(staged), str(target))
+    info = json.loads(described.read_text()) | _file_and_card(target, read_card(target), refs)
+    described.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -162,7 +201,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="the trained float32 checkpoint (the FracAtlas recipe's last.ckpt)")
     ap.add_argument("--data", required=True, help="the FracAtlas folder it was trained on")
-    ap.add_argument("--metrics", required=True, help="metrics.json of `bonexray evaluate CKPT --split test`")
+    ap.add_argument("--metrics", help="metrics.json of `bonexray evaluate CKPT --split test` (required unless --recard)")
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help=f"folder (default {WEIGHTS_DIR})")
     ap.add_argument("--name", default=BUNDLED[0].name, help=f"registry name (default {BUNDLED[0].name})")
     ap.add_argument("--quantile", type=float, default=0.995, help="scope threshold quantile on valid (default 0.995)")
@@ -172,7 +211,19 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-card", action="store_true",
                     help="keep the checkpoint's gate, calibration and operating points (bench/scope.py --write-model) "
                          "instead of refitting them with calibrate-scope's default outlier sets")
+    ap.add_argument("--recard", action="store_true",
+                    help="replace only the card of the built file (--out/--name) with CHECKPOINT's: a refitted gate "
+                         "for the same weights (bench/scope.py fracatlas --write-model); keeps the build's test metrics "
+                         "and float16 check (--metrics is then not read)")
     args = ap.parse_args(argv)
+    if not args.recard and not args.metrics:
+        ap.error("--metrics is required (unless --recard)")
+    if args.recard:
+        info = recard(args.checkpoint, args.data, args.out, args.name)
+        print(f"rewrote the card of {Path(args.out) / info['file']} and {info['name']}.json")
+        print(f"SHA-256 {info['sha256']}")
+        print(f'pin it: in src/bonexray/model/hub.py set BundledModel("{info["name"]}", ..., sha256="{info["sha256"]}")')
+        return 0
     info = build(args.checkpoint, args.data, args.metrics, args.out, args.name, quantile=args.quantile,
                  cache=args.cache, batch_size=args.batch_size, max_auroc_drop=args.max_auroc_drop,
                  keep_card=args.keep_card)

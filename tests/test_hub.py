@@ -54,7 +54,7 @@ def bundle(trained_run, tmp_path_factory):
     images = ("img000.png", "img001.png", "img002.png")
     info = build(trained_run["best_checkpoint"], Path(trained_run["manifest"]).parent / "manifest.csv",
                  base / "results" / "metrics.json", base / "weights", "tiny-efficientnet_lite0-64", quantile=0.99,
-                 images=images)
+                 images=images, max_auroc_drop=0.1)  # a 12-image test split: one pair swapped by float16 moves AUROC 1/36
     return {"dir": base / "weights", "info": info, "data": Path(trained_run["manifest"]).parent,
             "checkpoint": Path(trained_run["best_checkpoint"])}
 
@@ -80,7 +80,7 @@ def test_build_writes_a_compact_float16_file_and_its_card(bundle):
     assert "Not a medical device" in info["intended_use"]
     assert info["test_metrics"]["image_auroc"]["ci95"] is not None
     f16 = info["float16_check"]
-    assert abs(f16["test_auroc_float32"] - f16["test_auroc_float16"]) <= 0.005
+    assert abs(f16["test_auroc_float32"] - f16["test_auroc_float16"]) <= f16["max_allowed_difference"] == 0.1
     assert info["scope_gate"]["threshold"] > 0 and info["borderline"]["band"] > 0
     assert [r["path"] for r in info["reference_predictions"]] == ["img000.png", "img001.png", "img002.png"]
 
@@ -179,3 +179,41 @@ def test_build_keeps_a_card_fitted_elsewhere_and_refuses_one_without_the_gate(bu
 
 def _metrics_of(bundle) -> Path:
     return bundle["dir"].parent / "results" / "metrics.json"
+
+
+def test_recard_replaces_only_the_card_of_the_same_weights_and_refuses_other_weights(bundle, tmp_path):
+    import shutil
+
+    from build_bundled_model import recard
+
+    from bonexray.inference.calibrate import rewrite_checkpoint
+    from bonexray.model.checkpoint import read_card
+
+    built = tmp_path / "weights"
+    shutil.copytree(bundle["dir"], built)
+    name = bundle["info"]["name"]
+    source = built / bundle["info"]["file"]
+    scope = dict(read_card(source).scope)
+    scope["threshold"] = float(scope["threshold"]) * 2  # a refitted gate: same network, other card
+    refit = rewrite_checkpoint(source, tmp_path / "refit.ckpt", {"scope": scope}, half=True)
+    info = recard(refit, bundle["data"], built, name, images=("img000.png",))
+    described = json.loads((built / f"{name}.json").read_text())
+    assert described == info and info["sha256"] == hub.file_sha256(source) != bundle["info"]["sha256"]
+    assert read_card(source).scope["threshold"] == pytest.approx(scope["threshold"])
+    assert info["float16_check"] == bundle["info"]["float16_check"]
+    assert info["test_metrics"] == bundle["info"]["test_metrics"]
+    assert [r["path"] for r in info["reference_predictions"]] == ["img000.png"]
+    before = source.read_bytes()
+    with pytest.raises(SystemExit, match="its weights are not those of"):  # the float32 training weights
+        recard(rewrite_checkpoint(bundle["checkpoint"], tmp_path / "other.ckpt", {"scope": scope}),
+               bundle["data"], built, name)
+    assert source.read_bytes() == before
+
+
+def test_build_writes_nothing_when_float16_moves_the_test_auroc_too_far(bundle, tmp_path):
+    from build_bundled_model import build
+
+    with pytest.raises(SystemExit, match="differs by more than -1.0; nothing written"):
+        build(bundle["checkpoint"], bundle["data"] / "manifest.csv", _metrics_of(bundle), tmp_path / "w",
+              "w-efficientnet_lite0-64", quantile=0.99, images=("img000.png",), max_auroc_drop=-1.0)
+    assert not (tmp_path / "w").exists()
