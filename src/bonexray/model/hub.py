@@ -55,7 +55,7 @@ class BundledModel:
 #: RESULTS/metrics.json``, then paste the SHA-256 it prints here.
 BUNDLED: tuple[BundledModel, ...] = (
     BundledModel("fracatlas-efficientnet_lite0-320", ("fracatlas",),
-                 sha256="e71cb93a31450ef24f2eeaae668e6e3ef058b32ac9094f5c847654bdfa4691a1"),
+                 sha256="c5255174b22649218a82a20564e698f124db6a859256268520261aa40f8dfb58"),
 )
 
 DEFAULT_MODEL = "fracatlas"
