@@ -19,7 +19,6 @@ NOT_YET_SPLIT = {
     "training/train.py::run_training",
     "training/options.py::add_train_arguments",
     "web/uploads.py::read_uploads",
-    "data/fracatlas.py::read_fracatlas",
     "predict.py::run_predict",
     "inference/backend_check.py::check_backends",
     "data/manifest.py::read_manifest",
