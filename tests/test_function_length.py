@@ -21,7 +21,6 @@ NOT_YET_SPLIT = {
     "web/uploads.py::read_uploads",
     "predict.py::run_predict",
     "inference/backend_check.py::check_backends",
-    "data/mura.py::read_mura",
     "pacs/dicomweb.py::_analyze_study",
     "data/preprocess.py::_build_or_reuse",
 }
