@@ -22,7 +22,6 @@ NOT_YET_SPLIT = {
     "predict.py::run_predict",
     "inference/backend_check.py::check_backends",
     "pacs/dicomweb.py::_analyze_study",
-    "data/preprocess.py::_build_or_reuse",
 }
 
 
