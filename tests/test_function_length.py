@@ -18,14 +18,9 @@ NOT_YET_SPLIT = {
     "web/app.py::create_app",
     "training/train.py::run_training",
     "training/options.py::add_train_arguments",
-    "web/uploads.py::read_uploads",
-    "data/fracatlas.py::read_fracatlas",
     "predict.py::run_predict",
     "inference/backend_check.py::check_backends",
-    "data/manifest.py::read_manifest",
-    "data/mura.py::read_mura",
     "pacs/dicomweb.py::_analyze_study",
-    "data/preprocess.py::_build_or_reuse",
 }
 
 

@@ -81,10 +81,8 @@ def read_fracatlas_boxes(root: Path, problems: list[str]) -> dict[str, dict] | N
     return out
 
 
-def read_fracatlas(path: str | Path) -> RecordSet:
-    root = find_fracatlas_root(Path(path))
-    if root is None:
-        raise DatasetError(f"{path}: not a FracAtlas folder (needs dataset.csv and images/)")
+def _read_dataset_csv(root: Path) -> tuple[Path, list[dict[str, str]]]:
+    """``dataset.csv`` (its path and rows), after checking that it has every column the reader needs."""
     csv_path = root / "dataset.csv"
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
@@ -92,8 +90,11 @@ def read_fracatlas(path: str | Path) -> RecordSet:
         if missing:
             raise DatasetError(f"{csv_path}: missing columns {', '.join(missing)}")
         rows = list(reader)
+    return csv_path, rows
 
-    # Where each image actually is on disk (the folder is the release's own fracture label).
+
+def _images_on_disk(root: Path) -> dict[str, tuple[Path, int]]:
+    """Where each image actually is on disk, with its folder's label (the release's own fracture label)."""
     on_disk: dict[str, tuple[Path, int]] = {}
     for folder, label in _FOLDERS.items():
         d = root / "images" / folder
@@ -101,6 +102,81 @@ def read_fracatlas(path: str | Path) -> RecordSet:
             for p in d.iterdir():
                 if p.is_file():
                     on_disk[p.name] = (p, label)
+    return on_disk
+
+
+def _row_flags(row: dict[str, str], image_id: str, where: str, problems: list[str]) -> dict[str, int] | None:
+    """The row's flags, each 0 or 1; None (the problem noted) when the row is to be skipped."""
+    try:
+        flags = {c: int(row[c]) for c in _FLAG_COLUMNS}
+    except (TypeError, ValueError):
+        problems.append(f"{where}: non-integer flag in {image_id}")
+        return None
+    odd = [f"{c}={v}" for c, v in flags.items() if v not in (0, 1)]
+    if odd:
+        problems.append(f"{where}: {image_id}: flag {', '.join(odd)} is not 0 or 1; row skipped")
+        return None
+    return flags
+
+
+def _is_repeat(image_id: str, flags: dict[str, int], line_no: int, listed: dict[str, tuple[int, dict[str, int]]],
+               csv_path: Path, problems: list[str]) -> bool:
+    """Whether the image was listed on an earlier line (then merged, the problem noted); raises when the two
+    rows' flags differ. One image counted twice would weigh double and could sit in two splits."""
+    if image_id not in listed:
+        return False
+    first, first_flags = listed[image_id]
+    if first_flags != flags:
+        differ = ", ".join(f"{c} ({first_flags[c]} vs {flags[c]})" for c in flags if flags[c] != first_flags[c])
+        raise DatasetError(f"{csv_path}: {image_id} is listed on lines {first} and {line_no} with different "
+                           f"{differ}; list each image once")
+    problems.append(f"{csv_path.name} line {line_no}: {image_id} repeats line {first}; merged")
+    return True
+
+
+def _localization(ann: dict | None, fractured: int) -> dict:
+    """Where a fracture is, when known: boxes for annotated fractures, nowhere for images without a
+    fracture; fractured images the annotators skipped stay unknown."""
+    if ann and ann["boxes"] and fractured:
+        return dict(boxes=ann["boxes"], polygons=ann["polygons"], annotated_size=ann["size"], localized=True)
+    return dict(localized=not fractured)
+
+
+def _fracatlas_record(image_id: str, flags: dict[str, int], stored: tuple[Path, int], group: int,
+                      boxes: dict[str, dict] | None, problems: list[str]) -> Record:
+    """The record of one listed image found on disk (``stored``: its file and its folder's label)."""
+    file, folder_label = stored
+    fractured = flags["fractured"]
+    if folder_label != fractured:
+        problems.append(
+            f"{image_id}: fractured={fractured} in dataset.csv but stored in images/"
+            f"{'Fractured' if folder_label else 'Non_fractured'}; the folder wins"
+        )
+        fractured = folder_label
+    body_part = fracatlas_body_part(flags)
+    if body_part == "unknown":
+        problems.append(f"{image_id}: no body-part flag set")
+    extras = {"image_id": image_id, "fractured": fractured, "hardware": flags["hardware"]}
+    if boxes is not None:
+        extras.update(_localization(boxes.get(image_id), fractured))
+    return Record(
+        path=str(file),
+        body_part=body_part,
+        abnormal=int(bool(fractured or flags["hardware"])),
+        study_id=f"fracatlas-exam{group:05d}",
+        patient_id=f"fracatlas-exam{group:05d}",
+        split="none",
+        source="fracatlas",
+        extras=extras,
+    )
+
+
+def read_fracatlas(path: str | Path) -> RecordSet:
+    root = find_fracatlas_root(Path(path))
+    if root is None:
+        raise DatasetError(f"{path}: not a FracAtlas folder (needs dataset.csv and images/)")
+    csv_path, rows = _read_dataset_csv(root)
+    on_disk = _images_on_disk(root)
 
     records: list[Record] = []
     problems: list[str] = []
@@ -110,22 +186,8 @@ def read_fracatlas(path: str | Path) -> RecordSet:
     prev_key: tuple | None = None
     for line_no, row in enumerate(rows, start=2):
         image_id = row["image_id"].strip()
-        try:
-            flags = {c: int(row[c]) for c in _FLAG_COLUMNS}
-        except (TypeError, ValueError):
-            problems.append(f"{csv_path.name} line {line_no}: non-integer flag in {image_id}")
-            continue
-        odd = [f"{c}={v}" for c, v in flags.items() if v not in (0, 1)]
-        if odd:
-            problems.append(f"{csv_path.name} line {line_no}: {image_id}: flag {', '.join(odd)} is not 0 or 1; row skipped")
-            continue
-        if image_id in listed:  # one image counted twice would weigh double and could sit in two splits
-            first, first_flags = listed[image_id]
-            if first_flags != flags:
-                differ = ", ".join(f"{c} ({first_flags[c]} vs {flags[c]})" for c in flags if flags[c] != first_flags[c])
-                raise DatasetError(f"{csv_path}: {image_id} is listed on lines {first} and {line_no} with different "
-                                   f"{differ}; list each image once")
-            problems.append(f"{csv_path.name} line {line_no}: {image_id} repeats line {first}; merged")
+        flags = _row_flags(row, image_id, f"{csv_path.name} line {line_no}", problems)
+        if flags is None or _is_repeat(image_id, flags, line_no, listed, csv_path, problems):
             continue
         listed[image_id] = (line_no, flags)
         # Runs break only where the body-part flags change: an id gap may be an image left out of
@@ -137,38 +199,7 @@ def read_fracatlas(path: str | Path) -> RecordSet:
         if image_id not in on_disk:
             problems.append(f"listed but missing: {root / 'images' / '*' / image_id}")
             continue
-        file, folder_label = on_disk[image_id]
-        fractured = flags["fractured"]
-        if folder_label != fractured:
-            problems.append(
-                f"{image_id}: fractured={fractured} in dataset.csv but stored in images/"
-                f"{'Fractured' if folder_label else 'Non_fractured'}; the folder wins"
-            )
-            fractured = folder_label
-        body_part = fracatlas_body_part(flags)
-        if body_part == "unknown":
-            problems.append(f"{image_id}: no body-part flag set")
-        extras = {"image_id": image_id, "fractured": fractured, "hardware": flags["hardware"]}
-        if boxes is not None:
-            # Where a fracture is, when known: boxes for annotated fractures, nowhere for images
-            # without a fracture; fractured images the annotators skipped stay unknown.
-            ann = boxes.get(image_id)
-            if ann and ann["boxes"] and fractured:
-                extras.update(boxes=ann["boxes"], polygons=ann["polygons"], annotated_size=ann["size"], localized=True)
-            else:
-                extras.update(localized=not fractured)
-        records.append(
-            Record(
-                path=str(file),
-                body_part=body_part,
-                abnormal=int(bool(fractured or flags["hardware"])),
-                study_id=f"fracatlas-exam{group:05d}",
-                patient_id=f"fracatlas-exam{group:05d}",
-                split="none",
-                source="fracatlas",
-                extras=extras,
-            )
-        )
+        records.append(_fracatlas_record(image_id, flags, on_disk[image_id], group, boxes, problems))
     for name, (p, _) in sorted(on_disk.items()):
         if name not in listed:
             problems.append(f"present but not listed in dataset.csv: {p}")

@@ -49,10 +49,8 @@ def _delimiter_hint(header: list[str]) -> str:
     return ""
 
 
-def read_manifest(path: str | Path) -> RecordSet:
-    csv_path = Path(path)
-    if not csv_path.is_file():
-        raise DatasetError(f"{csv_path}: manifest CSV not found")
+def _read_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The manifest's rows (names and values stripped), after checking that it has the required columns."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -63,12 +61,64 @@ def read_manifest(path: str | Path) -> RecordSet:
                     f"{csv_path}: manifest needs columns {', '.join(REQUIRED)} (missing: {', '.join(missing)})"
                     + _delimiter_hint(cols)
                 )
-            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+            return [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     except UnicodeDecodeError as err:
         raise DatasetError(f"{csv_path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                            "save the manifest as UTF-8") from err
     except csv.Error as err:
         raise DatasetError(f"{csv_path}: not a readable CSV ({err})") from err
+
+
+def _row_split(row: dict[str, str], where: str, problems: list[str]) -> str:
+    """The row's split, ``val``/``validation`` read as ``valid``; an unknown one is noted and becomes ``none``."""
+    split = (row.get("split") or "none").lower()
+    if split in ("val", "validation"):
+        split = "valid"
+    if split not in SPLITS:
+        problems.append(f"{where}: unknown split {split!r}; using 'none'")
+        split = "none"
+    return split
+
+
+def _row_record(row: dict[str, str], file: Path, label: int, line_no: int, where: str, problems: list[str]) -> Record:
+    """The record of one kept row; missing study ids default to one study per image, patient ids to the study."""
+    split = _row_split(row, where, problems)
+    study = row.get("study_id") or f"image{line_no - 1:06d}"
+    return Record(
+        path=str(file),
+        body_part=row["body_part"].lower() or "unknown",
+        abnormal=label,
+        study_id=study,
+        patient_id=row.get("patient_id") or study,
+        split=split,
+        source="manifest",
+    )
+
+
+def _is_repeat(key: str, record: Record, row: dict[str, str], line_no: int,
+               first_line: dict[str, tuple[int, Record]], csv_path: Path, problems: list[str]) -> bool:
+    """Whether the file was listed on an earlier line (then merged, the problem noted); raises when the two rows
+    disagree, since one image would otherwise count twice or sit in two splits."""
+    if key not in first_line:
+        return False
+    earlier_line, earlier = first_line[key]
+    fields = ["abnormal", "body_part", "split"] + [c for c in ("study_id", "patient_id") if row.get(c)]
+    differ = [c for c in fields if getattr(record, c) != getattr(earlier, c)]
+    if differ:
+        raise DatasetError(
+            f"{csv_path}: {row['path']} is listed on lines {earlier_line} and {line_no} with different "
+            + ", ".join(f"{c} ({getattr(earlier, c)!r} vs {getattr(record, c)!r})" for c in differ)
+            + "; list each image once"
+        )
+    problems.append(f"{csv_path.name} line {line_no}: {row['path']} repeats line {earlier_line}; merged")
+    return True
+
+
+def read_manifest(path: str | Path) -> RecordSet:
+    csv_path = Path(path)
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: manifest CSV not found")
+    rows = _read_rows(csv_path)
     base = csv_path.resolve().parent
     records: list[Record] = []
     problems: list[str] = []
@@ -76,46 +126,22 @@ def read_manifest(path: str | Path) -> RecordSet:
     first_line: dict[str, tuple[int, Record]] = {}  # resolved path -> (line, record)
     outside: list[str] = []
     for line_no, row in enumerate(rows, start=2):
+        where = f"{csv_path.name} line {line_no}"
         file = Path(row["path"])
         if not file.is_absolute():
             file = base / file
         label, why = parse_label(row["abnormal"])
         if label is None:
-            dropped.append((str(file), f"{csv_path.name} line {line_no}: {why}"))
-            problems.append(f"{csv_path.name} line {line_no}: {why}; row skipped")
+            dropped.append((str(file), f"{where}: {why}"))
+            problems.append(f"{where}: {why}; row skipped")
             continue
         if not file.is_file():
-            dropped.append((str(file), f"{csv_path.name} line {line_no}: listed but missing"))
+            dropped.append((str(file), f"{where}: listed but missing"))
             problems.append(f"listed but missing: {file}")
             continue
-        split = (row.get("split") or "none").lower()
-        if split in ("val", "validation"):
-            split = "valid"
-        if split not in SPLITS:
-            problems.append(f"{csv_path.name} line {line_no}: unknown split {split!r}; using 'none'")
-            split = "none"
-        study = row.get("study_id") or f"image{line_no - 1:06d}"
-        record = Record(
-            path=str(file),
-            body_part=row["body_part"].lower() or "unknown",
-            abnormal=label,
-            study_id=study,
-            patient_id=row.get("patient_id") or study,
-            split=split,
-            source="manifest",
-        )
+        record = _row_record(row, file, label, line_no, where, problems)
         key = os.path.realpath(file)
-        if key in first_line:
-            earlier_line, earlier = first_line[key]
-            fields = ["abnormal", "body_part", "split"] + [c for c in ("study_id", "patient_id") if row.get(c)]
-            differ = [c for c in fields if getattr(record, c) != getattr(earlier, c)]
-            if differ:
-                raise DatasetError(
-                    f"{csv_path}: {row['path']} is listed on lines {earlier_line} and {line_no} with different "
-                    + ", ".join(f"{c} ({getattr(earlier, c)!r} vs {getattr(record, c)!r})" for c in differ)
-                    + "; list each image once"
-                )
-            problems.append(f"{csv_path.name} line {line_no}: {row['path']} repeats line {earlier_line}; merged")
+        if _is_repeat(key, record, row, line_no, first_line, csv_path, problems):
             continue
         first_line[key] = (line_no, record)
         records.append(record)

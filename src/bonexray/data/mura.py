@@ -73,6 +73,83 @@ def _scan_split(root: Path, split: str) -> list[tuple[str, str]]:
             for f in sorted((root / split).rglob("*")) if f.is_file() and is_image_file(f)]
 
 
+def _study_labels(lab_csv: Path, img_csv: Path, split_dir: Path, split: str,
+                  problems: list[str]) -> dict[str, int] | None:
+    """Study folder -> label from ``<split>_labeled_studies.csv``; None when that file is missing or unreadable
+    (labels then come from the study folder names)."""
+    lab_rows = _read_csv_rows(lab_csv, problems) if lab_csv.is_file() else None
+    if not lab_csv.is_file() and (img_csv.is_file() or split_dir.is_dir()):
+        problems.append(f"{lab_csv.name} missing: {split} labels taken from the study folder names")
+    labels: dict[str, int] = {}
+    for line, row in lab_rows or []:
+        rel = _rel(row[0])
+        if len(row) < 2 or row[1].strip() not in ("0", "1") or rel is None:
+            problems.append(f"{lab_csv.name} line {line}: malformed row {row!r} (want study_dir/,0|1); row skipped")
+            continue
+        labels[rel.rstrip("/")] = int(row[1])
+    return labels if lab_rows is not None else None
+
+
+def _split_entries(root: Path, split: str, img_csv: Path, img_rows: list[tuple[int, list[str]]] | None,
+                   problems: list[str]) -> list[tuple[str, str]] | None:
+    """(where, listed path) of the split's images: from its image list, else by scanning its folder; None when
+    there is neither."""
+    if img_rows is not None:
+        return [(f"{img_csv.name} line {line}", row[0]) for line, row in img_rows]
+    if (root / split).is_dir():
+        if not img_csv.is_file():
+            problems.append(f"{img_csv.name} missing: {split} images found by scanning {split}/")
+        return _scan_split(root, split)
+    if not img_csv.is_file():
+        problems.append(f"{img_csv.name} and {split}/ missing: no {split} images")
+    return None
+
+
+def _entry_record(root: Path, split: str, where: str, raw: str, listed: set[str], labels: dict[str, int] | None,
+                  lab_csv_name: str, problems: list[str]) -> Record | None:
+    """The record of one listed image (added to ``listed``); None (the problem noted) when it is skipped."""
+    rel = _rel(raw)
+    study_dir = rel.rsplit("/", 1)[0] if rel else ""
+    m = _STUDY_RE.match(study_dir)
+    if rel is None or not m:
+        problems.append(f"{where}: path does not follow MURA's layout "
+                        f"({split}/XR_<PART>/patientN/studyN_positive|negative/image): {raw!r}; skipped")
+        return None
+    if rel in listed:
+        problems.append(f"{where}: {rel} listed again; skipped")
+        return None
+    listed.add(rel)
+    _, part, patient, study, pos = m.groups()
+    file = root / rel
+    if not file.is_file():
+        problems.append(f"listed but missing: {file}")
+        return None
+    label = (labels or {}).get(study_dir)
+    if label is None:
+        label = int(pos == "positive")
+        if labels is not None:
+            problems.append(f"study not in {lab_csv_name}, label from folder name: {study_dir}")
+    return Record(
+        path=str(file),
+        body_part=part.lower(),
+        abnormal=label,
+        study_id=f"{split}/{part.lower()}/{patient}/{study}",
+        patient_id=patient,
+        split=split,
+        source="mura",
+        extras={"study_dir": study_dir},
+    )
+
+
+def _report_unlisted(root: Path, split_dir: Path, listed: set[str], img_csv_name: str, problems: list[str]) -> None:
+    """Note the images present on disk but not listed (they are not used, as in the official protocol)."""
+    for f in sorted(split_dir.rglob("*")):
+        if f.is_file() and is_image_file(f) and not f.name.startswith("._"):
+            rel = f.relative_to(root).as_posix()
+            if rel not in listed:
+                problems.append(f"present but not listed in {img_csv_name}: {f}")
+
+
 def read_mura(path: str | Path) -> RecordSet:
     root = find_mura_root(Path(path))
     if root is None:
@@ -83,69 +160,18 @@ def read_mura(path: str | Path) -> RecordSet:
     for split in ("train", "valid"):
         img_csv, lab_csv = root / f"{split}_image_paths.csv", root / f"{split}_labeled_studies.csv"
         split_dir = root / split
-        labels: dict[str, int] = {}
-        lab_rows = _read_csv_rows(lab_csv, problems) if lab_csv.is_file() else None
-        if not lab_csv.is_file() and (img_csv.is_file() or split_dir.is_dir()):
-            problems.append(f"{lab_csv.name} missing: {split} labels taken from the study folder names")
-        for line, row in lab_rows or []:
-            rel = _rel(row[0])
-            if len(row) < 2 or row[1].strip() not in ("0", "1") or rel is None:
-                problems.append(f"{lab_csv.name} line {line}: malformed row {row!r} (want study_dir/,0|1); row skipped")
-                continue
-            labels[rel.rstrip("/")] = int(row[1])
+        labels = _study_labels(lab_csv, img_csv, split_dir, split, problems)
         img_rows = _read_csv_rows(img_csv, problems) if img_csv.is_file() else None
-        if img_rows is not None:
-            entries = [(f"{img_csv.name} line {line}", row[0]) for line, row in img_rows]
-        elif split_dir.is_dir():
-            if not img_csv.is_file():
-                problems.append(f"{img_csv.name} missing: {split} images found by scanning {split}/")
-            entries = _scan_split(root, split)
-        else:
-            if not img_csv.is_file():
-                problems.append(f"{img_csv.name} and {split}/ missing: no {split} images")
+        entries = _split_entries(root, split, img_csv, img_rows, problems)
+        if entries is None:
             continue
         listed: set[str] = set()
         for where, raw in entries:
-            rel = _rel(raw)
-            study_dir = rel.rsplit("/", 1)[0] if rel else ""
-            m = _STUDY_RE.match(study_dir)
-            if rel is None or not m:
-                problems.append(f"{where}: path does not follow MURA's layout "
-                                f"({split}/XR_<PART>/patientN/studyN_positive|negative/image): {raw!r}; skipped")
-                continue
-            if rel in listed:
-                problems.append(f"{where}: {rel} listed again; skipped")
-                continue
-            listed.add(rel)
-            _, part, patient, study, pos = m.groups()
-            file = root / rel
-            if not file.is_file():
-                problems.append(f"listed but missing: {file}")
-                continue
-            label = labels.get(study_dir)
-            if label is None:
-                label = int(pos == "positive")
-                if lab_rows is not None:
-                    problems.append(f"study not in {lab_csv.name}, label from folder name: {study_dir}")
-            records.append(
-                Record(
-                    path=str(file),
-                    body_part=part.lower(),
-                    abnormal=label,
-                    study_id=f"{split}/{part.lower()}/{patient}/{study}",
-                    patient_id=patient,
-                    split=split,
-                    source="mura",
-                    extras={"study_dir": study_dir},
-                )
-            )
-        # Present on disk but not listed: report (they are not used, as in the official protocol).
+            record = _entry_record(root, split, where, raw, listed, labels, lab_csv.name, problems)
+            if record is not None:
+                records.append(record)
         if img_rows is not None and split_dir.is_dir():
-            for f in sorted(split_dir.rglob("*")):
-                if f.is_file() and is_image_file(f) and not f.name.startswith("._"):
-                    rel = f.relative_to(root).as_posix()
-                    if rel not in listed:
-                        problems.append(f"present but not listed in {img_csv.name}: {f}")
+            _report_unlisted(root, split_dir, listed, img_csv.name, problems)
     if not records:
         raise DatasetError(f"{root}: MURA folder has no readable image entries" + (f" ({problems[0]})" if problems else ""))
     return RecordSet(records, "mura", str(root), problems)

@@ -449,10 +449,37 @@ def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers
     n = len(records)
     run_tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # per-run names: nothing another process writes or removes
     tmp_images = out / f".images.u8.{run_tag}.partial"
+    t0 = time.perf_counter()
+    statuses, reasons = _decode_into(tmp_images, records, size, workers, progress, out, created)
+    tmp_index = out / f".index.csv.{run_tag}.partial"
+    index_sha256 = _write_index(records, statuses, reasons, tmp_index)
+    os.replace(tmp_images, out / "images.u8")
+    os.replace(tmp_index, out / "index.csv")
+    (out / "problems.txt").write_text("".join(p + "\n" for p in recordset.problems))
+    meta = {
+        "complete": True,
+        "n": n,
+        "size": size,
+        "fingerprint": fp,
+        "index_sha256": index_sha256,  # reuse checks index.csv against it (and images.u8 against n, size)
+        "source": recordset.source,
+        "data": recordset.root,
+        "bonexray_version": __version__,
+        "preprocess_version": PREPROCESS_VERSION,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # written last: marks completion
+    return ImageCache.open(out), False
+
+
+def _decode_into(tmp_images: Path, records: list[Record], size: int, workers: int | None, progress: bool, out: Path,
+                 created: bool) -> tuple[list[str], list[str]]:
+    """Decode every record into its row of ``tmp_images``; returns (statuses, reasons). On any error (Ctrl-C
+    included) the partial file is removed, and ``out`` too when this build created it."""
+    n = len(records)
     statuses, reasons = [""] * n, [""] * n
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [(r.path, size) for r in records]
-    t0 = time.perf_counter()
     try:
         # Plain positioned writes, not a writable memmap: every page written through a mapping stays
         # in this process's resident set until it is unmapped, so peak RSS grew with the dataset
@@ -478,7 +505,11 @@ def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    return statuses, reasons
 
+
+def _write_index(records: list[Record], statuses: list[str], reasons: list[str], path: Path) -> str:
+    """Write the index (one row per record, with its decode status and reason) to ``path``; returns its SHA-256."""
     rows = []
     for i, (r, st, why) in enumerate(zip(records, statuses, reasons)):
         row = {"row": i, **r.as_row(), "status": st, "reason": why}
@@ -486,26 +517,8 @@ def _build_or_reuse(recordset: RecordSet, out: Path, size: int, fp: str, workers
     import pandas as pd
 
     index = pd.DataFrame(rows, columns=["row", *RECORD_COLUMNS, "status", "reason"])
-    tmp_index = out / f".index.csv.{run_tag}.partial"
-    index.to_csv(tmp_index, index=False)
-    index_sha256 = hashlib.sha256(tmp_index.read_bytes()).hexdigest()
-    os.replace(tmp_images, out / "images.u8")
-    os.replace(tmp_index, out / "index.csv")
-    (out / "problems.txt").write_text("".join(p + "\n" for p in recordset.problems))
-    meta = {
-        "complete": True,
-        "n": n,
-        "size": size,
-        "fingerprint": fp,
-        "index_sha256": index_sha256,  # reuse checks index.csv against it (and images.u8 against n, size)
-        "source": recordset.source,
-        "data": recordset.root,
-        "bonexray_version": __version__,
-        "preprocess_version": PREPROCESS_VERSION,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # written last: marks completion
-    return ImageCache.open(out), False
+    index.to_csv(path, index=False)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _store_results(results, records, tiles, statuses, reasons, bar) -> None:

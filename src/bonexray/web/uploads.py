@@ -98,10 +98,8 @@ async def paced(body: AsyncIterator[bytes], limits: UploadLimits) -> AsyncIterat
         yield chunk
 
 
-async def read_uploads(content_type: str | None, content_length: str | None, body: AsyncIterator[bytes],
-                       limits: UploadLimits, fields: dict[str, str] | None = None) -> list[Upload]:
-    """The files of form field ``files``, in order; raises :class:`UploadError` for a bad request.
-    ``fields``: filled with the values of the :data:`TEXT_FIELDS` the request sends (at most 64 bytes each)."""
+def _multipart_boundary(content_type: str | None) -> bytes:
+    """The boundary of a ``multipart/form-data`` Content-Type; :class:`UploadError` for any other type."""
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data":
         raise UploadError(415, f"send the images as multipart/form-data in the form field '{FIELD}' "
@@ -109,6 +107,11 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
     boundary = params.get(b"boundary")
     if not boundary:
         raise UploadError(400, "multipart/form-data without a boundary")
+    return boundary
+
+
+def _check_declared_length(content_length: str | None, limits: UploadLimits) -> None:
+    """Refuse a request whose Content-Length is malformed or over the limit, before reading its body."""
     if content_length:
         try:
             declared = int(content_length)
@@ -117,64 +120,103 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
         if declared > limits.max_request_bytes:
             raise UploadError(413, f"request of {_mb(declared)} exceeds the limit of {_mb(limits.max_request_bytes)}")
 
-    uploads: list[Upload] = []
-    other_fields: list[str] = []
-    state = {"headers": {}, "field": b"", "value": b"", "name": None, "file": None, "buf": None, "size": 0}
 
-    def on_part_begin() -> None:
-        state.update(headers={}, name=None, file=None, buf=bytearray(), size=0)
+class _FormParts:
+    """The multipart parser's callbacks: they collect the uploads of field ``files`` (within the limits), the
+    :data:`TEXT_FIELDS` values (into ``fields``) and the names of the other fields, one part at a time."""
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
+    def __init__(self, limits: UploadLimits, fields: dict[str, str] | None) -> None:
+        self.limits = limits
+        self.fields = fields
+        self.uploads: list[Upload] = []
+        self.other_fields: list[str] = []
+        self.ended = False
+        # The part being read: its headers (and the header being read), form field name, file name (None for
+        # a text field), data (None between parts) and size so far.
+        self.headers: dict[bytes, bytes] = {}
+        self.header_field, self.header_value = b"", b""
+        self.name: str | None = None
+        self.file: str | None = None
+        self.buf: bytearray | None = None
+        self.size = 0
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data, "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field, "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end, "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
+        }
 
-    def on_header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
+    def on_part_begin(self) -> None:
+        self.headers, self.name, self.file, self.buf, self.size = {}, None, None, bytearray(), 0
 
-    def on_headers_finished() -> None:
-        _, opts = parse_options_header(state["headers"].get(b"content-disposition", b""))
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.header_field.lower()] = self.header_value
+        self.header_field, self.header_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, opts = parse_options_header(self.headers.get(b"content-disposition", b""))
         name = opts.get(b"name", b"").decode("utf-8", "replace")
-        state["name"] = name
+        self.name = name
         if b"filename" in opts:
-            state["file"] = opts[b"filename"].decode("utf-8", "replace")
-            if name == FIELD and len(uploads) + 1 > limits.max_files:
-                raise UploadError(413, f"too many files: at most {limits.max_files} per request")
+            self.file = opts[b"filename"].decode("utf-8", "replace")
+            if name == FIELD and len(self.uploads) + 1 > self.limits.max_files:
+                raise UploadError(413, f"too many files: at most {self.limits.max_files} per request")
         if name != FIELD:
-            other_fields.append(name)
-            if len(other_fields) > _MAX_OTHER_FIELDS:
+            self.other_fields.append(name)
+            if len(self.other_fields) > _MAX_OTHER_FIELDS:
                 raise UploadError(400, "too many form fields")
 
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        state["size"] += end - start
-        if state["name"] != FIELD:
-            if fields is not None and state["name"] in TEXT_FIELDS and state["size"] <= _MAX_TEXT:
-                state["buf"] += data[start:end]
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self.size += end - start
+        if self.name != FIELD:
+            if self.fields is not None and self.name in TEXT_FIELDS and self.size <= _MAX_TEXT:
+                self.buf += data[start:end]
             return  # other fields are counted, not kept
-        if state["size"] > limits.max_file_bytes:
-            shown = display_name(state["file"] or "", len(uploads))
-            raise UploadError(413, f"{shown}: file exceeds the limit of {_mb(limits.max_file_bytes)}")
-        state["buf"] += data[start:end]
+        if self.size > self.limits.max_file_bytes:
+            shown = display_name(self.file or "", len(self.uploads))
+            raise UploadError(413, f"{shown}: file exceeds the limit of {_mb(self.limits.max_file_bytes)}")
+        self.buf += data[start:end]
 
-    def on_end() -> None:
-        state["ended"] = True
+    def on_end(self) -> None:
+        self.ended = True
 
-    def on_part_end() -> None:
-        if state["name"] == FIELD:
-            if state["file"] is None:
+    def on_part_end(self) -> None:
+        if self.name == FIELD:
+            if self.file is None:
                 raise UploadError(400, f"form field '{FIELD}' must carry files, not text")
-            uploads.append(Upload(display_name(state["file"], len(uploads)), bytes(state["buf"])))
-        elif fields is not None and state["name"] in TEXT_FIELDS and state["file"] is None:
-            fields[state["name"]] = bytes(state["buf"]).decode("utf-8", "replace").strip()
-        state["buf"] = None
+            self.uploads.append(Upload(display_name(self.file, len(self.uploads)), bytes(self.buf)))
+        elif self.fields is not None and self.name in TEXT_FIELDS and self.file is None:
+            self.fields[self.name] = bytes(self.buf).decode("utf-8", "replace").strip()
+        self.buf = None
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_end": on_end,
-    })
+    def check_complete(self, received: int) -> None:
+        """Refuse a body that ended before its closing multipart boundary (a cut-off upload)."""
+        if not self.ended:
+            cut = f" inside {display_name(self.file, len(self.uploads))}" if self.file and self.buf is not None else ""
+            raise UploadError(400, f"incomplete upload: the body ended{cut} after {received:,} bytes, before the "
+                                   "closing multipart boundary (a cut-off transfer?); nothing was analysed, "
+                                   "send it again")
+
+    def check_some_files(self) -> None:
+        """Refuse a request without files, naming the fields it sent instead."""
+        if not self.uploads:
+            if self.other_fields:
+                names = ", ".join(repr(f) for f in dict.fromkeys(self.other_fields))
+                raise UploadError(400, f"no files in form field '{FIELD}' (got field {names}); "
+                                       f"send the images as {FIELD}=@image.jpg")
+            raise UploadError(400, f"no files: send one or more images in the form field '{FIELD}'")
+
+
+async def _feed(parser: MultipartParser, body: AsyncIterator[bytes], limits: UploadLimits) -> int:
+    """Stream ``body`` (paced, and within the request limit) into ``parser``; returns the bytes received."""
     received = 0
     try:
         async for chunk in paced(body, limits):
@@ -187,15 +229,17 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
         raise
     except Exception as err:  # noqa: BLE001 - python-multipart parse errors: a malformed body
         raise UploadError(400, f"malformed multipart/form-data body ({type(err).__name__})") from None
-    if not state.get("ended"):
-        cut = f" inside {display_name(state['file'], len(uploads))}" if state.get("file") and state["buf"] is not None else ""
-        raise UploadError(400, f"incomplete upload: the body ended{cut} after {received:,} bytes, before the closing "
-                               "multipart boundary (a cut-off transfer?); nothing was analysed, send it again")
+    return received
 
-    if not uploads:
-        if other_fields:
-            fields = ", ".join(repr(f) for f in dict.fromkeys(other_fields))
-            raise UploadError(400, f"no files in form field '{FIELD}' (got field {fields}); "
-                                   f"send the images as {FIELD}=@image.jpg")
-        raise UploadError(400, f"no files: send one or more images in the form field '{FIELD}'")
-    return uploads
+
+async def read_uploads(content_type: str | None, content_length: str | None, body: AsyncIterator[bytes],
+                       limits: UploadLimits, fields: dict[str, str] | None = None) -> list[Upload]:
+    """The files of form field ``files``, in order; raises :class:`UploadError` for a bad request.
+    ``fields``: filled with the values of the :data:`TEXT_FIELDS` the request sends (at most 64 bytes each)."""
+    boundary = _multipart_boundary(content_type)
+    _check_declared_length(content_length, limits)
+    form = _FormParts(limits, fields)
+    received = await _feed(MultipartParser(boundary, form.callbacks()), body, limits)
+    form.check_complete(received)
+    form.check_some_files()
+    return form.uploads
