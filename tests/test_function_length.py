@@ -19,7 +19,6 @@ NOT_YET_SPLIT = {
     "training/train.py::run_training",
     "training/options.py::add_train_arguments",
     "predict.py::run_predict",
-    "pacs/dicomweb.py::_analyze_study",
 }
 
 
