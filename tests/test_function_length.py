@@ -18,9 +18,6 @@ NOT_YET_SPLIT = {
     "web/app.py::create_app",
     "training/train.py::run_training",
     "training/options.py::add_train_arguments",
-    "predict.py::run_predict",
-    "inference/backend_check.py::check_backends",
-    "pacs/dicomweb.py::_analyze_study",
 }
 
 

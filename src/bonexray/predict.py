@@ -44,7 +44,7 @@ import numpy as np
 
 from .errors import BonexrayError, ImageReadError, NotAnImageError
 from .pipeline import study_keys
-from .inference.inputs import InputItem, collect_inputs
+from .inference.inputs import InputItem, InputPlan, collect_inputs
 from .inference.predictor import BatchPrediction, Predictor, is_onnx_file
 from .inference.writers import Writer
 
@@ -94,8 +94,36 @@ def run_predict(
     ranks write nothing and return 0.
     A bad model file raises :class:`CheckpointError` (the CLI turns it into exit status 2).
     """
-    from .inference.distributed import local_world_size, rank_device, wants_distributed
+    from .inference.distributed import wants_distributed
 
+    _check_options(model, batch_size, fmt, cam_dir)
+    distributed = wants_distributed(devices, num_nodes)
+    if distributed and cam_dir is not None:
+        raise BonexrayError("--cam runs in one process: drop --devices/--num-nodes, or write heatmaps in a second run")
+    stream = stream or sys.stdout
+    predictor = _load_predictor(model, device, tta, backend, distributed, devices)
+    plan = collect_inputs(paths, study=study)
+    if distributed:
+        outcomes = _predict_across_processes(predictor, plan.items, batch_size, scope_check, devices=devices,
+                                             num_nodes=num_nodes, strategy=strategy)
+        if outcomes is None:  # not global rank 0: rank 0 writes everything
+            return 0
+    failed = _report_plan(plan)
+    cam_writer = _cam_writer(cam_dir, predictor, cam_method)
+    try:
+        writer = Writer(fmt, predictor.body_parts, stream, with_cam=cam_writer is not None)
+        if distributed:
+            failed += _write_outcomes(predictor, plan.items, outcomes, writer, batch_size, scope_check)
+        else:
+            failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size, scope_check)
+    except BrokenPipeError:
+        # `bonexray predict ... | head`: the reader is gone; stop quietly like other CLI tools.
+        _discard_output(stream)
+    return 1 if failed else 0
+
+
+def _check_options(model: str | os.PathLike, batch_size: int, fmt: str, cam_dir: str | os.PathLike | None) -> None:
+    """Refuse a bad ``--batch-size``, an unknown format, and ``--cam`` with an ONNX model, before any loading."""
     if batch_size < 1:
         raise BonexrayError(f"--batch-size must be >= 1, got {batch_size}")
     if fmt not in ("json", "csv"):
@@ -105,48 +133,46 @@ def run_predict(
             "--cam needs the checkpoint (.ckpt): Grad-CAM takes gradients of the torch network, "
             "which an exported ONNX model does not provide"
         )
-    distributed = wants_distributed(devices, num_nodes)
-    if distributed and cam_dir is not None:
-        raise BonexrayError("--cam runs in one process: drop --devices/--num-nodes, or write heatmaps in a second run")
-    stream = stream or sys.stdout
+
+
+def _load_predictor(model: str | os.PathLike, device: str, tta: str | None, backend: str, distributed: bool,
+                    devices: str | int) -> Predictor:
+    """The predictor; under ``distributed``, on this rank's device, the node's cores shared among its processes."""
+    from .inference.distributed import local_world_size, rank_device
+
     if distributed:
-        predictor = Predictor(model, device=rank_device(device), tta=tta, backend=backend,
-                              threads=max(1, _cores() // local_world_size(devices)))
-    else:
-        predictor = Predictor(model, device=device, tta=tta, backend=backend)
-    plan = collect_inputs(paths, study=study)
-    if distributed:
-        outcomes = _predict_across_processes(predictor, plan.items, batch_size, scope_check, devices=devices,
-                                             num_nodes=num_nodes, strategy=strategy)
-        if outcomes is None:  # not global rank 0: rank 0 writes everything
-            return 0
+        return Predictor(model, device=rank_device(device), tta=tta, backend=backend,
+                         threads=max(1, _cores() // local_world_size(devices)))
+    return Predictor(model, device=device, tta=tta, backend=backend)
+
+
+def _report_plan(plan: InputPlan) -> int:
+    """One line per input that cannot be read and per input skipped; returns the number that cannot be read."""
     failed = 0
     for path, reason in plan.errors:
         _error(path, reason)
         failed += 1
     for path, why in plan.skipped:
         _error(path, f"skipped: {why}")
+    return failed
 
-    cam_writer = None
-    if cam_dir is not None:
-        from .inference.cam import CamWriter
 
-        cam_writer = CamWriter(cam_dir, predictor, method=cam_method)
+def _cam_writer(cam_dir: str | os.PathLike | None, predictor: Predictor, cam_method: str):
+    """The heatmap writer under ``--cam``; None without."""
+    if cam_dir is None:
+        return None
+    from .inference.cam import CamWriter
 
+    return CamWriter(cam_dir, predictor, method=cam_method)
+
+
+def _discard_output(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at the null device, so that nothing more reaches a reader that is gone."""
     try:
-        writer = Writer(fmt, predictor.body_parts, stream, with_cam=cam_writer is not None)
-        if distributed:
-            failed += _write_outcomes(predictor, plan.items, outcomes, writer, batch_size, scope_check)
-        else:
-            failed += _predict_items(predictor, plan.items, writer, cam_writer, batch_size, scope_check)
-    except BrokenPipeError:
-        # `bonexray predict ... | head`: the reader is gone; stop quietly like other CLI tools.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
-    return 1 if failed else 0
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _cores() -> int:

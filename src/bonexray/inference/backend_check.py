@@ -86,14 +86,44 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
                    progress: bool = False) -> dict:
     """The check (see the module doc) of ``model`` (a file or a bundled name) on ``split`` of ``data``;
     returns the record (:func:`write_record` stores it). Candidates this machine lacks are listed with why."""
-    from sklearn.metrics import roc_auc_score
-
     from ..model.hub import file_sha256, resolve_model
-    from .predictor import Predictor
 
     path = resolve_model(model)
     threads = threads or physical_cores()
     load_s: dict[str, float] = {}
+    load = _timed_loader(path, threads, load_s)
+    ref = load(REFERENCE)
+    tiles, labels, how = split_tiles(path, data, split, ref.image_size, ref.card.split, progress)
+    if len(set(labels.tolist())) < 2:
+        raise BonexrayError(f"{data}: split {split!r} has only one class; the AUROC check needs both")
+    predictors, rows = _load_candidates(load, ref, candidates)
+    probs = {name: _probabilities(p, tiles, batch) for name, p in predictors.items()}
+    if not all(np.isfinite(v).all() for v in probs.values()):
+        raise BonexrayError(f"{path}: the model's output is not a finite number (NaN/inf) on some images; no check")
+    speeds = _speeds(predictors, tiles, batch, rounds)
+    threshold = ref.threshold
+    rows.update(_compare(probs, labels, threshold, speeds, load_s, auroc_tolerance, prob_tolerance))
+    ordered = {REFERENCE: rows[REFERENCE], **{name: rows[name] for name in candidates}}
+    return {
+        "format": RECORD_FORMAT,
+        "model": path.name,
+        "model_sha256": file_sha256(path),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": _machine(threads),
+        "versions": _versions(),
+        "data": {"name": Path(str(data)).name, "split": split, "images": int(len(labels)),
+                 "abnormal": int(labels.sum()), "split_found": how},
+        "batch": batch, "rounds": rounds, "threshold": threshold,
+        "tolerance": {"auroc_delta": auroc_tolerance, "max_abs_prob_delta": prob_tolerance},
+        "reference": REFERENCE,
+        "backends": ordered,
+    }
+
+
+def _timed_loader(path: Path, threads: int, load_s: dict[str, float]):
+    """``load(name)``: a CPU predictor of ``path`` on engine ``name``, its load time stored in ``load_s[name]``."""
+    from .predictor import Predictor
 
     def load(name: str):
         # What every start pays (integrity check, session or OpenVINO compilation): the second of two
@@ -104,10 +134,12 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
         load_s[name] = time.perf_counter() - t
         return predictor
 
-    ref = load(REFERENCE)
-    tiles, labels, how = split_tiles(path, data, split, ref.image_size, ref.card.split, progress)
-    if len(set(labels.tolist())) < 2:
-        raise BonexrayError(f"{data}: split {split!r} has only one class; the AUROC check needs both")
+    return load
+
+
+def _load_candidates(load, ref, candidates: tuple[str, ...]) -> tuple[dict, dict[str, dict]]:
+    """The predictors to measure (the reference ``ref`` first, then each available candidate), and the rows
+    of the candidates this machine lacks, with why; an unknown candidate is refused."""
     predictors = {REFERENCE: ref}
     rows: dict[str, dict] = {}
     for name in candidates:
@@ -119,12 +151,16 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
             rows[name] = {"accepted": False, "why": f"not measured: {why}"}
             continue
         predictors[name] = load(name)
-    probs = {name: _probabilities(p, tiles, batch) for name, p in predictors.items()}
-    if not all(np.isfinite(v).all() for v in probs.values()):
-        raise BonexrayError(f"{path}: the model's output is not a finite number (NaN/inf) on some images; no check")
-    speeds = _speeds(predictors, tiles, batch, rounds)
-    threshold = ref.threshold
+    return predictors, rows
+
+
+def _compare(probs: dict[str, np.ndarray], labels: np.ndarray, threshold: float, speeds: dict[str, float],
+             load_s: dict[str, float], auroc_tolerance: float, prob_tolerance: float) -> dict[str, dict]:
+    """Per measured engine: its speed, load time and agreement with the reference, and whether it is accepted."""
+    from sklearn.metrics import roc_auc_score
+
     ref_auroc = float(roc_auc_score(labels, probs[REFERENCE]))
+    rows: dict[str, dict] = {}
     for name, p in probs.items():
         dp = np.abs(p - probs[REFERENCE])
         auroc = float(roc_auc_score(labels, p))
@@ -134,33 +170,28 @@ def check_backends(model: str | os.PathLike, data: str | os.PathLike, split: str
         if name == REFERENCE:
             row.update(accepted=True, why="the float32 reference")
         else:
-            fails = []
-            if abs(row["auroc_delta"]) > auroc_tolerance:
-                fails.append(f"|AUROC delta| {abs(row['auroc_delta']):.4f} > {auroc_tolerance}")
-            if dp.max() > prob_tolerance:
-                fails.append(f"max |prob delta| {dp.max():.4f} > {prob_tolerance}")
-            row.update(accepted=not fails, why="; ".join(fails) or
-                       f"|AUROC delta| <= {auroc_tolerance} and max |prob delta| <= {prob_tolerance}")
+            row.update(_acceptance(row["auroc_delta"], dp.max(), auroc_tolerance, prob_tolerance))
         rows[name] = row
-    ordered = {REFERENCE: rows[REFERENCE], **{name: rows[name] for name in candidates}}
-    return {
-        "format": RECORD_FORMAT,
-        "model": path.name,
-        "model_sha256": file_sha256(path),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags()
-                                                         if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
-                                                                  "amx_bf16", "amx_int8")),
-                    "threads": threads, "load_average": [round(x, 2) for x in os.getloadavg()]},
-        "versions": _versions(),
-        "data": {"name": Path(str(data)).name, "split": split, "images": int(len(labels)),
-                 "abnormal": int(labels.sum()), "split_found": how},
-        "batch": batch, "rounds": rounds, "threshold": threshold,
-        "tolerance": {"auroc_delta": auroc_tolerance, "max_abs_prob_delta": prob_tolerance},
-        "reference": REFERENCE,
-        "backends": ordered,
-    }
+    return rows
+
+
+def _acceptance(auroc_delta: float, max_dp, auroc_tolerance: float, prob_tolerance: float) -> dict:
+    """``accepted`` and ``why``: within both tolerances, or which ones it exceeds."""
+    fails = []
+    if abs(auroc_delta) > auroc_tolerance:
+        fails.append(f"|AUROC delta| {abs(auroc_delta):.4f} > {auroc_tolerance}")
+    if max_dp > prob_tolerance:
+        fails.append(f"max |prob delta| {max_dp:.4f} > {prob_tolerance}")
+    return dict(accepted=not fails, why="; ".join(fails) or
+                f"|AUROC delta| <= {auroc_tolerance} and max |prob delta| <= {prob_tolerance}")
+
+
+def _machine(threads: int) -> dict:
+    """The record's ``machine``: CPU model, the flags that matter to the engines, threads, load average."""
+    return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags()
+                                                if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                         "amx_bf16", "amx_int8")),
+            "threads": threads, "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _versions() -> dict[str, str | None]:

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ..errors import BonexrayError
-from .analysis import RADIOGRAPH_SOP_CLASSES, Instance, analyse_study
-from .results import ModelIdentity, build_results, result_uids
+from .analysis import RADIOGRAPH_SOP_CLASSES, Instance, StudyAnalysis, analyse_study
+from .results import ModelIdentity, ResultUIDs, build_results, result_uids
 
 PROG = "bonexray pacs analyze"
 SOP_CLASS, SOP_INSTANCE, SERIES_UID, STUDY_UID, MODALITY = "00080016", "00080018", "0020000E", "0020000D", "00080060"
@@ -139,6 +139,34 @@ def _analyze_study(server: PacsServer, predictor, identity: ModelIdentity, study
     if not listing:
         _line(err, f"study {study}: not found on {server.url} (or it holds no instance)")
         return False
+    sources, skipped = _sort_listing(listing)
+    uids = result_uids(study, identity, [sop for _, sop in sources])
+    if any(_value(item, SOP_INSTANCE) == uids.sr_instance for item in listing):
+        _line(out, f"study {study}: already analysed by {identity.marker} (SR {uids.sr_instance}); nothing stored")
+        return True
+    _report_skipped(study, skipped, uids, err)
+    instances, ok, missing = _retrieve_sources(server, study, sources, err)
+    if missing and missing == len(sources) and not server.instances(study):
+        _line(err, f"study {study}: removed from the server while it was read; nothing stored")
+        return False
+    analysis = analyse_study(predictor, study, instances)
+    for name, reason in analysis.problems:
+        _line(err, f"study {study}: instance {name}: {reason}")
+        ok = False
+    if not analysis.images:
+        _line(err, f"study {study}: no radiograph could be analysed; nothing stored")
+        return False
+    verdict = _verdict(analysis.study_record or {})
+    results = build_results(analysis, identity, uids=uids)  # everything built before anything is sent
+    if dry_run:
+        _line(out, f"study {study}: {len(analysis.images)} image(s) analysed ({verdict}); --dry-run: nothing stored")
+        return ok
+    return _store_results(server, study, identity, uids, analysis, results, verdict, out, err) and ok
+
+
+def _sort_listing(listing: list) -> tuple[list[tuple], list[tuple]]:
+    """The study's instances to analyse, ``(series, sop)``, and those skipped, ``(sop, sop_class, modality)``:
+    anything bonexray stored, and what is not a radiograph."""
     sources, skipped = [], []
     for item in listing:
         sop, sop_class = _value(item, SOP_INSTANCE), _value(item, SOP_CLASS)
@@ -148,11 +176,11 @@ def _analyze_study(server: PacsServer, predictor, identity: ModelIdentity, study
             skipped.append((sop, sop_class, _value(item, MODALITY)))
         else:
             sources.append((_value(item, SERIES_UID), sop))
-    uids = result_uids(study, identity, [sop for _, sop in sources])
-    if any(_value(item, SOP_INSTANCE) == uids.sr_instance for item in listing):
-        _line(out, f"study {study}: already analysed by {identity.marker} (SR {uids.sr_instance}); nothing stored")
-        return True
-    ok = True
+    return sources, skipped
+
+
+def _report_skipped(study: str, skipped: list[tuple], uids: ResultUIDs, err: TextIO) -> None:
+    """One line per skipped instance, except this model's own earlier captures of the study."""
     from pydicom.uid import UID
 
     for sop, sop_class, modality in skipped:
@@ -160,7 +188,12 @@ def _analyze_study(server: PacsServer, predictor, identity: ModelIdentity, study
             continue  # this model's own earlier captures of the study
         what = UID(sop_class).name if sop_class else "unknown SOP class"
         _line(err, f"study {study}: instance {sop}: skipped: not a radiograph ({modality or '?'}, {what})")
-    instances, missing = [], 0
+
+
+def _retrieve_sources(server: PacsServer, study: str, sources: list[tuple],
+                      err: TextIO) -> tuple[list[Instance], bool, int]:
+    """The instances read, whether all were, and how many were gone (404); one line per instance not read."""
+    instances, ok, missing = [], True, 0
     for series, sop in sources:
         try:
             ds = server.call(f"retrieve instance {sop}", server.client.retrieve_instance, study, series, sop,
@@ -176,24 +209,30 @@ def _analyze_study(server: PacsServer, predictor, identity: ModelIdentity, study
             ok, missing = False, missing + 1
             continue
         instances.append(Instance(sop, ds))
-    if missing and missing == len(sources) and not server.instances(study):
-        _line(err, f"study {study}: removed from the server while it was read; nothing stored")
+    return instances, ok, missing
+
+
+def _verdict(rec: dict) -> str:
+    """The study's verdict in the progress line."""
+    return ("cannot assess" if rec.get("in_scope") is False else
+            f"{'abnormal' if rec.get('abnormal') else 'normal'} p={float(rec['prob_abnormal']):.3f}, "
+            f"{rec.get('body_part')}")
+
+
+def _store_results(server: PacsServer, study: str, identity: ModelIdentity, uids: ResultUIDs,
+                   analysis: StudyAnalysis, results: list, verdict: str, out: TextIO, err: TextIO) -> bool:
+    """Send ``results`` to the server; False (one line) when it refuses any."""
+    response = server.call(f"store the results of study {study}", server.client.store_instances, results,
+                           study_instance_uid=study)
+    failed_items = list(getattr(response, "FailedSOPSequence", []) or []) if response is not None else []
+    if failed_items:
+        bad = ", ".join(str(getattr(i, "ReferencedSOPInstanceUID", "?")) for i in failed_items)
+        _line(err, f"study {study}: the server refused {len(failed_items)} of {len(results)} result(s) ({bad}); "
+                   f"a rerun resends the same instances")
         return False
-    analysis = analyse_study(predictor, study, instances)
-    for name, reason in analysis.problems:
-        _line(err, f"study {study}: instance {name}: {reason}")
-        ok = False
-    if not analysis.images:
-        _line(err, f"study {study}: no radiograph could be analysed; nothing stored")
-        return False
-    rec = analysis.study_record or {}
-    verdict = ("cannot assess" if rec.get("in_scope") is False else
-               f"{'abnormal' if rec.get('abnormal') else 'normal'} p={float(rec['prob_abnormal']):.3f}, "
-               f"{rec.get('body_part')}")
-    results = build_results(analysis, identity, uids=uids)  # everything built before anything is sent
-    if dry_run:
-        _line(out, f"study {study}: {len(analysis.images)} image(s) analysed ({verdict}); --dry-run: nothing stored")
-        return ok
+    _line(out, f"study {study}: {len(analysis.images)} image(s) analysed ({verdict}); stored SR {uids.sr_instance} "
+               f"and {len(results) - 1} secondary capture(s) ({identity.marker})")
+    return True
     response = server.call(f"store the results of study {study}", server.client.store_instances, results,
                            study_instance_uid=study)
     failed_items = list(getattr(response, "FailedSOPSequence", []) or []) if response is not None else []
