@@ -16,7 +16,6 @@ MAX_LINES = 60
 NOT_YET_SPLIT = {
     "cli.py::build_parser",
     "web/app.py::create_app",
-    "training/train.py::run_training",
     "training/options.py::add_train_arguments",
 }
 

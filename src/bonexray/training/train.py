@@ -241,72 +241,123 @@ class TrainingInterrupted(KeyboardInterrupt):
 def run_training(cfg: TrainConfig) -> dict:
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
-    from ..data.datasets import detect_source, load_dataset
-    from ..data.preprocess import check_cache_folder, default_cache_dir
-    from ..data.splits import check_no_leak, limit_records, make_splits
-    from ..hardware import default_training_precision
-    from ..model.checkpoint import read_card
-    from .averaging import DelayedEMA
-    from .checkpoint_io import AtomicCheckpointIO
-    from .csv_logger import ResumableCSVLogger
-    from .datamodule import BoneDataModule
-    from .module import BoneXrayModule
+    from ..data.datasets import detect_source
 
     _quiet_known_warnings()
     progress = not cfg.quiet
     if cfg.resume:
-        if not cfg.out:
-            raise BonexrayError("--resume needs --out, the run directory to continue")
-        last = Path(cfg.out) / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise BonexrayError(f"--resume: no checkpoint at {last}")
-        # The run's own settings (nothing written before this check: a refused --resume leaves the run as it was).
-        cfg = _resumed_config(cfg, Path(cfg.out) / "config.yaml")
+        cfg = _checked_resumed_config(cfg)
     data = resolve_data(cfg.data, progress=progress)
     if not cfg.resume:
         cfg = cfg.with_dataset_recipe(detect_source(data))
-    out = Path(cfg.out or f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}-{cfg.backbone}")
+    out = _claim_out(cfg, data)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if not cfg.resume and last.is_file():
-        raise BonexrayError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.cache:  # checked before the run folder is made: a refused run leaves nothing behind
-        check_cache_folder(cfg.cache, [data])
-    if _first_process():  # the other processes of a run across processes start after (or with) it
-        claim_folder(out, "train", TRAIN_FILES, overwrite=cfg.overwrite, inputs=[data, cfg.weights],
-                     legacy=_is_run_folder)
 
     # Records and split are cheap and deterministic: every rank computes them; only files are rank zero's.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    all_records = load_dataset(data)
-    n_read = len(all_records)
-    cache_dir = Path(cfg.cache) if cfg.cache else default_cache_dir(all_records.root, cfg.image_size)
-    records = limit_records(all_records, cfg.limit, cfg.split_seed)
-    records = make_splits(records, cfg.valid_frac, cfg.test_frac, seed=cfg.split_seed)
-    check_no_leak(records)
-    _check_both_labels(records, cfg, data)
-    with_boxes = cfg.localization_weight > 0 or cfg.box_weight > 0
-    if with_boxes and not any(r.extras.get("boxes") for r in records if r.split == "train"):
-        raise DatasetError(f"{data}: --localization-weight and --box-weight need fracture boxes in the training images "
-                           f"(FracAtlas ships them in Annotations/COCO JSON); this dataset has none")
+    all_records, records, n_read = _read_and_split(cfg, data)
+    with_boxes = _check_boxes(cfg, records, data)
 
     on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if not on_gpu:
         from .allocator import keep_freed_memory
 
         keep_freed_memory()  # faster CPU steps (bench/cpu_allocator.py)
-    precision = cfg.precision or (_resumed_precision(out / "config.yaml", on_gpu) if cfg.resume else None) \
-        or default_training_precision(on_gpu)
+    precision = _precision(cfg, out, on_gpu)
     # Smaller forward passes, same optimiser steps: the memory of fp32 training on CPUs without native bf16.
     micro_batch = int(cfg.micro_batch or default_micro_batch(cfg.batch_size, precision, on_gpu))
     accumulate = int(cfg.batch_size) // micro_batch
+    dm = _datamodule(cfg, records, all_records, n_read, with_boxes, micro_batch, on_gpu, progress)
+    module = _module(cfg, records, on_gpu)
+    callbacks = _callbacks(cfg, out, records, dm, progress)
+    trainer = _trainer(cfg, out, precision, callbacks, accumulate, on_gpu, progress)
+    _fit(trainer, module, dm, last, cfg.resume)
+    best = callbacks[0].best_model_path or str(ckpt_dir / "best.ckpt")
+    score = callbacks[0].best_model_score
+    if trainer.is_global_zero and not Path(best).is_file() and last.is_file():
+        _final_as_best(cfg, best, last)
+    return _summary(cfg, out, trainer, records, best, score, last)
+
+
+def _checked_resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """``--resume``: the run's own settings, once its folder and last checkpoint are found (nothing written
+    before this check: a refused --resume leaves the run as it was)."""
+    if not cfg.out:
+        raise BonexrayError("--resume needs --out, the run directory to continue")
+    last = Path(cfg.out) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise BonexrayError(f"--resume: no checkpoint at {last}")
+    return _resumed_config(cfg, Path(cfg.out) / "config.yaml")
+
+
+def _claim_out(cfg: TrainConfig, data: str) -> Path:
+    """The run folder (``--out``, or a new one under runs/), claimed for training once nothing refuses the run."""
+    from ..data.preprocess import check_cache_folder
+
+    out = Path(cfg.out or f"runs/{_dt.datetime.now():%Y%m%d-%H%M%S}-{cfg.backbone}")
+    if not cfg.resume and (out / "checkpoints" / "last.ckpt").is_file():
+        raise BonexrayError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.cache:  # checked before the run folder is made: a refused run leaves nothing behind
+        check_cache_folder(cfg.cache, [data])
+    if _first_process():  # the other processes of a run across processes start after (or with) it
+        claim_folder(out, "train", TRAIN_FILES, overwrite=cfg.overwrite, inputs=[data, cfg.weights],
+                     legacy=_is_run_folder)
+    return out
+
+
+def _read_and_split(cfg: TrainConfig, data: str):
+    """Every record of ``data``, the (``--limit``-ed) records split for this run, and how many were read."""
+    from ..data.datasets import load_dataset
+    from ..data.splits import check_no_leak, limit_records, make_splits
+
+    all_records = load_dataset(data)
+    n_read = len(all_records)
+    records = limit_records(all_records, cfg.limit, cfg.split_seed)
+    records = make_splits(records, cfg.valid_frac, cfg.test_frac, seed=cfg.split_seed)
+    check_no_leak(records)
+    _check_both_labels(records, cfg, data)
+    return all_records, records, n_read
+
+
+def _check_boxes(cfg: TrainConfig, records, data: str) -> bool:
+    """Whether the run learns from fracture boxes; refused when it would and the training images have none."""
+    with_boxes = cfg.localization_weight > 0 or cfg.box_weight > 0
+    if with_boxes and not any(r.extras.get("boxes") for r in records if r.split == "train"):
+        raise DatasetError(f"{data}: --localization-weight and --box-weight need fracture boxes in the training images "
+                           f"(FracAtlas ships them in Annotations/COCO JSON); this dataset has none")
+    return with_boxes
+
+
+def _precision(cfg: TrainConfig, out: Path, on_gpu: bool) -> str:
+    """``--precision``, else the resumed run's, else this machine's default."""
+    from ..hardware import default_training_precision
+
+    return cfg.precision or (_resumed_precision(out / "config.yaml", on_gpu) if cfg.resume else None) \
+        or default_training_precision(on_gpu)
+
+
+def _datamodule(cfg: TrainConfig, records, all_records, n_read: int, with_boxes: bool, micro_batch: int,
+                on_gpu: bool, progress: bool):
+    """The run's data: the preprocessing cache's tiles in batches of ``micro_batch``."""
+    from ..data.preprocess import default_cache_dir
+    from .datamodule import BoneDataModule
+
+    cache_dir = Path(cfg.cache) if cfg.cache else default_cache_dir(all_records.root, cfg.image_size)
     # Items are cache reads (no decoding), so on CPU extra loader processes only steal cores.
     workers = cfg.workers if cfg.workers is not None else (min(4, os.cpu_count() or 1) if on_gpu else 0)
-    dm = BoneDataModule(records, all_records, str(cache_dir), cfg.image_size, batch_size=micro_batch, workers=workers,
-                        with_boxes=with_boxes, class_weights=cfg.class_weights, allow_unreadable=cfg.allow_unreadable,
-                        progress=progress, n_read=n_read, fit_on=cfg.fit_on)
+    return BoneDataModule(records, all_records, str(cache_dir), cfg.image_size, batch_size=micro_batch,
+                          workers=workers, with_boxes=with_boxes, class_weights=cfg.class_weights,
+                          allow_unreadable=cfg.allow_unreadable, progress=progress, n_read=n_read, fit_on=cfg.fit_on)
+
+
+def _module(cfg: TrainConfig, records, on_gpu: bool):
+    """The network to train, with the split it is trained on (for its card)."""
+    import torch
+
+    from .module import BoneXrayModule
+
     module = BoneXrayModule(
         backbone=cfg.backbone, body_parts=records.body_parts, class_weights=None, image_size=cfg.image_size,
         pretrained=None if cfg.pretrained == "none" else cfg.pretrained, weights=cfg.weights, dropout=cfg.dropout,
@@ -317,6 +368,16 @@ def run_training(cfg: TrainConfig) -> dict:
     )
     if on_gpu:
         module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def _callbacks(cfg: TrainConfig, out: Path, records, dm, progress: bool) -> list:
+    """best.ckpt's checkpointer first (run_training reads it), then the others."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+
+    from .averaging import DelayedEMA
+
+    ckpt_dir = out / "checkpoints"
     select_best = cfg.select == "best"
     mode = "max" if cfg.monitor == "valid_auroc" else "min"
     callbacks = [
@@ -333,16 +394,32 @@ def run_training(cfg: TrainConfig) -> dict:
         callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cfg.patience, strict=False))
     if cfg.ema_decay > 0:
         # Validation and checkpoints use the averaged weights once averaging has started.
-        # Averaging starts after the first 30% of the steps (one-cycle's warm-up), not from the ImageNet start.
-        n_train = sum(1 for r in records if r.split == "train" or (cfg.fit_on == "train+valid" and r.split == "valid"))
-        start = int(0.3 * cfg.epochs * -(-n_train // cfg.batch_size))
-        if cfg.max_steps:  # never end before the average has started (it would replace the trained weights)
-            start = min(start, max(0, cfg.max_steps - 1))
-        callbacks.append(DelayedEMA(decay=cfg.ema_decay, update_starting_at_step=start))
+        callbacks.append(DelayedEMA(decay=cfg.ema_decay, update_starting_at_step=_ema_start(cfg, records)))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    return callbacks
+
+
+def _ema_start(cfg: TrainConfig, records) -> int:
+    """The step averaging starts: after the first 30% of the steps (one-cycle's warm-up), not from the ImageNet
+    start."""
+    n_train = sum(1 for r in records if r.split == "train" or (cfg.fit_on == "train+valid" and r.split == "valid"))
+    start = int(0.3 * cfg.epochs * -(-n_train // cfg.batch_size))
+    if cfg.max_steps:  # never end before the average has started (it would replace the trained weights)
+        start = min(start, max(0, cfg.max_steps - 1))
+    return start
+
+
+def _trainer(cfg: TrainConfig, out: Path, precision: str, callbacks: list, accumulate: int, on_gpu: bool,
+             progress: bool):
+    """The Lightning trainer; its CSV log flushed every step and its checkpoints written atomically."""
+    import lightning as L
+
+    from .checkpoint_io import AtomicCheckpointIO
+    from .csv_logger import ResumableCSVLogger
+
     devices = int(cfg.devices) if isinstance(cfg.devices, str) and cfg.devices.isdigit() else cfg.devices
-    trainer = L.Trainer(
+    return L.Trainer(
         default_root_dir=str(out), max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=precision, callbacks=callbacks, accumulate_grad_batches=accumulate,
@@ -351,18 +428,25 @@ def run_training(cfg: TrainConfig) -> dict:
         plugins=[AtomicCheckpointIO()], deterministic=not on_gpu, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=1,
     )
-    _fit(trainer, module, dm, last, cfg.resume)
-    best = callbacks[0].best_model_path or str(ckpt_dir / "best.ckpt")
-    score = callbacks[0].best_model_score
-    if trainer.is_global_zero and not Path(best).is_file() and last.is_file():
-        import shutil
 
-        from ..atomic import atomic_write
 
-        print(f"{cfg.monitor} was never computed (a valid split with one class, or stopped before validation): "
-              f"best.ckpt is the final model", file=sys.stderr)
-        with atomic_write(Path(best)) as tmp:
-            shutil.copyfile(last, tmp)
+def _final_as_best(cfg: TrainConfig, best: str, last: Path) -> None:
+    """No best.ckpt (its metric was never computed): the final model, ``last``, copied there."""
+    import shutil
+
+    from ..atomic import atomic_write
+
+    print(f"{cfg.monitor} was never computed (a valid split with one class, or stopped before validation): "
+          f"best.ckpt is the final model", file=sys.stderr)
+    with atomic_write(Path(best)) as tmp:
+        shutil.copyfile(last, tmp)
+
+
+def _summary(cfg: TrainConfig, out: Path, trainer, records, best: str, score, last: Path) -> dict:
+    """What run_training returns."""
+    from ..model.checkpoint import read_card
+
+    select_best = cfg.select == "best"
     return {
         "run_dir": str(out),
         "recipe": cfg.recipe,
